@@ -1,0 +1,171 @@
+"""`lmpipe` command line: run, status, sql, verify, config, server, serve, export, generate, report.
+
+Prefect is imported only by the commands that need it (run, server, serve): status and sql stay fast.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from schemas.loading import ConfigError, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", help="tiny | default | gpt2_small (default: default)")
+    parser.add_argument("--config", help="TOML/YAML/JSON file whose fields override the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set target.train.lr=3e-4 (repeatable)")
+
+
+def _load(args):
+    return load_config(args.preset, args.config, args.overrides)
+
+
+def cmd_run(args) -> int:
+    """Build the pipeline (or --only some stages) through Prefect."""
+    from flows import env
+
+    cfg = _load(args)
+    api_url = env.configure()
+    logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe server` "
+                                     "in another shell to skip its ~10 s start-up and keep run history)")
+    from flows.pipeline import pipeline
+
+    started = time.perf_counter()
+    result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
+    print(f"done in {time.perf_counter() - started:.1f}s")
+    for name, manifest in result.items():
+        print(f"  {name:28s} {manifest['key']}  {manifest['path']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Each node of the current config: key, built or not, size, created, headline numbers."""
+    from flows.status import status_rows
+
+    rows = status_rows(_load(args))
+    print(_format_table(rows, ["node", "key", "built", "size", "created", "summary"]))
+    return 0
+
+
+def cmd_sql(args) -> int:
+    """Run SQL over the DuckDB catalog (no query: an interactive prompt)."""
+    from flows.status import catalog_for
+
+    con = catalog_for(_load(args))
+    if not args.query:
+        return _sql_prompt(con)
+    result = con.execute(args.query)
+    columns = [d[0] for d in result.description]
+    rows = [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+    if args.json:
+        print(json.dumps(rows, default=str, indent=1))
+    elif args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(_format_table(rows, columns))
+    return 0
+
+
+def _sql_prompt(con) -> int:
+    from storage.catalog import list_views
+
+    print("views: " + ", ".join(list_views(con)) + "\nend a query with ';'; Ctrl-D quits")
+    buffer = ""
+    while True:
+        try:
+            line = input("lmpipe> " if not buffer else "   ...> ")
+        except EOFError:
+            print()
+            return 0
+        buffer += line + "\n"
+        if buffer.strip().endswith(";"):
+            try:
+                result = con.execute(buffer)
+                columns = [d[0] for d in result.description] if result.description else []
+                print(_format_table([dict(zip(columns, r, strict=True)) for r in result.fetchall()], columns))
+            except Exception as err:  # noqa: BLE001 - an interactive prompt reports and continues
+                print(f"error: {err}")
+            buffer = ""
+
+
+def cmd_verify(args) -> int:
+    """Re-hash every finished artifact's files against its manifest."""
+    from storage.artifacts import iter_manifests, verify
+
+    bad = 0
+    for manifest in iter_manifests():
+        problems = verify(manifest)
+        bad += bool(problems)
+        print(f"{'OK     ' if not problems else 'CORRUPT'} {manifest.stage}/{manifest.key}")
+        for problem in problems:
+            print(f"    {problem}")
+    if bad:
+        print(f"{bad} corrupt artifact(s): rebuild with `lmpipe run --force STAGE`")
+    return 1 if bad else 0
+
+
+def cmd_config(args) -> int:
+    """Print the resolved config as JSON."""
+    print(_load(args).model_dump_json(indent=2))
+    return 0
+
+
+def _format_table(rows: list[dict], columns: list[str], max_width: int = 60) -> str:
+    """A plain-text table (values cut to max_width characters)."""
+    cell = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v))[:max_width]  # noqa: E731
+    widths = {c: max([len(c)] + [len(cell(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines + [f"({len(rows)} rows)"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    from flows import model_commands, serving
+
+    parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build the pipeline (cached per stage)")
+    _config_args(run)
+    run.add_argument("--only", action="append", metavar="STAGE", help="build only this stage (upstream must exist)")
+    run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
+    run.set_defaults(fn=cmd_run)
+    for name, fn in (("status", cmd_status), ("config", cmd_config)):
+        p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])
+        _config_args(p)
+        p.set_defaults(fn=fn)
+    sql = sub.add_parser("sql", help=cmd_sql.__doc__)
+    _config_args(sql)
+    sql.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
+    fmt = sql.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    sql.set_defaults(fn=cmd_sql)
+    sub.add_parser("verify", help=cmd_verify.__doc__).set_defaults(fn=cmd_verify)
+    serving.add_commands(sub, _config_args)
+    model_commands.add_commands(sub, _config_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lmpipe` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"lmpipe: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

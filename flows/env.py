@@ -1,0 +1,59 @@
+"""Prefect settings that must be in the environment before `import prefect`.
+
+Prefect's own state (home, database, result records) lives under the artifact root unless the user set
+PREFECT_HOME / PREFECT_API_URL themselves. A server started by `lmpipe server` records its API URL in
+<root>/_prefect/server.json; runs use it when it answers, else Prefect's temporary local server.
+"""
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+from storage.artifacts import artifact_root
+
+
+def prefect_dir(root: Path | None = None) -> Path:
+    """<root>/_prefect: Prefect home, results and the server record."""
+    return (root or artifact_root()) / "_prefect"
+
+
+def server_record(root: Path | None = None) -> Path:
+    """The file where `lmpipe server` writes its API URL."""
+    return prefect_dir(root) / "server.json"
+
+
+def api_is_up(api_url: str, timeout_s: float = 0.5) -> bool:
+    """True when a Prefect API answers /health."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def configure(root: Path | None = None) -> str | None:
+    """Set Prefect env defaults (home and results under the root, analytics off, stage loggers shown).
+
+    Returns the API URL of a running `lmpipe server`, if one is recorded and answering.
+    """
+    base = prefect_dir(root)
+    defaults = {
+        "PREFECT_HOME": str(base / "home"),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(base / "results"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "stages,storage,flows",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    if "PREFECT_API_URL" in os.environ:
+        return os.environ["PREFECT_API_URL"]
+    record = server_record(root)
+    if record.is_file():
+        api_url = json.loads(record.read_text())["api_url"]
+        if api_is_up(api_url):
+            os.environ["PREFECT_API_URL"] = api_url
+            return api_url
+    return None

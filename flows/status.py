@@ -1,0 +1,39 @@
+"""What exists for a config: per-node status rows and the DuckDB catalog over its artifacts (no prefect)."""
+
+from schemas.configs import PipelineConfig
+from stages.dag import plan
+from storage.artifacts import load_manifest
+from storage.catalog import connect
+
+
+def _human_bytes(num: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num < 1024:
+            return f"{num:.0f}{unit}" if unit == "B" else f"{num:.1f}{unit}"
+        num /= 1024
+    return f"{num:.1f}TB"
+
+
+def headline(summary: dict, limit: int = 4) -> str:
+    """A few scalar summary numbers as `name=value` (floats to 4 significant digits)."""
+    items = [(k, v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:limit])
+
+
+def status_rows(cfg: PipelineConfig) -> list[dict]:
+    """One row per node: key, built, size, created, headline numbers."""
+    rows = []
+    for name, node in plan(cfg).items():
+        row = {"node": name, "key": node.key, "built": node.is_built(), "size": "", "created": "", "summary": ""}
+        if row["built"]:
+            manifest = load_manifest(node.path())
+            row |= {"size": _human_bytes(sum(f.size_bytes for f in manifest.files)),
+                    "created": manifest.created_at, "summary": headline(manifest.summary)}
+        rows.append(row)
+    return rows
+
+
+def catalog_for(cfg: PipelineConfig):
+    """A DuckDB connection whose plain views point at this config's artifacts."""
+    return connect({name: node.path() for name, node in plan(cfg).items()})
+

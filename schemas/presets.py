@@ -1,0 +1,81 @@
+"""Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `gpt2_small` (GPU scale)."""
+
+from collections.abc import Callable
+
+from schemas.configs import (
+    EvaluateConfig,
+    ModelConfig,
+    PipelineConfig,
+    ReferenceConfig,
+    ScoreConfig,
+    SelectionConfig,
+    TargetConfig,
+    TargetVariant,
+    TokenizeConfig,
+    TrainConfig,
+)
+
+RHO1_VARIANTS = [
+    TargetVariant(name="ntp"),
+    TargetVariant(name="slm", selection=SelectionConfig(kind="top_k", score="excess_loss", keep_ratio=0.6)),
+]
+"""The Rho-1 comparison: plain next-token training against selective LM (top 60% by excess loss)."""
+
+
+def tiny() -> PipelineConfig:
+    """Seconds-scale pipeline for tests: the 21st-century addresses, a 2-layer d=32 model, a few thousand tokens."""
+    model = ModelConfig(num_layers=2, num_heads=2, d_model=32)
+    train = TrainConfig(max_tokens=6144, batch_size_tokens=512, micro_batch_size=8, lr=1e-2, warmup_steps=2,
+                        eval_every_steps=4, eval_max_windows=16, log_every_steps=4, checkpoint_every_steps=4)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(documents_where="year >= 2005", reference_where="year >= 2016", vocab_size=512,
+                                seq_len=64, val_fraction=0.25),
+        reference=ReferenceConfig(model=model, train=train),
+        score=ScoreConfig(batch_size=32, num_shards=2),
+        target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
+        evaluate=EvaluateConfig(max_windows=32),
+    )
+
+
+def default() -> PipelineConfig:
+    """The README main job on 2 CPU cores (~20 min): ~1M-parameter models, a few hundred thousand tokens each."""
+    model = ModelConfig(num_layers=4, num_heads=4, d_model=128)
+    reference_train = TrainConfig(max_tokens=300_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
+                                  warmup_steps=10, eval_every_steps=10, checkpoint_every_steps=20)
+    target_train = TrainConfig(max_tokens=400_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
+                               warmup_steps=10, eval_every_steps=10, checkpoint_every_steps=20)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
+        reference=ReferenceConfig(model=model, train=reference_train),
+        score=ScoreConfig(batch_size=32, num_shards=4),
+        target=TargetConfig(model=model, train=target_train, variants=RHO1_VARIANTS),
+        evaluate=EvaluateConfig(max_windows=256),
+    )
+
+
+def gpt2_small() -> PipelineConfig:
+    """GPU scale: a GPT-2-small-sized model (12 x 768, ctx 1024, GPT-2 BPE), 0.5M-token batches.
+
+    Meant for one modern GPU and a user corpus (set tokenize.source/paths); not run on CPU or in tests.
+    """
+    model = ModelConfig(num_layers=12, num_heads=12, d_model=768)
+    train = TrainConfig(max_tokens=2_000_000_000, batch_size_tokens=524_288, micro_batch_size=32, lr=6e-4,
+                        warmup_steps=700, eval_every_steps=250, eval_max_windows=100, log_every_steps=10,
+                        checkpoint_every_steps=1000, compile=True)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(tokenizer="gpt2", seq_len=1024),
+        reference=ReferenceConfig(model=model, train=train.model_copy(update={"max_tokens": 500_000_000})),
+        score=ScoreConfig(batch_size=64, num_shards=16),
+        target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
+        evaluate=EvaluateConfig(max_windows=512),
+    )
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "default": default, "gpt2_small": gpt2_small}
+
+
+def preset(name: str) -> PipelineConfig:
+    """The named preset, or a ValueError listing the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

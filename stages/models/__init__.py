@@ -1,0 +1,1 @@
+"""Model definitions: GPT (trunk + heads)."""

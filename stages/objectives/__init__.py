@@ -1,0 +1,1 @@
+"""Training objectives: one protocol (base.py) and composable parts (token selection, prediction heads)."""

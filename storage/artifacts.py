@@ -1,0 +1,221 @@
+"""Content-addressed artifact store: keys, atomic builds, locks, manifests, verification.
+
+Layout under the root ($LMPIPE_ROOT, default ./artifacts):
+    <stage>/<key>/           a finished artifact: its files, manifest.json, then _SUCCESS (written last)
+    _tmp/<stage>-<key>/      the build directory (stable per key, so interrupted training can resume from it)
+    _locks/<stage>-<key>.lock  an flock held while building, so two runs never build the same key at once
+A directory without _SUCCESS is not an artifact. A failed build leaves no artifact and never touches a
+finished one; a forced rebuild replaces the old artifact only after the new one is complete.
+"""
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from schemas.manifest import FileEntry, Manifest
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
+KEY_LENGTH = 16
+
+
+class MissingArtifactError(FileNotFoundError):
+    """An upstream artifact a stage needs has not been built."""
+
+
+class CorruptArtifactError(RuntimeError):
+    """An artifact's files do not match the sizes or hashes in its manifest."""
+
+
+def artifact_root() -> Path:
+    """The artifact root: $LMPIPE_ROOT or ./artifacts, as an absolute path."""
+    return Path(os.environ.get("LMPIPE_ROOT", "artifacts")).resolve()
+
+
+def canonical_json(value) -> str:
+    """Canonical JSON (sorted keys, no whitespace) of a config or plain value: the input of every key."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def artifact_key(stage: str, code_version: str, config: BaseModel | dict, upstream: dict[str, str]) -> str:
+    """Short content hash of stage name, code version, config and upstream keys (machine independent)."""
+    blob = canonical_json({"stage": stage, "code": code_version, "config": config, "upstream": upstream})
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_LENGTH]
+
+
+def artifact_dir(stage: str, key: str, root: Path | None = None) -> Path:
+    """Where the artifact of this stage and key lives (built or not)."""
+    return (root or artifact_root()) / stage / key
+
+
+def is_built(stage: str, key: str, root: Path | None = None) -> bool:
+    """True when the artifact exists and is complete (_SUCCESS present)."""
+    return (artifact_dir(stage, key, root) / SUCCESS).exists()
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read the manifest of a finished artifact directory; error if it is not finished."""
+    if not (path / SUCCESS).exists():
+        raise MissingArtifactError(f"{path} is not a finished artifact (no {SUCCESS})")
+    return Manifest.model_validate_json((path / MANIFEST).read_text())
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Streaming sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_files(directory: Path) -> list[FileEntry]:
+    """Every regular file under a directory (except the manifest and marker), with size and sha256."""
+    entries = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel in (MANIFEST, SUCCESS):
+            continue
+        entries.append(FileEntry(path=rel, size_bytes=path.stat().st_size, sha256=file_sha256(path)))
+    return entries
+
+
+def verify(manifest: Manifest) -> list[str]:
+    """Re-hash an artifact's files; return one line per problem (empty when intact)."""
+    problems = []
+    root = Path(manifest.path)
+    for entry in manifest.files:
+        path = root / entry.path
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry.size_bytes:
+            problems.append(f"{path}: size {path.stat().st_size} != {entry.size_bytes} in manifest")
+        elif file_sha256(path) != entry.sha256:
+            problems.append(f"{path}: sha256 differs from manifest (corrupt or edited)")
+    return problems
+
+
+@contextmanager
+def build_lock(stage: str, key: str, root: Path) -> Iterator[None]:
+    """Hold an exclusive flock for (stage, key); a second builder waits until the first is done."""
+    lock_dir = root / "_locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{stage}-{key}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s/%s is being built by another process; waiting for it", stage, key)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_dir(stage: str, key: str, root: Path | None = None) -> Path:
+    """The stable build directory of (stage, key); kept after a failure so training can resume."""
+    return (root or artifact_root()) / "_tmp" / f"{stage}-{key}"
+
+
+def materialize(
+    stage: str,
+    code_version: str,
+    config: BaseModel,
+    upstream: dict[str, Manifest],
+    build: Callable[[Path], dict | None],
+    *,
+    root: Path | None = None,
+    force: bool = False,
+) -> Manifest:
+    """Return the artifact for these inputs, building it first if needed.
+
+    `build(work_dir)` writes the artifact's files into work_dir and returns summary numbers. Only after it
+    returns is the directory renamed into place, the manifest written and _SUCCESS written last.
+    """
+    root = root or artifact_root()
+    upstream_keys = {role: m.key for role, m in upstream.items()}
+    key = artifact_key(stage, code_version, config, upstream_keys)
+    final = artifact_dir(stage, key, root)
+    if is_built(stage, key, root) and not force:
+        return load_manifest(final)
+    with build_lock(stage, key, root):
+        if is_built(stage, key, root) and not force:  # another process finished it while we waited
+            return load_manifest(final)
+        work = build_dir(stage, key, root)
+        work.mkdir(parents=True, exist_ok=True)
+        log.info("building %s/%s in %s", stage, key, work)
+        started = time.perf_counter()
+        summary = build(work) or {}
+        manifest = Manifest(
+            stage=stage,
+            key=key,
+            path=str(final),
+            code_version=code_version,
+            config=config.model_dump(mode="json"),
+            upstream=upstream_keys,
+            files=list_files(work),
+            summary=summary,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(time.perf_counter() - started, 3),
+        )
+        _publish(work, final, manifest)
+        log.info("built %s/%s in %.1fs", stage, key, manifest.build_seconds)
+        return manifest
+
+
+def _publish(work: Path, final: Path, manifest: Manifest) -> None:
+    """Move a finished build into place; an old artifact at the same key is removed only after the swap."""
+    (work / SUCCESS).unlink(missing_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    retired = None
+    if final.exists():
+        retired = final.parent.parent / "_tmp" / f"retired-{final.parent.name}-{final.name}-{time.time_ns()}"
+        os.replace(final, retired)
+    os.replace(work, final)
+    write_text_atomic(final / MANIFEST, manifest.model_dump_json(indent=2))
+    (final / SUCCESS).write_text(manifest.created_at + "\n")
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file via a temp file + rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def require(stage: str, key: str, *, built_by: str, root: Path | None = None) -> Manifest:
+    """Load an upstream artifact or fail with the command that builds it."""
+    path = artifact_dir(stage, key, root)
+    if not is_built(stage, key, root):
+        raise MissingArtifactError(
+            f"upstream artifact {stage}/{key} is missing ({path} has no {SUCCESS}); build it with: {built_by}"
+        )
+    return load_manifest(path)
+
+
+def iter_manifests(root: Path | None = None, stage: str | None = None) -> Iterator[Manifest]:
+    """Every finished artifact under the root (optionally of one stage)."""
+    root = root or artifact_root()
+    stage_dirs = [root / stage] if stage else [p for p in sorted(root.iterdir()) if not p.name.startswith("_")]
+    for stage_dir in stage_dirs:
+        if not stage_dir.is_dir():
+            continue
+        for path in sorted(stage_dir.iterdir()):
+            if (path / SUCCESS).exists():
+                yield load_manifest(path)
