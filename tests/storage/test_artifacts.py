@@ -1,0 +1,127 @@
+"""Artifact store: keys, atomic builds, forced rebuilds, locks between processes, verify."""
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from schemas.configs import ScoreConfig
+from schemas.manifest import Manifest
+from storage.artifacts import (
+    SUCCESS,
+    artifact_key,
+    is_built,
+    iter_manifests,
+    load_manifest,
+    materialize,
+    require,
+    verify,
+    MissingArtifactError,
+)
+
+
+def _write(out: Path, text: str = "hello") -> dict:
+    (out / "data.txt").write_text(text)
+    return {"chars": len(text)}
+
+
+def _upstream(key: str) -> Manifest:
+    return Manifest(stage="up", key=key, path="/x", code_version="1", config={}, upstream={})
+
+
+def test_key_changes_with_config_code_and_upstream_only():
+    base = artifact_key("s", "1", ScoreConfig(), {"tokens": "a"})
+    assert base == artifact_key("s", "1", ScoreConfig(), {"tokens": "a"})
+    assert base != artifact_key("s", "2", ScoreConfig(), {"tokens": "a"})
+    assert base != artifact_key("s", "1", ScoreConfig(batch_size=7), {"tokens": "a"})
+    assert base != artifact_key("s", "1", ScoreConfig(), {"tokens": "b"})
+    assert base != artifact_key("t", "1", ScoreConfig(), {"tokens": "a"})
+
+
+def test_materialize_writes_manifest_and_success(tmp_path):
+    manifest = materialize("s", "1", ScoreConfig(), {"tokens": _upstream("a")}, _write, root=tmp_path)
+    path = Path(manifest.path)
+    assert (path / SUCCESS).exists() and (path / "data.txt").read_text() == "hello"
+    assert load_manifest(path) == manifest
+    assert manifest.upstream == {"tokens": "a"} and manifest.summary == {"chars": 5}
+    assert [f.path for f in manifest.files] == ["data.txt"]
+    assert not (tmp_path / "_tmp" / f"s-{manifest.key}").exists()
+
+
+def test_raising_build_leaves_no_artifact(tmp_path):
+    def explode(out: Path):
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        materialize("s", "1", ScoreConfig(), {}, explode, root=tmp_path)
+    key = artifact_key("s", "1", ScoreConfig(), {})
+    assert not is_built("s", key, tmp_path)
+    assert not (tmp_path / "s" / key).exists()
+    assert list(iter_manifests(tmp_path)) == []
+
+
+def test_cached_build_is_not_rerun_and_deleted_artifact_is_rebuilt(tmp_path):
+    calls = []
+    build = lambda out: calls.append(1) or _write(out)  # noqa: E731
+    first = materialize("s", "1", ScoreConfig(), {}, build, root=tmp_path)
+    materialize("s", "1", ScoreConfig(), {}, build, root=tmp_path)
+    assert len(calls) == 1
+    (Path(first.path) / SUCCESS).unlink()
+    materialize("s", "1", ScoreConfig(), {}, build, root=tmp_path)
+    assert len(calls) == 2
+
+
+def test_failed_forced_rebuild_keeps_the_finished_artifact(tmp_path):
+    first = materialize("s", "1", ScoreConfig(), {}, _write, root=tmp_path)
+
+    def explode(out: Path):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        materialize("s", "1", ScoreConfig(), {}, explode, root=tmp_path, force=True)
+    assert load_manifest(Path(first.path)) == first
+    assert verify(first) == []
+    rebuilt = materialize("s", "1", ScoreConfig(), {}, lambda out: _write(out, "new"), root=tmp_path, force=True)
+    assert (Path(rebuilt.path) / "data.txt").read_text() == "new"
+
+
+def test_verify_catches_a_flipped_byte(tmp_path):
+    manifest = materialize("s", "1", ScoreConfig(), {}, _write, root=tmp_path)
+    data = Path(manifest.path) / "data.txt"
+    data.write_bytes(b"jello")
+    problems = verify(manifest)
+    assert len(problems) == 1 and "sha256" in problems[0]
+
+
+def test_require_names_the_command(tmp_path):
+    with pytest.raises(MissingArtifactError, match="lmpipe run --only tokenize_corpus"):
+        require("tokenize_corpus", "abc", built_by="lmpipe run --only tokenize_corpus", root=tmp_path)
+
+
+def _slow_builder(root: str, log_path: str) -> None:
+    def build(out: Path):
+        with open(log_path, "a") as log:
+            log.write("start\n")
+        time.sleep(0.5)
+        with open(log_path, "a") as log:
+            log.write("end\n")
+        return _write(out)
+
+    materialize("s", "1", ScoreConfig(), {}, build, root=Path(root))
+
+
+def test_concurrent_builders_do_not_clobber(tmp_path):
+    log_path = tmp_path / "log.txt"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_slow_builder, args=(str(tmp_path), str(log_path))) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    # the lock serialises builders and the second one finds the finished artifact: one build in all
+    assert log_path.read_text() == "start\nend\n"
+    (manifest,) = list(iter_manifests(tmp_path))
+    assert verify(manifest) == []
