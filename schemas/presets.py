@@ -23,12 +23,12 @@ RHO1_VARIANTS = [
 
 
 def tiny() -> PipelineConfig:
-    """Seconds-scale pipeline for tests: the 21st-century addresses, a 2-layer d=32 model, a few thousand tokens."""
+    """Seconds-scale pipeline for tests: the addresses since 2014, a 2-layer d=32 model, a few thousand tokens."""
     model = ModelConfig(num_layers=2, num_heads=2, d_model=32)
     train = TrainConfig(max_tokens=6144, batch_size_tokens=512, micro_batch_size=8, lr=1e-2, warmup_steps=2,
                         eval_every_steps=4, eval_max_windows=16, log_every_steps=4, checkpoint_every_steps=4)
     return PipelineConfig(
-        tokenize=TokenizeConfig(documents_where="year >= 2005", reference_where="year >= 2016", vocab_size=512,
+        tokenize=TokenizeConfig(documents_where="year >= 2014", reference_where="year >= 2019", vocab_size=512,
                                 seq_len=64, val_fraction=0.25),
         reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=2),

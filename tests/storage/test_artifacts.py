@@ -114,7 +114,7 @@ def _slow_builder(root: str, log_path: str) -> None:
 
 def test_concurrent_builders_do_not_clobber(tmp_path):
     log_path = tmp_path / "log.txt"
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork is unsafe once prefect threads run in the process
     procs = [ctx.Process(target=_slow_builder, args=(str(tmp_path), str(log_path))) for _ in range(2)]
     for proc in procs:
         proc.start()

@@ -1,0 +1,70 @@
+"""Token selection for Selective Language Modeling (Rho-1, arXiv 2404.07965, eqs. 3-5).
+
+Pure functions on (B, T) tensors; nothing is written. A score is "higher = keep":
+- `excess_loss`: L_target - L_ref (signed, Rho-1 eq. 3), from the DETACHED target loss, in fp32;
+- `reference_loss`: -L_ref (keeps the tokens the reference model finds easiest);
+- `reference_entropy`: -H_ref (keeps the positions where the reference model is most certain);
+- `reference_loss_and_entropy`: the INTERSECTION of the `reference_loss` and `reference_entropy` top-k masks
+  (Rho-1 App. H). It keeps between max(0, 2k - N) and k tokens, so the loss is normalised by the number
+  actually kept, not by k.
+The top k% is taken over all valid tokens of the micro-batch pooled together (the paper ranks per batch,
+not per sequence); padding / ignored targets are never selected. With gradient accumulation every
+micro-batch has the same number of valid tokens, so per-micro-batch normalisation equals the global one.
+"""
+
+import torch
+
+SCORE_KINDS = ("excess_loss", "reference_loss", "reference_entropy", "reference_loss_and_entropy")
+
+
+def num_to_keep(num_valid: int, keep_ratio: float) -> int:
+    """k = max(1, round(keep_ratio * num_valid)), and 0 when there is no valid token."""
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1]")
+    return 0 if num_valid == 0 else min(num_valid, max(1, round(keep_ratio * num_valid)))
+
+
+def selection_scores(kind: str, token_loss_BT: torch.Tensor | None, ref_loss_BT: torch.Tensor | None,
+                     ref_entropy_BT: torch.Tensor | None) -> torch.Tensor:
+    """fp32 score per target (higher = keep) for one of the single-score kinds."""
+    if kind == "excess_loss":
+        if token_loss_BT is None or ref_loss_BT is None:
+            raise ValueError("score excess_loss needs the target's token loss and the reference loss")
+        return token_loss_BT.detach().float() - ref_loss_BT.float()
+    if kind == "reference_loss":
+        if ref_loss_BT is None:
+            raise ValueError("score reference_loss needs the reference loss (score_reference upstream)")
+        return -ref_loss_BT.float()
+    if kind == "reference_entropy":
+        if ref_entropy_BT is None:
+            raise ValueError("score reference_entropy needs the reference entropy (score_reference upstream)")
+        return -ref_entropy_BT.float()
+    if kind == "reference_loss_and_entropy":
+        raise ValueError("reference_loss_and_entropy is an intersection of two masks: use select_tokens()")
+    raise ValueError(f"unknown selection score {kind!r}; expected one of {SCORE_KINDS}")
+
+
+def top_k_mask(score_BT: torch.Tensor, valid_BT: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Bool mask of exactly k valid positions with the highest scores, ranked over the whole micro-batch."""
+    if score_BT.shape != valid_BT.shape:
+        raise ValueError(f"score shape {tuple(score_BT.shape)} != valid shape {tuple(valid_BT.shape)}")
+    k = num_to_keep(int(valid_BT.sum()), keep_ratio)
+    mask_N = torch.zeros(valid_BT.numel(), dtype=torch.bool, device=valid_BT.device)
+    if k:
+        # invalid positions get -inf: with k <= #valid they are never among the top k. NaN scores (which
+        # topk would rank first) rank last too; train_target rejects non-finite reference scores up front.
+        ranked_N = score_BT.float().masked_fill(~valid_BT | score_BT.isnan(), float("-inf")).reshape(-1)
+        mask_N[ranked_N.topk(k).indices] = True
+    return mask_N.view(valid_BT.shape)
+
+
+def select_tokens(kind: str, keep_ratio: float, valid_BT: torch.Tensor, token_loss_BT: torch.Tensor | None,
+                  ref_loss_BT: torch.Tensor | None, ref_entropy_BT: torch.Tensor | None) -> torch.Tensor:
+    """Selection mask for a score kind (the intersection of two top-k masks for reference_loss_and_entropy)."""
+    if kind == "reference_loss_and_entropy":
+        by_loss_BT = top_k_mask(selection_scores("reference_loss", None, ref_loss_BT, None), valid_BT, keep_ratio)
+        by_entropy_BT = top_k_mask(selection_scores("reference_entropy", None, None, ref_entropy_BT),
+                                   valid_BT, keep_ratio)
+        return by_loss_BT & by_entropy_BT
+    score_BT = selection_scores(kind, token_loss_BT, ref_loss_BT, ref_entropy_BT)
+    return top_k_mask(score_BT, valid_BT, keep_ratio)

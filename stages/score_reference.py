@@ -1,0 +1,183 @@
+"""Stage score_reference: the reference model's loss and entropy on every target token of every split.
+
+Output files in `out`:
+    part-<split>-<shard:03d>.parquet  schemas.tables.TOKEN_SCORES (split, token_index, doc_id, position, token_id,
+                                      ref_loss, ref_entropy), sorted by token_index, zstd, ~128k-row row groups
+    part-<split>-<shard:03d>.json     {rows, seconds, device} of the run that scored the shard
+Scores are computed on exactly the windows training uses (storage.windows.TokenWindows): window w scores the
+targets token_index w*T+1 .. w*T+T with inputs w*T .. w*T+T-1 as context, so ref_loss lines up with the target
+model's per-token loss (Rho-1 sec 2.2). Token 0 and the tail after the last full window get no row.
+Each shard is written atomically and skipped when present, so an interrupted run redoes only unfinished shards.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from schemas.configs import ScoreConfig
+from schemas.manifest import Manifest
+from schemas.tables import SPLITS, TOKEN_SCORES
+from storage.artifacts import write_text_atomic
+from storage.checkpoints import load_model
+from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
+from storage.windows import TokenWindows
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "1"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present else CPU; `cuda` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is visible; use device='auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_reference(reference: Manifest, device: torch.device) -> torch.nn.Module:
+    """The reference model of a train_reference artifact, in eval mode on `device`."""
+    return load_model(Path(reference.path), device).eval()
+
+
+def shard_ranges(num_windows: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) window ranges of near-equal size, one per shard (empty when windows run out)."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    bounds = [shard * max(num_windows, 0) // num_shards for shard in range(num_shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def shard_name(split: str, shard: int) -> str:
+    """File name of one shard's scores."""
+    return f"part-{split}-{shard:03d}.parquet"
+
+
+def score_logits(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 per-token loss -log p(target) and entropy (nats) from one log-softmax, each of shape (B, T)."""
+    logp_BTV = F.log_softmax(logits_BTV.float(), dim=-1)
+    loss_BT = -logp_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    return loss_BT, entropy_BT
+
+
+def _token_columns(tokens: Manifest, split: str, first: int, last: int) -> tuple[np.ndarray, ...]:
+    """doc_id, position and token_id of token_index first..last (inclusive) from tokens.parquet."""
+    table = read_table(
+        Path(tokens.file("tokens.parquet")), columns=["token_index", "doc_id", "position", "token_id"],
+        filters=[("split", "=", split), ("token_index", ">=", first), ("token_index", "<=", last)],
+    ).sort_by("token_index")
+    index = table["token_index"].to_numpy()
+    if len(index) != last - first + 1 or (len(index) and (index[0] != first or index[-1] != last)):
+        raise ValueError(f"tokens.parquet of {tokens.path} lacks rows {first}..{last} of split {split!r}; "
+                         "rebuild tokenize_corpus (lmpipe run --force tokenize_corpus)")
+    return tuple(table[name].to_numpy() for name in ("doc_id", "position", "token_id"))
+
+
+def _shard_batches(model, windows: TokenWindows, tokens: Manifest, split: str, start: int, stop: int,
+                   batch_size: int, device: torch.device):
+    """Record batches of ~ROW_GROUP_ROWS scored rows of windows [start, stop), in token_index order."""
+    T = windows.seq_len
+    windows_per_group = max(1, ROW_GROUP_ROWS // T)
+    for group_start in range(start, stop, windows_per_group):
+        group_ids = np.arange(group_start, min(group_start + windows_per_group, stop))
+        index_N = windows.target_index(group_ids).reshape(-1)
+        doc_id, position, token_id = _token_columns(tokens, split, int(index_N[0]), int(index_N[-1]))
+        loss_N = np.empty(len(index_N), np.float32)
+        entropy_N = np.empty(len(index_N), np.float32)
+        for b in range(0, len(group_ids), batch_size):
+            ids = group_ids[b:b + batch_size]
+            inputs_BT, targets_BT = windows.batch(ids, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits_BTV = model(inputs_BT)
+            loss_BT, entropy_BT = score_logits(logits_BTV, targets_BT)
+            rows = slice(b * T, (b + len(ids)) * T)
+            loss_N[rows] = loss_BT.reshape(-1).cpu().numpy()
+            entropy_N[rows] = entropy_BT.reshape(-1).cpu().numpy()
+            if not np.array_equal(targets_BT.reshape(-1).cpu().numpy(), token_id[rows]):
+                raise ValueError(f"stream-{split}.npy and tokens.parquet disagree in {tokens.path}; rebuild "
+                                 "tokenize_corpus (lmpipe run --force tokenize_corpus)")
+        yield pa.RecordBatch.from_arrays([
+            pa.repeat(pa.scalar(split, pa.string()), len(index_N)), pa.array(index_N), pa.array(doc_id),
+            pa.array(position), pa.array(token_id), pa.array(loss_N), pa.array(entropy_N),
+        ], schema=TOKEN_SCORES)
+
+
+def score_shard(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: str, shard: int, work_dir: Path,
+                model: torch.nn.Module | None = None) -> Path:
+    """Score one shard of one split into work_dir/part-<split>-<shard>.parquet (skipped when it exists)."""
+    path = Path(work_dir) / shard_name(split, shard)
+    if path.exists():
+        log.info("%s exists; skipping", path.name)
+        return path
+    if not 0 <= shard < cfg.num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{cfg.num_shards - 1} (score.num_shards={cfg.num_shards})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model = model if model is not None else load_reference(reference, device)
+    windows = TokenWindows.from_manifest(tokens, split)
+    start, stop = shard_ranges(len(windows), cfg.num_shards)[shard]
+    started = time.perf_counter()
+    with torch.inference_mode():
+        batches = _shard_batches(model, windows, tokens, split, start, stop, cfg.batch_size, device)
+        num_rows = write_batches(path, batches, TOKEN_SCORES)
+    seconds = time.perf_counter() - started
+    write_text_atomic(path.with_suffix(".json"),
+                      json.dumps({"rows": num_rows, "seconds": round(seconds, 4), "device": device.type}))
+    log.info("scored %s shard %d/%d: %d tokens in %.1fs (%.0f tokens/s)", split, shard + 1, cfg.num_shards,
+             num_rows, seconds, num_rows / max(seconds, 1e-9))
+    return path
+
+
+def run(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, out: Path) -> dict:
+    """Make sure every shard of every split is scored in `out`; returns rows, mean ref_loss and tokens/s."""
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    model = None
+    summary = {"num_rows": {}, "mean_ref_loss": {}, "num_shards": cfg.num_shards, "device": device.type}
+    total_rows, total_seconds = 0, 0.0
+    for split in SPLITS:
+        num_rows, loss_sum = 0, 0.0
+        for shard in range(cfg.num_shards):
+            path = out / shard_name(split, shard)
+            if not path.exists():
+                model = model if model is not None else load_reference(reference, device)
+                score_shard(cfg, tokens, reference, split, shard, out, model=model)
+            losses = pq.read_table(path, columns=["ref_loss"])["ref_loss"].to_numpy()
+            num_rows += len(losses)
+            loss_sum += float(losses.sum(dtype=np.float64))
+            stats_path = path.with_suffix(".json")
+            if stats_path.exists():  # timing of the run that scored it (maybe a parallel task)
+                total_seconds += json.loads(stats_path.read_text())["seconds"]
+                total_rows += len(losses)
+        summary["num_rows"][split] = num_rows
+        summary["mean_ref_loss"][split] = loss_sum / num_rows if num_rows else None
+    summary["tokens_per_s"] = round(total_rows / total_seconds, 1) if total_seconds > 0 else None
+    log.info("score_reference: %s", summary)
+    return summary
+
+
+def load_dense_scores(scores: Manifest, split: str, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """ref_loss and ref_entropy as float32 arrays indexed by token_index (NaN where a token has no row)."""
+    paths = sorted(Path(scores.path).glob(f"part-{split}-*.parquet"))
+    if not paths:
+        raise ValueError(f"no scores for split {split!r} in {scores.path}; rebuild score_reference")
+    ref_loss_N = np.full(num_tokens, np.nan, np.float32)
+    ref_entropy_N = np.full(num_tokens, np.nan, np.float32)
+    for path in paths:  # one shard at a time keeps the Arrow copies small
+        table = read_table(path, columns=["token_index", "ref_loss", "ref_entropy"])
+        index = table["token_index"].to_numpy()
+        if len(index) and (index.min() < 0 or index.max() >= num_tokens):
+            raise ValueError(f"{path} has token_index up to {index.max()} but the split has {num_tokens} tokens; "
+                             "the scores belong to another tokens artifact: rebuild score_reference")
+        ref_loss_N[index] = table["ref_loss"].to_numpy()
+        ref_entropy_N[index] = table["ref_entropy"].to_numpy()
+    return ref_loss_N, ref_entropy_N

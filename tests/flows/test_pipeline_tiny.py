@@ -1,0 +1,84 @@
+"""End to end: the tiny preset through Prefect. First run builds, second is all cached, --only/--force
+rebuilds one stage, a missing upstream names the command that builds it, SQL answers over the catalog."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from schemas.presets import tiny
+from stages.dag import plan
+from storage.artifacts import SUCCESS, load_manifest, verify
+
+pytestmark = pytest.mark.flow
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    old = os.environ.get("LMPIPE_ROOT")
+    os.environ["LMPIPE_ROOT"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("LMPIPE_ROOT")
+    else:
+        os.environ["LMPIPE_ROOT"] = old
+
+
+@pytest.fixture(scope="module")
+def first_run(root, prefect_harness):
+    from flows.pipeline import pipeline
+
+    return pipeline(config=tiny())
+
+
+def test_first_run_builds_every_node(first_run, root):
+    nodes = plan(tiny())
+    assert set(first_run) == set(nodes)
+    for name, node in nodes.items():
+        assert (node.path() / SUCCESS).exists(), name
+        assert verify(load_manifest(node.path())) == []
+    report = (nodes["evaluate"].path() / "report.md").read_text()
+    assert "ntp" in report and "slm" in report
+
+
+def test_second_run_is_all_cached(first_run, root):
+    from flows.pipeline import pipeline
+
+    again = pipeline(config=tiny())
+    assert {n: m["created_at"] for n, m in again.items()} == {n: m["created_at"] for n, m in first_run.items()}
+
+
+def test_only_force_rebuilds_only_that_stage(first_run, root):
+    from flows.pipeline import pipeline
+
+    result = pipeline(config=tiny(), only=["tokenize_corpus"], force=["tokenize_corpus"])
+    assert set(result) == {"tokenize_corpus"}
+    assert result["tokenize_corpus"]["created_at"] >= first_run["tokenize_corpus"]["created_at"]
+    assert result["tokenize_corpus"]["key"] == first_run["tokenize_corpus"]["key"]
+    nodes = plan(tiny())
+    assert load_manifest(nodes["train_reference"].path()).created_at == first_run["train_reference"]["created_at"]
+
+
+def test_only_with_missing_upstream_names_the_command(first_run, root):
+    from flows.pipeline import pipeline
+    from storage.artifacts import MissingArtifactError
+
+    from schemas.loading import load_config
+
+    cfg = load_config("tiny", overrides=["reference.model.d_model=16"])  # a reference that was never trained
+    with pytest.raises(MissingArtifactError, match="lmpipe run --only train_reference"):
+        pipeline(config=cfg, only=["score_reference"])
+
+
+def test_cli_sql_status_and_verify(first_run, root, capsys):
+    from flows.cli import main
+
+    assert main(["sql", "--preset", "tiny", "--json", "select split, count(*) as n from tokens group by 1 order by 1"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["split"] for r in rows} == {"train", "val", "ref_train", "ref_val"} and all(r["n"] > 0 for r in rows)
+    assert main(["status", "--preset", "tiny"]) == 0
+    assert "True" in capsys.readouterr().out
+    assert main(["verify"]) == 0
+    assert Path(first_run["evaluate"]["path"]).is_dir()

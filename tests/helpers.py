@@ -1,0 +1,62 @@
+"""Shared test fixtures: fake tokenize_corpus artifacts and tiny model/train configs (no tokenizer needed)."""
+
+from pathlib import Path
+
+import numpy as np
+
+from schemas.configs import ModelConfig, TrainConfig
+from schemas.manifest import Manifest
+from schemas.tables import SPLITS
+from storage.windows import stream_file
+
+TINY_MODEL = ModelConfig(num_layers=2, num_heads=2, d_model=32)
+"""2 blocks of width 32: trains a step in a few milliseconds on CPU."""
+
+
+def synthetic_stream(num_tokens: int, vocab_size: int, seed: int = 0, noise: float = 0.2) -> np.ndarray:
+    """A learnable int32 stream: mostly x[t+1] = (3*x[t] + 1) % V, a `noise` fraction random tokens."""
+    rng = np.random.default_rng(seed)
+    stream = np.empty(num_tokens, dtype=np.int32)
+    stream[0] = 0
+    random_tokens = rng.integers(0, vocab_size, num_tokens)
+    is_noise = rng.random(num_tokens) < noise
+    for t in range(1, num_tokens):
+        stream[t] = random_tokens[t] if is_noise[t] else (3 * stream[t - 1] + 1) % vocab_size
+    return stream
+
+
+def make_token_artifact(directory: Path, *, seq_len: int = 16, vocab_size: int = 64,
+                        num_tokens: dict[str, int] | None = None, seed: int = 0) -> Manifest:
+    """Write stream-<split>.npy for every split into `directory` and return a tokenize_corpus Manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": 40 * seq_len + 1, "val": 12 * seq_len + 1, "ref_train": 24 * seq_len + 1,
+             "ref_val": 8 * seq_len + 1} | (num_tokens or {})
+    for i, split in enumerate(SPLITS):
+        np.save(directory / stream_file(split), synthetic_stream(sizes[split], vocab_size, seed=seed + i))
+    return Manifest(stage="tokenize_corpus", key="k", path=str(directory), code_version="1",
+                    config={"seq_len": seq_len, "vocab_size": vocab_size}, upstream={},
+                    summary={"vocab_size": vocab_size})
+
+
+def tiny_train_config(**overrides) -> TrainConfig:
+    """A CPU TrainConfig of a few steps: 2 micro-batches of 4 windows of 16 tokens per step."""
+    values = dict(max_tokens=8 * 128, batch_size_tokens=128, micro_batch_size=4, lr=3e-3, warmup_steps=2,
+                  eval_every_steps=4, eval_max_windows=8, log_every_steps=2, checkpoint_every_steps=3,
+                  device="cpu", seed=0)
+    return TrainConfig(**(values | overrides))
+
+
+def tiny_run(tokens: Manifest, work_dir: Path, cfg: TrainConfig | None = None, *, objective=None,
+             on_step=None, probe_windows: int = 3) -> dict:
+    """Train a TINY_MODEL next-token objective on `train`, evaluating on `val` and `ref_val`, with a probe."""
+    from schemas.configs import TargetVariant
+    from stages.objectives.token_prediction import TokenPrediction
+    from stages.training import ProbeSet, train
+    from storage.windows import TokenWindows
+
+    objective = objective or TokenPrediction(TINY_MODEL, TargetVariant(name="ntp"))
+    val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
+    return train(objective, TokenWindows.from_manifest(tokens, "train"), val, cfg or tiny_train_config(),
+                 work_dir, vocab_size=int(tokens.summary["vocab_size"]), label="tiny", on_step=on_step,
+                 probe=ProbeSet("val", np.arange(probe_windows)), meta={"test": True})

@@ -1,0 +1,153 @@
+"""Tests of the evaluate stage on fake tokens, reference and target artifacts (tiny GPTs, CPU)."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from schemas.configs import EvaluateConfig
+from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_DYNAMICS
+from stages import evaluate
+from stages.evaluate import first_reach, tokens_to_reach, unigram_entropy
+from stages.models.gpt import per_token_loss
+from stages.tokenizers_build import EOT
+from storage.checkpoints import load_model
+from storage.parquet import write_table
+from storage.windows import TokenWindows
+from tests.stages.test_score_reference import SEQ_LEN, make_model, make_tokens
+
+VAL_CURVES = {  # tokens_seen 0, 100, 200, 300 -> val/val/loss
+    "ntp": [5.0, 4.0, 3.0, 2.0],   # baseline: final 2.0, reached at 300 tokens
+    "slm": [5.0, 3.0, 2.5, 1.5],   # reaches 2.0 halfway between 200 (2.5) and 300 (1.5): 250 tokens
+    "mtp": [5.0, 4.5, 4.0, 3.5],   # never reaches 2.0
+}
+
+
+def curve_table(values: list[float], name: str = "val/val/loss") -> pa.Table:
+    return pa.Table.from_pylist([{"step": i, "tokens_seen": 100 * i, "name": name, "value": v}
+                                 for i, v in enumerate(values)], METRICS)
+
+
+def test_first_reach_interpolates_linearly():
+    tokens_seen, values = np.array([0, 100, 200, 300]), np.array([5.0, 3.0, 2.5, 1.5])
+    assert first_reach(tokens_seen, values, 2.0) == 250.0
+    assert first_reach(tokens_seen, values, 2.5) == 200.0  # hit exactly at an evaluation
+    assert first_reach(tokens_seen, values, 4.0) == 50.0
+    assert first_reach(tokens_seen, values, 6.0) == 0.0
+    assert first_reach(tokens_seen, values, 1.0) is None
+
+
+def test_tokens_to_reach_baseline_final_loss():
+    metrics = {name: curve_table(values) for name, values in VAL_CURVES.items()}
+    metrics["ntp"] = pa.concat_tables([metrics["ntp"], curve_table([9.0, 9.0], "train/loss")])
+    reach = tokens_to_reach(metrics, "ntp", "val")
+    assert reach["ntp"] == (300.0, 1.0)
+    assert reach["slm"] == (250.0, 250.0 / 300.0)
+    assert reach["mtp"] == (None, None)
+    with pytest.raises(ValueError, match="baseline"):
+        tokens_to_reach(metrics, "nope", "val")
+
+
+def test_unigram_entropy_in_nats():
+    assert unigram_entropy(np.array([0, 0, 1, 1], np.int32), 8) == pytest.approx(math.log(2))
+    assert unigram_entropy(np.arange(6, dtype=np.int32), 6, chunk=4) == pytest.approx(math.log(6))
+
+
+def make_tokenizer(path: Path) -> int:
+    """A tiny byte-level BPE with <|endoftext|>, saved as tokenizer.json; returns its vocab size."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the union is strong and the people are free"] * 20, trainer)
+    tokenizer.save(str(path))
+    return tokenizer.get_vocab_size()
+
+
+def make_target(root: Path, name: str, vocab_size: int, seed: int, probes: bool, nested: bool):
+    """A fake train_target artifact: tiny GPT, metrics.parquet and (optionally) probe_losses.parquet."""
+    variant = {"name": name}
+    config = {"target": {"dynamics": {"delta_threshold": 0.2}}, "variant": variant} if nested else \
+        {"dynamics": {"delta_threshold": 0.2}, "variant": variant}
+    target = make_model(root, f"target_{name}", vocab_size, seed, config)
+    values = VAL_CURVES[name]
+    metrics = pa.concat_tables([curve_table(values), curve_table([v + 1 for v in values], "val/ref_val/loss"),
+                                curve_table([v + 0.5 for v in values], "train/loss")])
+    write_table(Path(target.path) / "metrics.parquet", metrics, METRICS)
+    if probes:
+        rng = np.random.default_rng(seed)
+        rows = [{"step": s, "tokens_seen": 100 * s, "split": "val", "token_index": i, "loss": float(v)}
+                for i in range(1, 33) for s, v in enumerate(rng.normal(3, 1, 3))]
+        write_table(Path(target.path) / "probe_losses.parquet", pa.Table.from_pylist(rows, PROBE_LOSSES), PROBE_LOSSES)
+    return target
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    tokens = make_tokens(tmp_path, vocab_size=280)
+    vocab_size = make_tokenizer(Path(tokens.path) / "tokenizer.json")
+    assert vocab_size <= 280
+    reference = make_model(tmp_path, "reference", 280, seed=0)
+    targets = [make_target(tmp_path, "ntp", 280, 1, probes=True, nested=False),
+               make_target(tmp_path, "slm", 280, 2, probes=True, nested=True),
+               make_target(tmp_path, "mtp", 280, 3, probes=False, nested=False)]
+    extra = tmp_path / "speech.txt"
+    extra.write_text("the people are strong " * 30)
+    return tokens, reference, targets, extra
+
+
+def test_run_writes_report_tables_and_plots(setup, tmp_path: Path):
+    tokens, reference, targets, extra = setup
+    out = tmp_path / "eval"
+    cfg = EvaluateConfig(baseline="ntp", extra_files=[str(extra)], max_windows=3)
+    summary = evaluate.run(cfg, tokens, reference, targets, out)
+    for name in ("eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "report.md"):
+        assert (out / name).is_file(), name
+    for name in ("val_loss.png", "train_loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    losses = pq.read_table(out / "eval_losses.parquet").to_pylist()
+    assert {(r["model"], r["split"]) for r in losses} == {
+        (m, s) for m in ("reference", "ntp", "slm", "mtp") for s in ("val", "ref_val", "file:speech.txt")}
+    # the reference's val loss is the mean per-token loss of the first 3 windows
+    windows = TokenWindows.from_manifest(tokens, "val")
+    inputs_BT, targets_BT = windows.batch(np.arange(3))
+    with torch.no_grad():
+        direct = per_token_loss(load_model(Path(reference.path))(inputs_BT), targets_BT).mean().item()
+    row = next(r for r in losses if r["model"] == "reference" and r["split"] == "val")
+    assert row["num_tokens"] == 3 * SEQ_LEN and row["loss"] == pytest.approx(direct, rel=1e-5)
+    assert row["perplexity"] == pytest.approx(math.exp(direct), rel=1e-5)
+
+    comparison = {r["model"]: r for r in pq.read_table(out / "comparison.parquet").to_pylist()}
+    assert comparison["slm"]["tokens_to_baseline_val"] == 250.0
+    assert comparison["slm"]["ratio_to_baseline_val"] == pytest.approx(250 / 300)
+    assert comparison["slm"]["tokens_to_baseline_ref_val"] == 250.0  # ref_val curves are val + 1
+    assert comparison["mtp"]["tokens_to_baseline_val"] is None and comparison["mtp"]["frac_h_to_l"] is None
+    assert comparison["reference"]["tokens_to_baseline_val"] is None
+    fracs = [comparison["ntp"][k] for k in ("frac_h_to_h", "frac_l_to_h", "frac_h_to_l", "frac_l_to_l")]
+    assert sum(fracs) == pytest.approx(1.0)
+
+    dynamics = pq.read_table(out / "token_dynamics.parquet")
+    assert dynamics.schema == TOKEN_DYNAMICS
+    assert sorted(set(dynamics["variant"].to_pylist())) == ["ntp", "slm"] and dynamics.num_rows == 64
+
+    report = (out / "report.md").read_text()
+    assert "| slm |" in report and "Unigram entropy" in report and "speech.txt" in report
+    assert summary["final_losses"]["reference"]["val"] == pytest.approx(direct, rel=1e-5)
+    assert 0 < summary["unigram_entropy_nats"] <= math.log(280) + 1e-9
+    assert set(summary["dynamics_fractions"]) == {"ntp", "slm"}
+
+
+def test_missing_extra_file_and_unknown_baseline_are_clear_errors(setup, tmp_path: Path):
+    tokens, reference, targets, _ = setup
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate.run(EvaluateConfig(extra_files=[str(tmp_path / "nope.txt")]), tokens, reference, targets,
+                     tmp_path / "a")
+    with pytest.raises(ValueError, match="baseline"):
+        evaluate.run(EvaluateConfig(baseline="other", max_windows=1), tokens, reference, targets, tmp_path / "b")

@@ -1,0 +1,179 @@
+"""The train loop: schedule, optimizer groups, data order, outputs, exact resume (also after kill -9), NaN stop."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from schemas.configs import TargetVariant
+from schemas.tables import METRICS, PROBE_LOSSES
+from stages.models.gpt import GPT
+from stages.objectives.token_prediction import TokenPrediction
+from stages.training_utils import WindowOrder, lr_at, param_groups
+from storage.checkpoints import list_checkpoints, load_checkpoint
+from tests.helpers import TINY_MODEL, make_token_artifact, tiny_run, tiny_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Interrupt(Exception):
+    """Raised from on_step to simulate a crash."""
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return make_token_artifact(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tokens, tmp_path_factory):
+    work = tmp_path_factory.mktemp("uninterrupted")
+    return work, tiny_run(tokens, work)
+
+
+def _metrics(work: Path) -> list[tuple]:
+    rows = pq.read_table(work / "metrics.parquet").to_pylist()
+    return [tuple(r.values()) for r in rows if r["name"] != "train/tokens_per_s"]  # timing differs run to run
+
+
+def _assert_same_run(work_a: Path, work_b: Path) -> None:
+    weights_a, weights_b = load_file(work_a / "model.safetensors"), load_file(work_b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)  # bitwise on CPU
+    assert _metrics(work_a) == _metrics(work_b)
+    assert pq.read_table(work_a / "probe_losses.parquet").equals(pq.read_table(work_b / "probe_losses.parquet"))
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = tiny_train_config(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_at(s, cfg, 20) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(4, cfg, 20) == pytest.approx(1e-3)
+    assert lr_at(4 + 15 // 2, cfg, 20) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lr_at(19, cfg, 20) == pytest.approx(1e-4)
+    assert lr_at(0, tiny_train_config(warmup_steps=0, lr=2e-3), 10) == pytest.approx(2e-3)
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(TINY_MODEL, 64, 16)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert any(p is model.embed.weight for p in decay["params"])  # embedding (tied unembedding) decays
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_window_order_shuffles_per_epoch_wraps_and_resumes():
+    order = WindowOrder(5, seed=7)
+    ids = order.take(12)
+    assert sorted(ids[:5]) == list(range(5)) and sorted(ids[5:10]) == list(range(5))
+    assert list(ids[:5]) == list(np.random.default_rng(7).permutation(5))
+    assert order.state() == {"epoch": 2, "position": 2}
+    resumed = WindowOrder(5, seed=7, **order.state())
+    assert list(resumed.take(4)) == list(order.take(4))
+
+
+def test_outputs_metrics_and_probe_rows(uninterrupted, tokens):
+    work, summary = uninterrupted
+    assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 128
+    assert set(summary["val_loss"]) == {"val", "ref_val"} and summary["num_params"] > 0
+    assert {p.name for p in work.iterdir()} == {"model.safetensors", "model.json", "metrics.parquet",
+                                                "probe_losses.parquet"}  # checkpoints removed
+    metrics = pq.read_table(work / "metrics.parquet")
+    assert metrics.schema.equals(METRICS)
+    names = set(metrics["name"].to_pylist())
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/head1/loss",
+            "val/val/loss", "val/val/ppl", "val/ref_val/loss"} <= names
+    rows = metrics.to_pylist()
+    assert [r["step"] for r in rows if r["name"] == "val/val/loss"] == [4, 8]  # eval_every 4 and at the end
+    train_loss = [r["value"] for r in rows if r["name"] == "train/loss"]
+    assert len(train_loss) == 8 and train_loss[-1] < train_loss[0]
+    assert summary["train_loss"] == train_loss[-1]
+    probe = pq.read_table(work / "probe_losses.parquet")
+    assert probe.schema.equals(PROBE_LOSSES) and probe.num_rows == 2 * 3 * 16  # 2 evals x 3 windows x T
+    first = probe.filter(probe["step"].to_numpy() == 4)
+    assert first["token_index"].to_pylist() == list(range(1, 3 * 16 + 1))
+    assert set(first["split"].to_pylist()) == {"val"}
+
+
+def test_resume_after_exception_equals_uninterrupted(uninterrupted, tokens, tmp_path):
+    def crash(step):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        tiny_run(tokens, tmp_path, on_step=crash)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    summary = tiny_run(tokens, tmp_path)
+    assert summary["resumed_from_step"] == 3
+    _assert_same_run(uninterrupted[0], tmp_path)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from tests.helpers import make_token_artifact, tiny_run
+tokens = make_token_artifact(Path(sys.argv[1]))
+def stall(step):
+    if step == 4:  # step 3 is checkpointed; step 4 is done but will be lost with the process
+        Path(sys.argv[3]).write_text("ready")
+        time.sleep(60)
+tiny_run(tokens, Path(sys.argv[2]), on_step=stall)
+"""
+
+
+def test_resume_after_kill_9_equals_uninterrupted(uninterrupted, tmp_path):
+    marker, work = tmp_path / "marker", tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "tokens"), str(work), str(marker)],
+                             cwd=REPO, env=env)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait(timeout=10) == -signal.SIGKILL
+    assert marker.exists() and [s for s, _ in list_checkpoints(work / "checkpoints")] == [3]
+    tokens = make_token_artifact(tmp_path / "tokens")
+    assert tiny_run(tokens, work)["resumed_from_step"] == 3
+    _assert_same_run(uninterrupted[0], work)
+
+
+class NanAfter:
+    """Wraps an objective; its loss turns NaN after `calls` micro-batches."""
+
+    def __init__(self, calls: int):
+        self.inner, self.calls = TokenPrediction(TINY_MODEL, TargetVariant(name="ntp")), calls
+        self.needs_reference_scores = False
+
+    def build_model(self, vocab_size, seq_len):
+        return self.inner.build_model(vocab_size, seq_len)
+
+    def loss(self, model, batch):
+        out = self.inner.loss(model, batch)
+        self.calls -= 1
+        if self.calls < 0:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tokens, tmp_path, uninterrupted):
+    with pytest.raises(RuntimeError, match=r"non-finite training loss .* step 5\. Try a lower train\.lr"):
+        tiny_run(tokens, tmp_path, objective=NanAfter(calls=8))  # 2 micro-batches per step: step 5 fails
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-000003.pt")["step"] == 3
+    assert not (tmp_path / "metrics.parquet").exists() and not (tmp_path / "model.safetensors").exists()
+    tiny_run(tokens, tmp_path)  # a fixed run resumes from the good checkpoint
+    _assert_same_run(uninterrupted[0], tmp_path)
+
+
+def test_batch_size_must_be_a_multiple_of_the_micro_batch(tokens, tmp_path):
+    with pytest.raises(ValueError, match="batch_size_tokens"):
+        tiny_run(tokens, tmp_path, tiny_train_config(batch_size_tokens=100))
