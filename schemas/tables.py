@@ -109,3 +109,12 @@ COMPARISON = pa.schema([
 """One row per model: final losses, tokens seen when the training-time `val/<split>/loss` first reached the
 baseline variant's final value (linear interpolation between evaluations; null if never) and that number over
 the baseline's own, and the token-dynamics category fractions (null without probe losses)."""
+
+TOKEN_SELECTION = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("times_seen", pa.int32(), nullable=False),
+    pa.field("times_selected", pa.int32(), nullable=False),
+])
+"""Per training target token of a selecting objective (Rho-1 SLM): how often it was in a batch and how often
+it was among the selected top-k% (next-token head). Tokens never in a batch have no row."""

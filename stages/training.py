@@ -5,6 +5,7 @@ Files written into `work_dir`:
     metrics.parquet                 schemas.tables.METRICS: train/loss, train/lr, train/grad_norm,
                                     train/tokens_per_s, train/<objective metric>, val/<split>/loss, val/<split>/ppl
     probe_losses.parquet            schemas.tables.PROBE_LOSSES, only when a probe set is given
+    token_selection.parquet         schemas.tables.TOKEN_SELECTION, when the objective selects tokens
     checkpoints/step-XXXXXX.pt      while running (the newest two); deleted once the model is saved
 A run that finds checkpoints in `work_dir` resumes from the newest one and continues bit-for-bit (CPU) as if
 it had never stopped: model, optimizer, step, data-order position, RNG states and metrics so far are restored.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from schemas.configs import TrainConfig
-from schemas.tables import METRICS, PROBE_LOSSES
+from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_SELECTION
 from stages.objectives.base import Objective
 from stages.training_utils import (
     WindowOrder,
@@ -83,9 +84,22 @@ def _compile_blocks(model: nn.Module) -> None:
                 block.compile()
 
 
+def _count_selection(counts: dict, token_index_BT: torch.Tensor, selected_BT: torch.Tensor, num_tokens: int) -> None:
+    """Add one to times_seen of every target and to times_selected of the selected ones (CPU int32 counters)."""
+    if not counts:
+        counts |= {"seen": torch.zeros(num_tokens, dtype=torch.int32),
+                   "selected": torch.zeros(num_tokens, dtype=torch.int32)}
+    index_N = token_index_BT.flatten().cpu()
+    counts["seen"].index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.int32))
+    counts["selected"].index_add_(0, index_N, selected_BT.flatten().cpu().to(torch.int32))
+
+
 def _train_step(objective: Objective, model: nn.Module, optimizer, order: WindowOrder, windows: TokenWindows,
-                cfg: TrainConfig, plan: Plan, device: torch.device, score_lookup, label: str, step: int):
-    """One optimizer step over accum_steps micro-batches; returns (mean loss, mean metrics, grad norm)."""
+                cfg: TrainConfig, plan: Plan, device: torch.device, score_lookup, label: str, step: int,
+                state_counts: dict):
+    """One optimizer step over accum_steps micro-batches; returns (mean loss, mean metrics, grad norm).
+
+    When the objective selects tokens, `state_counts` accumulates per-token seen/selected counts."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, float] = {}
@@ -95,6 +109,8 @@ def _train_step(objective: Objective, model: nn.Module, optimizer, order: Window
         with autocast(device):
             out = objective.loss(model, batch)
         (out.loss / plan.accum_steps).backward()
+        if out.selected_BT is not None:
+            _count_selection(state_counts, batch.token_index_BT, out.selected_BT, windows.num_tokens)
         loss_sum += out.loss.detach().float()
         for name, value in out.metrics.items():
             sums[name] = sums.get(name, 0.0) + value
@@ -131,8 +147,8 @@ def _evaluate(model: nn.Module, val_windows: dict[str, TokenWindows], probe: Pro
     return losses
 
 
-def _write_tables(work_dir: Path, state: dict) -> None:
-    """metrics.parquet (and probe_losses.parquet when probes were recorded)."""
+def _write_tables(work_dir: Path, state: dict, split: str) -> None:
+    """metrics.parquet, plus probe_losses.parquet / token_selection.parquet when recorded."""
     rows = state["metrics"]
     write_table(work_dir / "metrics.parquet", {
         "step": [r[0] for r in rows], "tokens_seen": [r[1] for r in rows],
@@ -148,6 +164,13 @@ def _write_tables(work_dir: Path, state: dict) -> None:
             "token_index": torch.cat([p["token_index"] for p in probe]).numpy(),
             "loss": torch.cat([p["loss"] for p in probe]).numpy(),
         }, PROBE_LOSSES)
+    if state["selection"]:
+        seen_N, selected_N = state["selection"]["seen"].numpy(), state["selection"]["selected"].numpy()
+        token_index = np.flatnonzero(seen_N)
+        write_table(work_dir / "token_selection.parquet", {
+            "split": [split] * len(token_index), "token_index": token_index,
+            "times_seen": seen_N[token_index], "times_selected": selected_N[token_index],
+        }, TOKEN_SELECTION)
 
 
 def _restore(ckpt_dir: Path, model: nn.Module, optimizer, fresh: dict, label: str) -> dict:
@@ -184,7 +207,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
     torch.manual_seed(cfg.seed)
     model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    state = {"step": 0, "tokens_seen": 0, "order": {"epoch": 0, "position": 0}, "metrics": [], "probe": [],
+    state = {"step": 0, "tokens_seen": 0, "order": {"epoch": 0, "position": 0}, "metrics": [], "probe": [], "selection": {},
              "train_seconds": 0.0, "plan": [plan.total_steps, plan.accum_steps, plan.step_tokens]}
     ckpt_dir = checkpoints.checkpoint_dir(work_dir)
     state = _restore(ckpt_dir, model, optimizer, state, label)
@@ -203,7 +226,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
             group["lr"] = lr
         tick = time.perf_counter()
         loss, metrics, grad_norm = _train_step(objective, model, optimizer, order, train_windows, cfg, plan,
-                                               device, score_lookup, label, step)
+                                               device, score_lookup, label, step, state["selection"])
         seconds = time.perf_counter() - tick
         state["step"], state["tokens_seen"] = step + 1, (step + 1) * plan.step_tokens
         state["order"], state["train_seconds"] = order.state(), state["train_seconds"] + seconds
@@ -227,7 +250,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
         if on_step is not None:
             on_step(step)
     checkpoints.save_model(work_dir, model, meta or {})
-    _write_tables(work_dir, state)
+    _write_tables(work_dir, state, train_windows.split)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     summary = {
         "steps": state["step"], "tokens_seen": state["tokens_seen"], "train_loss": loss, "val_loss": val_losses,

@@ -3,7 +3,9 @@
 - `<table>`: the artifacts of the current config (one per stage; metrics and probe losses carry a `model`
   column naming the node, e.g. `train_target.slm`);
 - `<table>_all`: every finished artifact under the root, with an `artifact_key` column;
-- join views for inspection: `scored_tokens` (reference scores + token strings + document metadata).
+- join views for inspection: `scored_tokens` (reference scores + token strings + document metadata),
+  `target_token_losses` (each target's final per-token loss on the probe set beside the reference loss, i.e.
+  the Rho-1 excess loss) and `metrics` (reference and target training curves in one table).
 Views are registered for the tables that exist; nothing is copied (DuckDB reads the Parquet files).
 """
 
@@ -44,6 +46,14 @@ JOIN_VIEWS = {
         {"token_scores", "vocab", "documents"},
         """SELECT s.*, v.token, d.* EXCLUDE (doc_id, split, text)
            FROM token_scores s JOIN vocab v USING (token_id) JOIN documents d USING (doc_id)""",
+    ),
+    "target_token_losses": (
+        {"probe_losses", "token_scores", "vocab"},
+        """SELECT p.model, p.split, p.token_index, s.doc_id, s.position, v.token, p.loss AS target_loss,
+                  s.ref_loss, p.loss - s.ref_loss AS excess_loss, s.ref_entropy
+           FROM probe_losses p
+           JOIN (SELECT model, max(step) AS step FROM probe_losses GROUP BY model) last USING (model, step)
+           JOIN token_scores s USING (split, token_index) JOIN vocab v USING (token_id)""",
     ),
     "metrics": (
         {"reference_metrics", "target_metrics"},

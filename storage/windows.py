@@ -21,9 +21,10 @@ def stream_file(split: str) -> str:
 class TokenWindows:
     """Read-only windows of seq_len (+1) tokens over one split's token stream."""
 
-    def __init__(self, path: Path, seq_len: int):
+    def __init__(self, path: Path, seq_len: int, split: str | None = None):
         self.path = Path(path)
         self.seq_len = seq_len
+        self.split = split or self.path.stem.removeprefix("stream-")
         if not self.path.is_file():
             raise FileNotFoundError(f"token stream {self.path} is missing; rebuild with: lmpipe run --only tokenize_corpus --force tokenize_corpus")
         self.stream = np.load(self.path, mmap_mode="r")
@@ -32,7 +33,7 @@ class TokenWindows:
     @classmethod
     def from_manifest(cls, tokens: Manifest, split: str) -> "TokenWindows":
         """Windows of one split of a tokenize_corpus artifact."""
-        return cls(Path(tokens.path) / stream_file(split), int(tokens.config["seq_len"]))
+        return cls(Path(tokens.path) / stream_file(split), int(tokens.config["seq_len"]), split)
 
     def __len__(self) -> int:
         return self.num_windows

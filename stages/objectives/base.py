@@ -32,6 +32,8 @@ class LossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    selected_BT: torch.Tensor | None = None
+    """bool mask of the next-token targets that were trained on, when the objective selects tokens."""
 
 
 class Objective(Protocol):

@@ -53,6 +53,7 @@ def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: Sel
         "num_selected": num_selected,
         "selected_sum": selected_sum,
         "unselected_sum": (detached_BT * valid_BT).sum() - selected_sum,
+        "mask": mask_BT,
     }
     return loss, stats
 
@@ -90,6 +91,7 @@ class TokenPrediction:
         seq_len = batch.targets_BT.shape[1]
         total = torch.zeros((), device=batch.targets_BT.device)
         metrics: dict[str, torch.Tensor] = {}
+        selected_BT = None
         for i, logits_BTV in enumerate(logits_heads):
             ref_loss_BT = batch.ref_loss_BT[:, i:] if batch.ref_loss_BT is not None else None
             ref_entropy_BT = batch.ref_entropy_BT[:, i:] if batch.ref_entropy_BT is not None else None
@@ -99,9 +101,10 @@ class TokenPrediction:
             metrics[f"head{i + 1}/loss"] = stats["loss"]
             if i == 0 and self.variant.selection.kind != "all":
                 metrics.update(_selection_metrics(stats))
+                selected_BT = stats["mask"]
         names = list(metrics)
         numbers = torch.stack([metrics[name].float() for name in names]).tolist()  # one device sync
         values = dict(zip(names, numbers, strict=True))
         if values.pop(_NUM_UNSELECTED, 1.0) == 0:  # every valid token selected: no unselected loss to report
             del values["loss_unselected"]
-        return LossOutput(loss=total, metrics=values)
+        return LossOutput(loss=total, metrics=values, selected_BT=selected_BT)

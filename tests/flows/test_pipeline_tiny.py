@@ -82,3 +82,16 @@ def test_cli_sql_status_and_verify(first_run, root, capsys):
     assert "True" in capsys.readouterr().out
     assert main(["verify"]) == 0
     assert Path(first_run["evaluate"]["path"]).is_dir()
+
+
+def test_every_readme_query_runs_and_returns_rows(first_run, root):
+    import re
+
+    from flows.status import catalog_for
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    assert len(queries) >= 5
+    con = catalog_for(tiny())
+    for query in queries:
+        assert con.execute(query).fetchall(), f"no rows from README query:\n{query}"

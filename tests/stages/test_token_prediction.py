@@ -1,5 +1,6 @@
 """TokenPrediction: one head = plain next-token CE (exactly), n heads = sum of shifted CEs, per-head selection."""
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,3 +75,29 @@ def test_keep_ratio_one_reports_no_unselected_loss():
     objective = TokenPrediction(TINY_MODEL, TargetVariant(name="slm", selection=selection))
     out = objective.loss(objective.build_model(V, T), _batch(with_scores=True))
     assert out.metrics["selected_fraction"] == 1.0 and "loss_unselected" not in out.metrics
+
+
+def test_selection_counts_are_written_per_training_token(tmp_path):
+    """SLM training records, per train token, how often it was seen and selected (exactly k per micro-batch)."""
+    import pyarrow.parquet as pq
+
+    from schemas.configs import SelectionConfig, TargetVariant
+    from stages.objectives.token_prediction import TokenPrediction
+    from stages.training import train
+    from storage.windows import TokenWindows
+    from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
+
+    tokens = make_token_artifact(tmp_path / "tokens")
+    windows = TokenWindows.from_manifest(tokens, "train")
+    variant = TargetVariant(name="slm", selection=SelectionConfig(kind="top_k", keep_ratio=0.5))
+    cfg = tiny_train_config()
+    lookup = lambda index_BT: (np.zeros(index_BT.shape, np.float32), np.zeros(index_BT.shape, np.float32))  # noqa: E731
+    train(TokenPrediction(TINY_MODEL, variant), windows, {}, cfg, tmp_path / "work",
+          vocab_size=int(tokens.summary["vocab_size"]), label="slm", score_lookup=lookup)
+    table = pq.read_table(tmp_path / "work" / "token_selection.parquet").to_pydict()
+    seen, selected = np.array(table["times_seen"]), np.array(table["times_selected"])
+    tokens_per_micro_batch = cfg.micro_batch_size * windows.seq_len
+    num_micro_batches = seen.sum() // tokens_per_micro_batch
+    assert seen.sum() == cfg.max_tokens // cfg.batch_size_tokens * cfg.batch_size_tokens
+    assert selected.sum() == num_micro_batches * round(0.5 * tokens_per_micro_batch)
+    assert (selected <= seen).all() and set(table["split"]) == {"train"}
