@@ -48,6 +48,8 @@ def configure(root: Path | None = None) -> str | None:
     }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+    for name in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):  # prefect does not create parents
+        Path(os.environ[name]).expanduser().mkdir(parents=True, exist_ok=True)
     if "PREFECT_API_URL" in os.environ:
         return os.environ["PREFECT_API_URL"]
     record = server_record(root)

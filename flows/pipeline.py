@@ -62,15 +62,19 @@ def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:
     get_run_logger().info("artifacts: %s", ", ".join(f"{r['node']}={r['key']}" for r in rows))
 
 
+DEFAULT_CONFIG = default()
+"""What the UI form starts from."""
+
+
 @flow(name="lmpipe", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def pipeline(config: PipelineConfig = default(), only: list[str] | None = None,
+def pipeline(config: PipelineConfig = DEFAULT_CONFIG, only: list[str] | None = None,
              force: list[str] | None = None) -> dict:
     """The whole pipeline: tokenize -> reference -> scores -> targets -> evaluate, cached per artifact."""
     return run_pipeline(config, only, force)
 
 
 def _stage_flow(stage: str):
-    def run_stage(config: PipelineConfig = default(), force: bool = False) -> dict:
+    def run_stage(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
         return run_pipeline(config, only=[stage], force=[stage] if force else [])
 
     run_stage.__doc__ = f"Re-run {stage} on cached upstream artifacts (force=True rebuilds it)."

@@ -86,7 +86,8 @@ class ModelConfig(StrictModel):
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})")
         if (self.d_model // self.num_heads) % 2:
-            raise ValueError(f"model: head dim d_model/num_heads = {self.d_model // self.num_heads} must be even (rotary)")
+            raise ValueError(f"model: head dim d_model/num_heads = {self.d_model // self.num_heads} "
+                             "must be even (rotary)")
         return self
 
 
@@ -173,7 +174,8 @@ class ScoreConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
     """Windows per forward pass."""
     num_shards: int = Field(4, ge=1)
-    """Shards per split; each is a Prefect task cached on its own, so an interrupted run redoes only unfinished shards."""
+    """Shards per split; each is a Prefect task cached on its own, so an interrupted run redoes only unfinished
+    shards."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the forward passes."""
 

@@ -38,17 +38,19 @@ def tiny() -> PipelineConfig:
 
 
 def default() -> PipelineConfig:
-    """The README main job on 2 CPU cores (~20 min): ~1M-parameter models, a few hundred thousand tokens each."""
+    """The README main job on 2 CPU cores (~10 min): ~1.3M-parameter models, 1.2M training tokens each.
+
+    Sized from measurements here: this model trains at ~11k tokens/s and scores at ~15k tokens/s on 2 cores.
+    """
     model = ModelConfig(num_layers=4, num_heads=4, d_model=128)
-    reference_train = TrainConfig(max_tokens=300_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
-                                  warmup_steps=10, eval_every_steps=10, checkpoint_every_steps=20)
-    target_train = TrainConfig(max_tokens=400_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
-                               warmup_steps=10, eval_every_steps=10, checkpoint_every_steps=20)
+    train = TrainConfig(max_tokens=1_200_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
+                        warmup_steps=20, eval_every_steps=25, eval_max_windows=48, log_every_steps=10,
+                        checkpoint_every_steps=50)
     return PipelineConfig(
         tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
-        reference=ReferenceConfig(model=model, train=reference_train),
+        reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=4),
-        target=TargetConfig(model=model, train=target_train, variants=RHO1_VARIANTS),
+        target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
         evaluate=EvaluateConfig(max_windows=256),
     )
 

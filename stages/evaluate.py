@@ -26,8 +26,8 @@ from schemas.configs import DynamicsConfig, EvaluateConfig
 from schemas.manifest import Manifest
 from schemas.tables import COMPARISON, EVAL_LOSSES, TOKEN_DYNAMICS
 from stages import dynamics
+from stages.devices import autocast, resolve_device
 from stages.models.gpt import per_token_loss
-from stages.score_reference import resolve_device
 from stages.tokenize_corpus import pack_stream
 from stages.tokenizers_build import EOT, encode_documents
 from storage.checkpoints import load_model
@@ -74,7 +74,7 @@ def mean_window_loss(model, stream_N: np.ndarray, seq_len: int, max_windows: int
         for start in range(0, num_windows, EVAL_BATCH_WINDOWS):
             starts_B1 = np.arange(start, min(start + EVAL_BATCH_WINDOWS, num_windows))[:, None] * seq_len
             rows_BT1 = torch.from_numpy(np.asarray(stream_N[starts_B1 + np.arange(length + 1)], np.int64)).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits_BTV = model(rows_BT1[:, :-1])
             loss_BT = per_token_loss(logits_BTV, rows_BT1[:, 1:])
             loss_sum += float(loss_BT.double().sum())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKEN_SCORES
+from stages.devices import autocast, resolve_device
 from storage.artifacts import write_text_atomic
 from storage.checkpoints import load_model
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
@@ -32,15 +33,6 @@ from storage.windows import TokenWindows
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "1"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present else CPU; `cuda` without a GPU is an error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is visible; use device='auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_reference(reference: Manifest, device: torch.device) -> torch.nn.Module:
@@ -96,7 +88,7 @@ def _shard_batches(model, windows: TokenWindows, tokens: Manifest, split: str, s
         for b in range(0, len(group_ids), batch_size):
             ids = group_ids[b:b + batch_size]
             inputs_BT, targets_BT = windows.batch(ids, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits_BTV = model(inputs_BT)
             loss_BT, entropy_BT = score_logits(logits_BTV, targets_BT)
             rows = slice(b * T, (b + len(ids)) * T)

@@ -207,7 +207,8 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
     torch.manual_seed(cfg.seed)
     model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    state = {"step": 0, "tokens_seen": 0, "order": {"epoch": 0, "position": 0}, "metrics": [], "probe": [], "selection": {},
+    state = {"step": 0, "tokens_seen": 0, "order": {"epoch": 0, "position": 0}, "metrics": [], "probe": [],
+             "selection": {},
              "train_seconds": 0.0, "plan": [plan.total_steps, plan.accum_steps, plan.step_tokens]}
     ckpt_dir = checkpoints.checkpoint_dir(work_dir)
     state = _restore(ckpt_dir, model, optimizer, state, label)

@@ -3,7 +3,6 @@
 Nothing here writes files. Shapes: B windows, T seq_len, V vocab.
 """
 
-import contextlib
 import logging
 import math
 import random
@@ -13,27 +12,12 @@ import torch
 from torch import nn
 
 from schemas.configs import TrainConfig
+from stages.devices import autocast, resolve_device  # noqa: F401 - re-exported for the train loop
 from stages.models.gpt import per_token_loss
 from stages.objectives.base import Batch
 from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available else cpu; `cuda` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but torch sees no CUDA device; use device='auto' or 'cpu'")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing (fp32) on CPU."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -169,7 +169,7 @@ def materialize(
             upstream=upstream_keys,
             files=list_files(work),
             summary=summary,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             build_seconds=round(time.perf_counter() - started, 3),
         )
         _publish(work, final, manifest)

@@ -116,4 +116,5 @@ def _register_current(con, current: dict[str, Path], table: str, spec: TableSpec
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Names of the registered views."""
-    return [row[0] for row in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()]
+    query = "SELECT view_name FROM duckdb_views() WHERE NOT internal ORDER BY 1"
+    return [row[0] for row in con.execute(query).fetchall()]

@@ -42,4 +42,5 @@ def read_table(path: Path, columns: list[str] | None = None, filters=None) -> pa
     try:
         return pq.read_table(path, columns=columns, filters=filters)
     except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"cannot read Parquet {path}: {err}. Rebuild the artifact (lmpipe run --force STAGE).") from err
+        raise ValueError(f"cannot read Parquet {path}: {err}. "
+                         "Rebuild the artifact (lmpipe run --force STAGE).") from err

@@ -26,7 +26,8 @@ class TokenWindows:
         self.seq_len = seq_len
         self.split = split or self.path.stem.removeprefix("stream-")
         if not self.path.is_file():
-            raise FileNotFoundError(f"token stream {self.path} is missing; rebuild with: lmpipe run --only tokenize_corpus --force tokenize_corpus")
+            raise FileNotFoundError(f"token stream {self.path} is missing; rebuild it with: "
+                                    "lmpipe run --only tokenize_corpus --force tokenize_corpus")
         self.stream = np.load(self.path, mmap_mode="r")
         self.num_windows = max(0, (len(self.stream) - 1) // seq_len)
 

@@ -122,7 +122,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, num_future_tokens: int = 1):
         super().__init__()
         if not 1 <= num_future_tokens <= cfg.num_layers:
-            raise ValueError(f"num_future_tokens={num_future_tokens} needs 1..model.num_layers ({cfg.num_layers}) blocks")
+            raise ValueError(f"num_future_tokens={num_future_tokens} must be in 1..model.num_layers "
+                             f"({cfg.num_layers}): each head is one block")
         self.cfg, self.vocab_size, self.max_seq_len = cfg, vocab_size, max_seq_len
         self.num_future_tokens = num_future_tokens
         self.embed = nn.Embedding(vocab_size, cfg.d_model)

@@ -63,9 +63,8 @@ def test_only_force_rebuilds_only_that_stage(first_run, root):
 
 def test_only_with_missing_upstream_names_the_command(first_run, root):
     from flows.pipeline import pipeline
-    from storage.artifacts import MissingArtifactError
-
     from schemas.loading import load_config
+    from storage.artifacts import MissingArtifactError
 
     cfg = load_config("tiny", overrides=["reference.model.d_model=16"])  # a reference that was never trained
     with pytest.raises(MissingArtifactError, match="lmpipe run --only train_reference"):
@@ -75,7 +74,8 @@ def test_only_with_missing_upstream_names_the_command(first_run, root):
 def test_cli_sql_status_and_verify(first_run, root, capsys):
     from flows.cli import main
 
-    assert main(["sql", "--preset", "tiny", "--json", "select split, count(*) as n from tokens group by 1 order by 1"]) == 0
+    query = "select split, count(*) as n from tokens group by 1 order by 1"
+    assert main(["sql", "--preset", "tiny", "--json", query]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["split"] for r in rows} == {"train", "val", "ref_train", "ref_val"} and all(r["n"] > 0 for r in rows)
     assert main(["status", "--preset", "tiny"]) == 0

@@ -49,7 +49,9 @@ def test_config_files_toml_and_yaml(tmp_path):
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         PRESETS["tiny"]().tokenize.seq_len = 3  # type: ignore[misc]
 
 

@@ -10,6 +10,7 @@ from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from storage.artifacts import (
     SUCCESS,
+    MissingArtifactError,
     artifact_key,
     is_built,
     iter_manifests,
@@ -17,7 +18,6 @@ from storage.artifacts import (
     materialize,
     require,
     verify,
-    MissingArtifactError,
 )
 
 
