@@ -15,7 +15,7 @@ from flows.tasks import score_shard, shard_list, task_for
 from schemas.configs import PipelineConfig
 from schemas.manifest import Manifest
 from schemas.presets import default
-from stages.dag import STAGES, Node, plan, select_nodes, upstream_closure
+from stages.dag import Node, plan, select_nodes, upstream_closure
 from storage.artifacts import require
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,40 @@ def pipeline(config: PipelineConfig = DEFAULT_CONFIG, only: list[str] | None = N
     return run_pipeline(config, only, force)
 
 
-def _stage_flow(stage: str):
-    def run_stage(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-        return run_pipeline(config, only=[stage], force=[stage] if force else [])
-
-    run_stage.__doc__ = f"Re-run {stage} on cached upstream artifacts (force=True rebuilds it)."
-    return flow(name=stage, task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))(run_stage)
+def _run_stage(stage: str, config: PipelineConfig, force: bool) -> dict:
+    return run_pipeline(config, only=[stage], force=[stage] if force else [])
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+# One module-level flow per stage (served deployments load flows by entrypoint, so no factory functions).
+@flow(name="tokenize_corpus", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+def tokenize_corpus(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+    """Re-run tokenize_corpus (force=True rebuilds it even if cached)."""
+    return _run_stage("tokenize_corpus", config, force)
+
+
+@flow(name="train_reference", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+def train_reference(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+    """Re-run train_reference on the cached tokens (force=True rebuilds it even if cached)."""
+    return _run_stage("train_reference", config, force)
+
+
+@flow(name="score_reference", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+def score_reference(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+    """Re-run score_reference on the cached tokens and reference (force=True rebuilds it even if cached)."""
+    return _run_stage("score_reference", config, force)
+
+
+@flow(name="train_target", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+def train_target(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+    """Re-run every target variant on cached upstream artifacts (force=True retrains them)."""
+    return _run_stage("train_target", config, force)
+
+
+@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+def evaluate(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+    """Re-run the evaluation on cached models (force=True rebuilds the report)."""
+    return _run_stage("evaluate", config, force)
+
+
+STAGE_FLOWS = {f.name: f for f in (tokenize_corpus, train_reference, score_reference, train_target, evaluate)}
 """One flow per stage, for the UI and schedules: each takes the pipeline config as a form."""

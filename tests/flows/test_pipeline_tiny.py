@@ -95,3 +95,13 @@ def test_every_readme_query_runs_and_returns_rows(first_run, root):
     con = catalog_for(tiny())
     for query in queries:
         assert con.execute(query).fetchall(), f"no rows from README query:\n{query}"
+
+
+def test_one_module_level_flow_per_stage():
+    """Served deployments import flows by entrypoint, so each stage flow must be a module attribute."""
+    import flows.pipeline as pipeline_module
+    from stages.dag import STAGES
+
+    assert set(pipeline_module.STAGE_FLOWS) == set(STAGES)
+    for name, stage_flow in pipeline_module.STAGE_FLOWS.items():
+        assert getattr(pipeline_module, stage_flow.fn.__name__) is stage_flow, name
