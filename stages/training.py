@@ -76,7 +76,7 @@ class Plan:
                    cfg.batch_size_tokens)
 
 
-def _compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module) -> None:
     """torch.compile every repeated block in place (so every model method, e.g. forward_heads, is compiled)."""
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
@@ -94,7 +94,7 @@ def _count_selection(counts: dict, token_index_BT: torch.Tensor, selected_BT: to
     counts["selected"].index_add_(0, index_N, selected_BT.flatten().cpu().to(torch.int32))
 
 
-def _train_step(objective: Objective, model: nn.Module, optimizer, order: WindowOrder, windows: TokenWindows,
+def train_step(objective: Objective, model: nn.Module, optimizer, order: WindowOrder, windows: TokenWindows,
                 cfg: TrainConfig, plan: Plan, device: torch.device, score_lookup, label: str, step: int,
                 state_counts: dict):
     """One optimizer step over accum_steps micro-batches; returns (mean loss, mean metrics, grad norm).
@@ -213,7 +213,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
     ckpt_dir = checkpoints.checkpoint_dir(work_dir)
     state = _restore(ckpt_dir, model, optimizer, state, label)
     if cfg.compile and device.type == "cuda":
-        _compile_blocks(model)
+        compile_blocks(model)
     order = WindowOrder(len(train_windows), cfg.seed, **state["order"])
     num_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %s params, %d steps x %d tokens (%d micro-batches of %d windows) on %s", label,
@@ -226,7 +226,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
         for group in optimizer.param_groups:
             group["lr"] = lr
         tick = time.perf_counter()
-        loss, metrics, grad_norm = _train_step(objective, model, optimizer, order, train_windows, cfg, plan,
+        loss, metrics, grad_norm = train_step(objective, model, optimizer, order, train_windows, cfg, plan,
                                                device, score_lookup, label, step, state["selection"])
         seconds = time.perf_counter() - tick
         state["step"], state["tokens_seen"] = step + 1, (step + 1) * plan.step_tokens
