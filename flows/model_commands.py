@@ -39,7 +39,7 @@ def tokenizer_path(model: Manifest) -> Path:
 def cmd_export(args) -> int:
     """Export a model artifact as a Hugging Face Llama folder (safetensors + tokenizer)."""
     from stages.export_hf import export_llama
-    from storage.checkpoints import load_model
+    from stages.models.saved import load_model
 
     manifest = resolve_model(args.model, args)
     out = export_llama(load_model(Path(manifest.path), "cpu"), tokenizer_path(manifest), Path(args.out_dir))
@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
     from tokenizers import Tokenizer
 
     from stages.generate import generate_text
-    from storage.checkpoints import load_model
+    from stages.models.saved import load_model
 
     manifest = resolve_model(args.model, args)
     model = load_model(Path(manifest.path), "cpu")

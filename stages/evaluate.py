@@ -28,9 +28,9 @@ from schemas.tables import COMPARISON, EVAL_LOSSES, TOKEN_DYNAMICS
 from stages import dynamics
 from stages.devices import autocast, resolve_device
 from stages.models.gpt import per_token_loss
+from stages.models.saved import load_model
 from stages.tokenize_corpus import pack_stream
 from stages.tokenizers_build import EOT, encode_documents
-from storage.checkpoints import load_model
 from storage.parquet import read_table, write_table
 from storage.windows import stream_file
 

@@ -25,8 +25,8 @@ from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKEN_SCORES
 from stages.devices import autocast, resolve_device
+from stages.models.saved import load_model
 from storage.artifacts import write_text_atomic
-from storage.checkpoints import load_model
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
 from storage.windows import TokenWindows
 

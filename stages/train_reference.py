@@ -2,7 +2,7 @@
 
 Reads the tokenize_corpus artifact (split `ref_train` to train on; `ref_val` and `val` to evaluate).
 Files written into the artifact directory:
-    model.safetensors, model.json   the reference model (storage/checkpoints.load_model reads it back)
+    model.safetensors, model.json   the reference model (stages/models/saved.load_model reads it back)
     metrics.parquet                 schemas.tables.METRICS (train/*, val/ref_val/*, val/val/*)
 It is trained with the same objective code as the targets (TokenPrediction, variant "reference": one head,
 all tokens), and resumes from its checkpoints when an interrupted build is re-run.

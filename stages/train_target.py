@@ -3,7 +3,7 @@
 Reads the tokenize_corpus artifact (split `train` to train on; `val` and `ref_val` to evaluate) and, when the
 variant selects tokens, the score_reference artifact (per-token reference loss and entropy of `train`).
 Files written into the artifact directory:
-    model.safetensors, model.json   the target model (storage/checkpoints.load_model reads it back)
+    model.safetensors, model.json   the target model (stages/models/saved.load_model reads it back)
     metrics.parquet                 schemas.tables.METRICS (train/*, train/head<i>/loss, train/selected_fraction
                                     ..., val/val/*, val/ref_val/*)
     probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of the first

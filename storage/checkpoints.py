@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
@@ -120,15 +119,3 @@ def read_model_meta(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} holds no saved model")
     return json.loads(path.read_text())
-
-
-def load_model(directory: Path, device: torch.device | str = "cpu"):
-    """Rebuild the GPT saved by save_model, in eval mode on `device`."""
-    from stages.models.gpt import GPT  # storage must not import stages at module load (imports point one way)
-
-    meta = read_model_meta(directory)
-    model = GPT(ModelConfig.model_validate(meta["model"]), int(meta["vocab_size"]), int(meta["seq_len"]),
-                num_future_tokens=int(meta.get("num_future_tokens", 1)))
-    missing, unexpected = load_safetensors_model(model, str(Path(directory) / MODEL_WEIGHTS), strict=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    return model.to(device).eval()

@@ -15,8 +15,8 @@ from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_DYNAMICS
 from stages import evaluate
 from stages.evaluate import first_reach, tokens_to_reach, unigram_entropy
 from stages.models.gpt import per_token_loss
+from stages.models.saved import load_model
 from stages.tokenizers_build import EOT
-from storage.checkpoints import load_model
 from storage.parquet import write_table
 from storage.windows import TokenWindows
 from tests.stages.test_score_reference import SEQ_LEN, make_model, make_tokens

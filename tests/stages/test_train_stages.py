@@ -9,7 +9,7 @@ import pytest
 
 from schemas.configs import DynamicsConfig, ReferenceConfig, SelectionConfig, TargetConfig, TargetVariant
 from stages import train_reference, train_target
-from storage.checkpoints import load_model
+from stages.models.saved import load_model
 from storage.windows import TokenWindows
 from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stages.models.gpt import GPT
+from stages.models.saved import load_model
 from stages.training_utils import rng_state, set_rng_state
 from storage import checkpoints
 from tests.helpers import TINY_MODEL
@@ -45,7 +46,7 @@ def test_save_and_load_model_round_trip(tmp_path, num_future_tokens):
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["vocab_size"] == 64 and meta["seq_len"] == 16 and meta["num_future_tokens"] == num_future_tokens
     assert meta["variant"] == "x" and meta["model"]["d_model"] == TINY_MODEL.d_model
-    loaded = checkpoints.load_model(tmp_path, "cpu")
+    loaded = load_model(tmp_path, "cpu")
     assert not loaded.training and loaded.lm_head.weight is loaded.embed.weight  # tied weights stay tied
     idx_BT = torch.randint(0, 64, (2, 16))
     for a, b in zip(model.forward_heads(idx_BT), loaded.forward_heads(idx_BT), strict=True):
