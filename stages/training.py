@@ -6,7 +6,7 @@ Files written into `work_dir`:
                                     train/tokens_per_s, train/<objective metric>, val/<split>/loss, val/<split>/ppl
     probe_losses.parquet            schemas.tables.PROBE_LOSSES, only when a probe set is given
     token_selection.parquet         schemas.tables.TOKEN_SELECTION, when the objective selects tokens
-    checkpoints/step-XXXXXX.pt      while running (the newest two); deleted once the model is saved
+    checkpoints/step-<6 digits>.pt  while running (the newest two); deleted once the model is saved
 A run that finds checkpoints in `work_dir` resumes from the newest one and continues bit-for-bit (CPU) as if
 it had never stopped: model, optimizer, step, data-order position, RNG states and metrics so far are restored.
 The model must return next-token logits (B, T, V) from `model(inputs_BT)`; evaluation uses that.

@@ -1,7 +1,7 @@
 """Resumable training checkpoints and the saved model of a finished run.
 
 Files written:
-    <work>/checkpoints/step-XXXXXX.pt  training state (torch.save of plain types and tensors: model and
+    <work>/checkpoints/step-<step:06d>.pt training state (torch.save of plain types and tensors: model and
                                        optimizer state dicts, step, data-order position, RNG states, metrics
                                        so far); the newest `keep` (default 2) are kept
     <dir>/model.safetensors            model weights (safetensors; tied weights stored once)
