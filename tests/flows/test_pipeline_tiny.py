@@ -105,3 +105,21 @@ def test_one_module_level_flow_per_stage():
     assert set(pipeline_module.STAGE_FLOWS) == set(STAGES)
     for name, stage_flow in pipeline_module.STAGE_FLOWS.items():
         assert getattr(pipeline_module, stage_flow.fn.__name__) is stage_flow, name
+
+
+def test_cli_report_generate_export_and_sql_prompt(first_run, root, capsys, monkeypatch, tmp_path):
+    import io
+
+    from flows.cli import main
+
+    assert main(["report", "--preset", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "| slm |" in out and "val_loss.png" in out
+    assert main(["generate", "--preset", "tiny", "--model", "slm", "--prompt", "My fellow", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("My fellow")
+    assert main(["export", "--preset", "tiny", "ntp", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    monkeypatch.setattr("sys.stdin", io.StringIO("select count(*) as n\nfrom vocab;\n"))
+    assert main(["sql", "--preset", "tiny"]) == 0
+    assert "512" in capsys.readouterr().out
+    assert main(["generate", "--preset", "tiny", "--model", "nope", "--prompt", "x"]) == 2
