@@ -115,7 +115,8 @@ def test_cli_report_generate_export_and_sql_prompt(first_run, root, capsys, monk
     assert main(["report", "--preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "| slm |" in out and "val_loss.png" in out
-    assert main(["generate", "--preset", "tiny", "--model", "slm", "--prompt", "My fellow", "--max-new-tokens", "5"]) == 0
+    generate = ["generate", "--preset", "tiny", "--model", "slm", "--prompt", "My fellow", "--max-new-tokens", "5"]
+    assert main(generate) == 0
     assert capsys.readouterr().out.startswith("My fellow")
     assert main(["export", "--preset", "tiny", "ntp", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
