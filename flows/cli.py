@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from schemas.loading import ConfigError, load_config
 
@@ -38,6 +39,9 @@ def cmd_run(args) -> int:
     print(f"done in {time.perf_counter() - started:.1f}s")
     for name, manifest in result.items():
         print(f"  {name:28s} {manifest['key']}  {manifest['path']}")
+    if "evaluate" in result:
+        report = Path(result["evaluate"]["path"]) / "report.md"
+        print(f"\n{report.read_text()}\nreport: {report} (plots beside it; `lmpipe report` prints it again)")
     return 0
 
 

@@ -33,7 +33,8 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
     for name, node in nodes.items():
         if name not in wanted:
             if name in upstream_closure(nodes, wanted):
-                results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage}")
+                results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage} "
+                                        "(or a plain `lmpipe run`, which builds every missing stage)")
             continue
         inputs = {role: results[up] for role, up in node.upstream.items()}
         wait_for = []
