@@ -24,7 +24,8 @@ CODE_VERSIONS = {
     "train_target": "1",
     "evaluate": "1",
 }
-"""Bump a stage's version when its code changes what it writes: every key of it and downstream changes."""
+"""The one place stage code versions live: bump a stage's version when its code changes what it writes;
+its key and every downstream key change with it."""
 
 
 @dataclass(frozen=True)

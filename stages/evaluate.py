@@ -36,7 +36,6 @@ from storage.windows import stream_file
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
 VAL_SPLITS = ("val", "ref_val")
 REFERENCE = "reference"
 EVAL_BATCH_WINDOWS = 16
@@ -155,8 +154,10 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path) -> l
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, table in metrics.items():
-        ax.plot(*metric_curve(table, "train/loss"), label=name)
-    ax.set(title="training loss", xlabel="tokens seen", ylabel="loss (nats/token)")
+        ax.plot(*metric_curve(table, "train/head1/loss"), label=name)
+    # head1/loss is the next-token loss over ALL tokens; train/loss is what each objective optimises (selected
+    # tokens only, or a sum over heads), which is not comparable between variants
+    ax.set(title="training next-token loss (all tokens)", xlabel="tokens seen", ylabel="loss (nats/token)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "train_loss.png", dpi=100)
@@ -164,11 +165,29 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path) -> l
     return ["val_loss.png", "train_loss.png"]
 
 
+def selection_summary(metrics: dict[str, pa.Table], last_fraction: float = 0.1) -> list[dict]:
+    """Selecting variants: selected fraction and loss on selected / unselected tokens, averaged over the last
+    `last_fraction` of logged steps."""
+    rows = []
+    for name, table in metrics.items():
+        steps, fraction = metric_curve(table, "train/selected_fraction")
+        if not len(steps):
+            continue
+        row = {"model": name}
+        for key in ("selected_fraction", "loss_selected", "loss_unselected"):
+            _, values = metric_curve(table, f"train/{key}")
+            tail = values[-max(1, int(len(values) * last_fraction)):]
+            row[key] = float(np.mean(tail)) if len(tail) else float("nan")
+        rows.append(row)
+    return rows
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list[dict]) -> str:
+def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list[dict],
+                    selection: list[dict] = ()) -> str:
     """report.md text: the comparison table, extra-file losses and the unigram-entropy reference line."""
     head = ["model", "val loss", "val ppl", "ref_val loss", "ref_val ppl", f"tokens to {baseline} val", "ratio",
             f"tokens to {baseline} ref_val", "ratio", "H->H", "L->H", "H->L", "L->L"]
@@ -183,6 +202,11 @@ def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list
               "final value (linear interpolation between evaluations); ratio < 1 means fewer tokens than the baseline.",
               "- H->H ... L->L: share of probe tokens per loss-trajectory class (Rho-1 sec 2.1; "
               "token_dynamics.parquet)."]
+    if selection:
+        lines += ["", "Token selection during training (mean over the last 10% of steps; next-token head, nats):",
+                  "", "| model | selected | loss on selected | loss on unselected |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {_fmt(r['selected_fraction'], '.1%')} | {_fmt(r['loss_selected'], '.4f')} | "
+                  f"{_fmt(r['loss_unselected'], '.4f')} |" for r in selection]
     if extra:
         lines += ["", "| model | file | tokens | loss | ppl |", "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['split']} | {r['num_tokens']} | {r['loss']:.4f} | {r['perplexity']:.2f} |"
@@ -258,7 +282,7 @@ def run(cfg: EvaluateConfig, tokens: Manifest, reference: Manifest, targets: lis
     vocab_size = int(tokens.summary.get("vocab_size") or int(train_stream.max()) + 1)
     entropy = unigram_entropy(train_stream, vocab_size)
     extra = [r for r in eval_rows if r["split"].startswith("file:")]
-    (out / "report.md").write_text(report_markdown(rows, entropy, cfg.baseline, extra))
+    (out / "report.md").write_text(report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)))
     plots = plot_curves(metrics, losses, out)
     summary = {
         "final_losses": {name: {s: losses[name, s] for s in streams} for name in [REFERENCE] + names},

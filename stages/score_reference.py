@@ -32,8 +32,6 @@ from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
-
 
 def load_reference(reference: Manifest, device: torch.device) -> torch.nn.Module:
     """The reference model of a train_reference artifact, in eval mode on `device`."""

@@ -30,7 +30,6 @@ from storage.windows import stream_file
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
 BATCH_ROWS = 1 << 20
 """Rows per record batch written to tokens.parquet (bounds the Arrow copies held at once)."""
 

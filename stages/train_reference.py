@@ -19,7 +19,6 @@ from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
 TRAIN_SPLIT = "ref_train"
 EVAL_SPLITS = ("ref_val", "val")
 

@@ -23,7 +23,6 @@ from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "1"
 TRAIN_SPLIT = "train"
 EVAL_SPLITS = ("val", "ref_val")
 PROBE_SPLIT = "val"

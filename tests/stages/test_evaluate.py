@@ -151,3 +151,16 @@ def test_missing_extra_file_and_unknown_baseline_are_clear_errors(setup, tmp_pat
                      tmp_path / "a")
     with pytest.raises(ValueError, match="baseline"):
         evaluate.run(EvaluateConfig(baseline="other", max_windows=1), tokens, reference, targets, tmp_path / "b")
+
+
+def test_selection_summary_averages_the_last_steps_of_selecting_variants():
+    from stages.evaluate import report_markdown, selection_summary
+
+    slm = pa.concat_tables([curve_table([0.6] * 10, "train/selected_fraction"),
+                            curve_table([5.0] * 9 + [3.0], "train/loss_selected"),
+                            curve_table([6.0] * 8 + [7.0, 9.0], "train/loss_unselected")])
+    ntp = curve_table([5.0] * 10, "train/loss")
+    rows = selection_summary({"ntp": ntp, "slm": slm}, last_fraction=0.2)
+    assert rows == [{"model": "slm", "selected_fraction": pytest.approx(0.6), "loss_selected": pytest.approx(4.0),
+                     "loss_unselected": pytest.approx(8.0)}]
+    assert "| slm | 60.0% | 4.0000 | 8.0000 |" in report_markdown([], 5.0, "ntp", [], rows)
