@@ -123,7 +123,12 @@ def cmd_config(args) -> int:
 
 def _format_table(rows: list[dict], columns: list[str], max_width: int = 60) -> str:
     """A plain-text table (values cut to max_width characters)."""
-    cell = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v))[:max_width]  # noqa: E731
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        text = str(value)  # control characters (newline tokens) escaped so rows stay on one line
+        return (text.encode("unicode_escape").decode() if not text.isprintable() else text)[:max_width]
+
     widths = {c: max([len(c)] + [len(cell(r.get(c, ""))) for r in rows]) for c in columns}
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
