@@ -124,3 +124,22 @@ def test_cli_report_generate_export_and_sql_prompt(first_run, root, capsys, monk
     assert main(["sql", "--preset", "tiny"]) == 0
     assert "512" in capsys.readouterr().out
     assert main(["generate", "--preset", "tiny", "--model", "nope", "--prompt", "x"]) == 2
+
+
+def test_interrupted_scoring_redoes_only_unfinished_shards(first_run, root):
+    """A shard finished before an interruption is reused (its part file untouched); the rest are scored."""
+    from flows.pipeline import pipeline
+    from schemas.loading import load_config
+    from stages import runner
+    from storage.artifacts import build_dir
+
+    cfg = load_config("tiny", overrides=["score.num_shards=3"])  # a new score key over the cached reference
+    node = plan(cfg)["score_reference"]
+    inputs = {role: load_manifest(plan(cfg)[up].path()) for role, up in node.upstream.items()}
+    done = Path(runner.score_shard(node, inputs, "val", 1))  # as if the run was killed after this shard
+    assert done.parent == build_dir(node.stage, node.key)
+    finished_ns = done.stat().st_mtime_ns
+    result = pipeline(config=cfg, only=["score_reference"])
+    final = Path(result["score_reference"]["path"])
+    assert (final / done.name).stat().st_mtime_ns == finished_ns
+    assert len(list(final.glob("part-*.parquet"))) == 4 * 3
