@@ -8,6 +8,8 @@ Files written into the artifact directory:
                                     ..., val/val/*, val/ref_val/*)
     probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of the first
                                     dynamics.probe_windows windows of `val` at every evaluation (Rho-1 Sec. 2.1)
+    token_selection.parquet         schemas.tables.TOKEN_SELECTION, for selecting variants: per train token,
+                                    times seen and times selected
 """
 
 import logging
@@ -18,6 +20,7 @@ import numpy as np
 from schemas.configs import TargetConfig, TargetVariant
 from schemas.manifest import Manifest
 from stages.objectives.token_prediction import TokenPrediction
+from stages.score_reference import load_dense_scores
 from stages.training import ProbeSet, ScoreLookup, train
 from storage.windows import TokenWindows
 
@@ -53,8 +56,6 @@ def run(cfg: TargetConfig, variant: TargetVariant, tokens: Manifest, out: Path,
             raise ValueError(f"variant {variant.name!r} selects tokens (selection.kind="
                              f"{variant.selection.kind!r}) and needs the score_reference upstream artifact; "
                              f"none was given")
-        from stages.score_reference import load_dense_scores  # written by the score stage; loaded only when used
-
         ref_loss, ref_entropy = load_dense_scores(scores, TRAIN_SPLIT, train_windows.num_tokens)
         score_lookup = dense_score_lookup(ref_loss, ref_entropy, train_windows)
     num_probe = min(cfg.dynamics.probe_windows, len(val_windows[PROBE_SPLIT]))

@@ -1,7 +1,5 @@
 """train_reference / train_target run(): splits, output files, reference-score wiring (fake score stage)."""
 
-import sys
-import types
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,9 +46,7 @@ def test_target_with_selection_reads_dense_scores(tokens, tmp_path, monkeypatch)
         ref_loss[0] = np.nan
         return ref_loss, ref_loss * 2
 
-    fake = types.ModuleType("stages.score_reference")
-    fake.load_dense_scores = load_dense_scores
-    monkeypatch.setitem(sys.modules, "stages.score_reference", fake)
+    monkeypatch.setattr(train_target, "load_dense_scores", load_dense_scores)
     summary = train_target.run(_target_cfg(SLM), SLM, tokens, tmp_path, scores=tokens.model_copy(update={"key": "s"}))
     assert calls == [("train", TokenWindows.from_manifest(tokens, "train").num_tokens)]
     metrics = pq.read_table(tmp_path / "metrics.parquet").to_pylist()
