@@ -7,7 +7,7 @@ import os
 import tempfile
 
 _tmp = tempfile.mkdtemp(prefix="lmpipe-tests-")
-os.environ.setdefault("LMPIPE_ROOT", os.path.join(_tmp, "artifacts"))
+os.environ["LMPIPE_ROOT"] = os.path.join(_tmp, "artifacts")  # never the user's real artifacts
 os.environ.update({
     "PREFECT_HOME": os.path.join(_tmp, "prefect-home"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": os.path.join(_tmp, "prefect-results"),
