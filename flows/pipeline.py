@@ -29,10 +29,11 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
     nodes = plan(config)
     forced = {name for stage in (force or []) for name in select_nodes(nodes, stage)}
     wanted = {name for stage in only for name in select_nodes(nodes, stage)} if only else set(nodes)
+    needed = upstream_closure(nodes, wanted)
     results: dict[str, Manifest | PrefectFuture] = {}
     for name, node in nodes.items():
         if name not in wanted:
-            if name in upstream_closure(nodes, wanted):
+            if name in needed:
                 results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage} "
                                         "(or a plain `lmpipe run`, which builds every missing stage)")
             continue

@@ -5,7 +5,6 @@ Prefect execute and not reuse), so a deleted artifact is rebuilt and a forced re
 record. The disk stays the source of truth: tasks only pass small Manifests around, never tensors.
 """
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -14,6 +13,7 @@ from prefect.cache_policies import CachePolicy
 from schemas.manifest import Manifest
 from stages import runner
 from stages.dag import Node
+from stages.score_reference import shard_name, shard_ranges
 from storage.artifacts import SUCCESS, build_dir
 
 
@@ -32,8 +32,7 @@ class ArtifactCachePolicy(CachePolicy):
         stamp = _finished_stamp(node)
         if stamp is None:
             return None
-        shard = f"-{inputs['split']}-{inputs['shard']}" if "shard" in inputs else ""
-        return f"{node.stage}-{node.key}{shard}-{stamp}".replace(":", "").replace("+", "")
+        return f"{node.stage}-{node.key}-{stamp}".replace(":", "").replace("+", "")
 
 
 class ShardCachePolicy(CachePolicy):
@@ -41,7 +40,7 @@ class ShardCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         node: Node = inputs["node"]
-        name = f"part-{inputs['split']}-{inputs['shard']:03d}.parquet"
+        name = shard_name(inputs["split"], inputs["shard"])
         if not any((d / name).exists() for d in (node.path(), build_dir(node.stage, node.key))):
             return None
         return f"{node.stage}-{node.key}-{inputs['split']}-{inputs['shard']}"
@@ -61,19 +60,12 @@ def score_shard(node: Node, inputs: dict[str, Manifest], split: str, shard: int)
 
 def shard_list(node: Node, tokens: Manifest) -> list[tuple[str, int]]:
     """(split, shard) pairs of a score_reference node, from the token counts of the tokens artifact."""
-    from stages.score_reference import shard_ranges
-
     pairs = []
     for split, num_windows in tokens.summary["num_windows"].items():
         pairs += [(split, shard) for shard in range(len(shard_ranges(num_windows, node.config.num_shards)))]
     return pairs
 
 
-def task_for(node: Node, **options):
+def task_for(node: Node):
     """The build task named after the node (so the UI shows `train_target.slm`, not `build_stage`)."""
-    return build_stage.with_options(name=node.name, task_run_name=node.name, **options)
-
-
-def result_dir(root: Path) -> Path:
-    """Where Prefect keeps the (small, pickled) manifests that back its cache records."""
-    return root / "_prefect" / "results"
+    return build_stage.with_options(name=node.name, task_run_name=node.name)
