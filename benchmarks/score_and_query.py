@@ -27,9 +27,10 @@ from schemas.configs import ModelConfig, ScoreConfig, TrainConfig  # noqa: E402
 from schemas.manifest import Manifest  # noqa: E402
 from schemas.tables import SPLITS, TOKEN_SCORES, TOKENS  # noqa: E402
 from stages import score_reference  # noqa: E402
-from stages.devices import resolve_device  # noqa: E402
-from stages.models.gpt import GPT, per_token_loss  # noqa: E402
-from stages.training_utils import build_optimizer  # noqa: E402
+from stages.models.gpt import GPT
+from stages.models.losses import token_loss  # noqa: E402
+from stages.training.devices import resolve_device  # noqa: E402
+from stages.training.optim import build_optimizer  # noqa: E402
 from storage.checkpoints import save_model  # noqa: E402
 from storage.parquet import write_batches  # noqa: E402
 from storage.windows import TokenWindows, stream_file  # noqa: E402
@@ -93,7 +94,7 @@ def model_throughput(tokens: Manifest, model: GPT, batch_size: int, device: torc
         model.train()
         for start in range(0, len(train_ids), batch_size):
             inputs_BT, targets_BT = windows.batch(train_ids[start:start + batch_size], device)
-            per_token_loss(model(inputs_BT), targets_BT).mean().backward()
+            token_loss(model(inputs_BT), targets_BT).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         model.eval()

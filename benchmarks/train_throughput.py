@@ -6,7 +6,7 @@ Usage: python benchmarks/train_throughput.py [--steps 10] [--warmup 2] [--device
 Measured, per model config x implementation x (eager, torch.compile):
 - `ours`: the real step of stages/training.py (`train_step`: make_batch from a memory-mapped token stream,
   the TokenPrediction objective with one head and all tokens, autocast, backward, grad-norm clip, AdamW from
-  training_utils.build_optimizer, lr from lr_at) on `stages.models.gpt.GPT`;
+  training.optim.build_optimizer, lr from lr_at) on `stages.models.gpt.GPT`;
 - `plain`: a minimal reference written below with no lmpipe import: the same architecture (RMSNorm pre-norm,
   rotary rotate-half, SDPA causal attention, SwiGLU, tied embeddings, same layer shapes) and a bare loop
   (index a batch from a tensor, cross-entropy, backward, clip at 1.0, AdamW step).
@@ -129,7 +129,7 @@ def flops_per_token(num_params: int, num_layers: int, seq_len: int, d_model: int
 
 
 def autocast_ctx(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU (mirrors stages.training_utils.autocast)."""
+    """bf16 autocast on CUDA, nothing on CPU (mirrors stages.training.devices.autocast)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -178,8 +178,9 @@ def build_ours(spec: dict, device: torch.device, stream_path: Path):
     sys.path.insert(0, str(REPO_ROOT))
     from schemas.configs import ModelConfig, TargetVariant, TrainConfig
     from stages.objectives.token_prediction import TokenPrediction
-    from stages.training import Plan, compile_blocks, train_step
-    from stages.training_utils import WindowOrder, build_optimizer, lr_at
+    from stages.training.data import WindowOrder
+    from stages.training.loop import compile_blocks, train_step
+    from stages.training.optim import BatchSchedule, build_optimizer, lr_at
     from storage.windows import TokenWindows
 
     cfg = spec["config"]
@@ -193,15 +194,14 @@ def build_ours(spec: dict, device: torch.device, stream_path: Path):
     if spec["compile"]:
         compile_blocks(model)
     windows = TokenWindows(stream_path, cfg["seq_len"])
-    order, plan = WindowOrder(len(windows), seed=0), Plan.of(train_cfg, cfg["seq_len"])
+    order, plan = WindowOrder(len(windows), seed=0), BatchSchedule.of(train_cfg, cfg["seq_len"])
     model.train()
     step_count = [0]
     # train_step is the trainer's own step; pass its arguments by name so added ones (e.g. state_counts)
     # only need a value here, not a new position.
     accepted = inspect.signature(train_step).parameters
     known = {"objective": objective, "model": model, "optimizer": optimizer, "order": order, "windows": windows,
-             "cfg": train_cfg, "plan": plan, "device": device, "score_lookup": None, "label": "bench",
-             "state_counts": {}}
+             "cfg": train_cfg, "schedule": plan, "device": device, "lookups": None, "label": "bench"}
     missing = [name for name in accepted if name not in known and name != "step"]
     if missing:
         raise RuntimeError(f"stages.training.train_step takes new arguments {missing}: update the benchmark")

@@ -38,7 +38,7 @@ def tokenizer_path(model: Manifest) -> Path:
 
 def cmd_export(args) -> int:
     """Export a model artifact as a Hugging Face Llama folder (safetensors + tokenizer)."""
-    from stages.export_hf import export_llama
+    from stages.inference.export_hf import export_llama
     from stages.models.saved import load_model
 
     manifest = resolve_model(args.model, args)
@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
     """Generate text from a trained model (greedy by default; --temperature > 0 samples)."""
     from tokenizers import Tokenizer
 
-    from stages.generate import generate_text
+    from stages.inference.generate import generate_text
     from stages.models.saved import load_model
 
     manifest = resolve_model(args.model, args)

@@ -11,11 +11,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tasks import score_shard, shard_list, task_for
+from flows.tasks import shard_task_for, task_for
 from schemas.configs import PipelineConfig
 from schemas.manifest import Manifest
 from schemas.presets import default
+from stages import runner
 from stages.dag import Node, plan, select_nodes, upstream_closure
+from stages.registry import stages
 from storage.artifacts import require
 
 log = logging.getLogger(__name__)
@@ -39,10 +41,9 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
             continue
         inputs = {role: results[up] for role, up in node.upstream.items()}
         wait_for = []
-        if node.stage == "score_reference" and not node.is_built():
-            tokens = _resolve(inputs["tokens"])
-            wait_for = [score_shard.with_options(task_run_name=f"score_reference.{split}.{shard}")
-                        .submit(node, inputs, split, shard) for split, shard in shard_list(node, tokens)]
+        if not node.is_built() or name in forced:
+            shards = runner.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
+            wait_for = [shard_task_for(node, shard).submit(node, inputs, shard) for shard in shards]
         results[name] = task_for(node).submit(node, inputs, force=name in forced, wait_for=wait_for)
     manifests = {name: _resolve(value) for name, value in results.items() if name in wanted}
     _publish(nodes, manifests)
@@ -79,36 +80,19 @@ def _run_stage(stage: str, config: PipelineConfig, force: bool) -> dict:
     return run_pipeline(config, only=[stage], force=[stage] if force else [])
 
 
-# One module-level flow per stage (served deployments load flows by entrypoint, so no factory functions).
-@flow(name="tokenize_corpus", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def tokenize_corpus(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-    """Re-run tokenize_corpus (force=True rebuilds it even if cached)."""
-    return _run_stage("tokenize_corpus", config, force)
+def stage_flow(stage_name: str, description: str):
+    """The flow that re-runs one stage on cached upstream artifacts (force=True rebuilds it)."""
+
+    def run_one_stage(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
+        return _run_stage(stage_name, config, force)
+
+    run_one_stage.__doc__ = f"Re-run {stage_name} on cached upstream artifacts ({description}); force=True rebuilds."
+    # served deployments load a flow by entrypoint `flows/pipeline.py:<function name>`: name the function after
+    # the stage and bind the flow to that module-level name (below)
+    run_one_stage.__name__ = run_one_stage.__qualname__ = stage_name
+    return flow(name=stage_name, task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))(run_one_stage)
 
 
-@flow(name="train_reference", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def train_reference(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-    """Re-run train_reference on the cached tokens (force=True rebuilds it even if cached)."""
-    return _run_stage("train_reference", config, force)
-
-
-@flow(name="score_reference", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def score_reference(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-    """Re-run score_reference on the cached tokens and reference (force=True rebuilds it even if cached)."""
-    return _run_stage("score_reference", config, force)
-
-
-@flow(name="train_target", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def train_target(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-    """Re-run every target variant on cached upstream artifacts (force=True retrains them)."""
-    return _run_stage("train_target", config, force)
-
-
-@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
-def evaluate(config: PipelineConfig = DEFAULT_CONFIG, force: bool = False) -> dict:
-    """Re-run the evaluation on cached models (force=True rebuilds the report)."""
-    return _run_stage("evaluate", config, force)
-
-
-STAGE_FLOWS = {f.name: f for f in (tokenize_corpus, train_reference, score_reference, train_target, evaluate)}
-"""One flow per stage, for the UI and schedules: each takes the pipeline config as a form."""
+STAGE_FLOWS = {name: stage_flow(name, spec.description) for name, spec in stages().items()}
+"""One flow per registered stage, for the UI and schedules: each takes the pipeline config as a form."""
+globals().update(STAGE_FLOWS)  # module-level names, so `flows/pipeline.py:<stage>` entrypoints resolve

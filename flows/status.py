@@ -2,6 +2,7 @@
 
 from schemas.configs import PipelineConfig
 from stages.dag import plan
+from stages.registry import stages
 from storage.artifacts import load_manifest
 from storage.catalog import connect
 
@@ -35,5 +36,8 @@ def status_rows(cfg: PipelineConfig) -> list[dict]:
 
 def catalog_for(cfg: PipelineConfig):
     """A DuckDB connection whose plain views point at this config's artifacts."""
-    return connect({name: node.path() for name, node in plan(cfg).items()})
+    registry = stages()
+    tables = {name: spec for stage in registry.values() for name, spec in stage.tables.items()}
+    views = {name: view for stage in registry.values() for name, view in stage.views.items()}
+    return connect(tables, views, {name: node.path() for name, node in plan(cfg, registry).items()})
 

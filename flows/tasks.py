@@ -13,8 +13,7 @@ from prefect.cache_policies import CachePolicy
 from schemas.manifest import Manifest
 from stages import runner
 from stages.dag import Node
-from stages.score_reference import shard_name, shard_ranges
-from storage.artifacts import SUCCESS, build_dir
+from storage.artifacts import SUCCESS
 
 
 def _finished_stamp(node: Node) -> str | None:
@@ -36,14 +35,13 @@ class ArtifactCachePolicy(CachePolicy):
 
 
 class ShardCachePolicy(CachePolicy):
-    """A score shard is cached once its part file exists (in the build dir or the finished artifact)."""
+    """A shard is cached once its file exists (in the build dir or the finished artifact)."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         node: Node = inputs["node"]
-        name = shard_name(inputs["split"], inputs["shard"])
-        if not any((d / name).exists() for d in (node.path(), build_dir(node.stage, node.key))):
+        if not runner.shard_done(node, inputs["shard"]):
             return None
-        return f"{node.stage}-{node.key}-{inputs['split']}-{inputs['shard']}"
+        return f"{node.stage}-{node.key}-{inputs['shard']}"
 
 
 @task(cache_policy=ArtifactCachePolicy(), persist_result=True)
@@ -53,19 +51,16 @@ def build_stage(node: Node, inputs: dict[str, Manifest], force: bool = False) ->
 
 
 @task(cache_policy=ShardCachePolicy(), persist_result=True)
-def score_shard(node: Node, inputs: dict[str, Manifest], split: str, shard: int) -> str:
-    """Score one shard of one split with the reference model (one Parquet part file)."""
-    return runner.score_shard(node, inputs, split, shard)
-
-
-def shard_list(node: Node, tokens: Manifest) -> list[tuple[str, int]]:
-    """(split, shard) pairs of a score_reference node, from the token counts of the tokens artifact."""
-    pairs = []
-    for split, num_windows in tokens.summary["num_windows"].items():
-        pairs += [(split, shard) for shard in range(len(shard_ranges(num_windows, node.config.num_shards)))]
-    return pairs
+def build_shard(node: Node, inputs: dict[str, Manifest], shard: str) -> str:
+    """Build one shard of a fanning-out stage (e.g. one split's part of the reference scores)."""
+    return runner.build_shard(node, inputs, shard)
 
 
 def task_for(node: Node):
     """The build task named after the node (so the UI shows `train_target.slm`, not `build_stage`)."""
     return build_stage.with_options(name=node.name, task_run_name=node.name)
+
+
+def shard_task_for(node: Node, shard: str):
+    """The shard task named `<node>.<shard>` (e.g. `score_reference.train-000`)."""
+    return build_shard.with_options(name=f"{node.stage}.shard", task_run_name=f"{node.name}.{shard}")

@@ -6,7 +6,7 @@ Cross-field checks run at construction, so a bad config fails before any compute
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from schemas.base import StrictModel
 
@@ -143,6 +143,37 @@ class SelectionConfig(StrictModel):
     """Fraction of valid tokens kept per batch (paper: 0.6 at 1B, 0.7 at 7B)."""
 
 
+class ConceptsConfig(StrictModel):
+    """CoCoMix concept prediction and mixing (arXiv 2502.08524), reading extract_concepts' labels."""
+
+    block: int | None = Field(None, ge=1)
+    """The block whose input gets the concept (the head reads the residual entering it and the concept is mixed
+    in before it). None: the middle, model.num_layers // 2."""
+    weight: float = Field(0.1, ge=0)
+    """lambda: weight of the concept loss (mean cross-entropy over the K attribution labels) in the total loss."""
+    num_active: int | None = Field(None, ge=1)
+    """Predicted concept logits kept (TopK) and compressed into the continuous concept. None: the SAE's k."""
+    mixing: Literal["interleave", "add"] = "interleave"
+    """`interleave`: the stream after the insert is h_1, c_1, h_2, c_2, ... (twice as long, next-token logits
+    read from the concept slots, as the paper); `add`: h_t + c_t (no extra positions)."""
+
+
+class PauseConfig(StrictModel):
+    """The pause-vector control: CoCoMix's interleaving with one learned vector instead of the concept."""
+
+    block: int | None = Field(None, ge=1)
+    """The block whose input gets the pause slots. None: the middle, model.num_layers // 2."""
+
+
+class DistillConfig(StrictModel):
+    """Knowledge distillation from the reference model (its logits computed on the fly each micro-batch)."""
+
+    weight: float = Field(0.5, ge=0, le=1)
+    """Loss = (1 - weight) * next-token CE + weight * T^2 * KL(teacher_T || student_T)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature T of teacher and student in the KL term."""
+
+
 class TargetVariant(StrictModel):
     """One named target model: its objective parts. Every variant trains on the same data and budget."""
 
@@ -152,11 +183,89 @@ class TargetVariant(StrictModel):
     """Token selection (all tokens, or Rho-1 top-k)."""
     num_future_tokens: int = Field(1, ge=1, le=8)
     """Prediction heads: 1 is plain next-token prediction; n > 1 adds heads for tokens t+2..t+n."""
+    concepts: ConceptsConfig | None = None
+    """CoCoMix concept prediction + mixing (needs train_sae and extract_concepts upstream). Selection, when on,
+    masks only the next-token loss; the concept loss counts every position."""
+    pause: PauseConfig | None = None
+    """Pause-vector interleaving (the compute control for CoCoMix); exclusive with concepts."""
+    distill: DistillConfig | None = None
+    """Knowledge distillation from the reference model."""
+
+    @model_validator(mode="after")
+    def _check_parts(self) -> "TargetVariant":
+        if self.concepts is not None and self.pause is not None:
+            raise ValueError(f"target variant {self.name!r}: concepts and pause both insert slots; pick one")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_parts(self, handler):
+        # parts added after the first release are left out while unset (in dumps and in the repr that artifact
+        # keys hash), so variants that do not use them keep their artifact keys
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in _LATER_PARTS and v is None)}
+
+    def __repr_args__(self):
+        return [(k, v) for k, v in super().__repr_args__() if not (k in _LATER_PARTS and v is None)]
 
     @property
     def needs_reference_scores(self) -> bool:
         """True when the objective reads per-token reference scores."""
         return self.selection.kind == "top_k"
+
+
+_LATER_PARTS = ("concepts", "pause", "distill")
+
+
+class SAEConfig(StrictModel):
+    """TopK sparse autoencoder on the reference model's residual stream (Gao et al. 2024 recipe)."""
+
+    layer: int | None = Field(None, ge=0)
+    """Residual stream after this reference block (0-based). None: the middle, reference num_layers // 2 - 1
+    (the stream entering block num_layers // 2)."""
+    expansion: int = Field(16, ge=1)
+    """Latents = expansion * d_model."""
+    k: int | None = Field(None, ge=1)
+    """Active latents per token. None: min(32, d_model // 8) (k = 32 for d_model >= 256; fewer for small widths,
+    where 32 of a 128-wide stream would not be sparse)."""
+    max_tokens: int = Field(1_000_000, ge=1)
+    """Activation rows (tokens of the train split) to train on; the split is cycled when shorter."""
+    batch_rows: int = Field(4096, ge=1)
+    """Activation rows per Adam step."""
+    lr: float = Field(5e-4, gt=0)
+    """Adam learning rate (no weight decay; constant after a short warmup)."""
+    aux_k: int | None = Field(None, ge=1)
+    """Dead latents used by the AuxK loss. None: d_model // 2."""
+    aux_coef: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss."""
+    dead_tokens: int = Field(200_000, ge=1)
+    """A latent that has not fired for this many tokens is dead (AuxK trains it back to life)."""
+    eval_every_steps: int = Field(25, ge=1)
+    """Evaluate FVU, L0, dead fraction and the spliced-in loss every this many steps (and at the end)."""
+    eval_windows: int = Field(32, ge=1)
+    """Validation windows (spread over `val`) for the evaluation metrics."""
+    seed: int = 0
+    """Seed for init and row order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the reference forward and SAE training."""
+
+
+class ExtractConfig(StrictModel):
+    """Attribution-selected concept labels for every target token (CoCoMix Sec. 3.1), computed once offline."""
+
+    top: int = Field(4, ge=1)
+    """Concepts kept per token (K): the top-K active latents by attribution score a_i * dL/da_i."""
+    splits: list[Literal["train", "val", "ref_train", "ref_val"]] = ["train", "val"]
+    """Splits to label (train for the target's concept loss, val to evaluate concept prediction)."""
+    batch_size: int = Field(32, ge=1)
+    """Windows per reference forward/backward."""
+    num_shards: int = Field(2, ge=1)
+    """Shards per split; each is its own task run that resumes."""
+    contexts_per_concept: int = Field(3, ge=1)
+    """Top-activating contexts stored per latent in the `concepts` table."""
+    context_tokens: int = Field(6, ge=1)
+    """Tokens shown on each side of the peak token in a context."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the reference forward/backward."""
 
 
 class ReferenceConfig(StrictModel):
@@ -231,6 +340,10 @@ class PipelineConfig(StrictModel):
     """Stage train_reference."""
     score: ScoreConfig = ScoreConfig()
     """Stage score_reference."""
+    sae: SAEConfig = SAEConfig()
+    """Stage train_sae (built only when a target variant uses concepts)."""
+    concepts: ExtractConfig = ExtractConfig()
+    """Stage extract_concepts (built only when a target variant uses concepts)."""
     target: TargetConfig = TargetConfig()
     """Stage train_target."""
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -241,6 +354,18 @@ class PipelineConfig(StrictModel):
         names = [v.name for v in self.target.variants]
         if self.evaluate.baseline not in names:
             raise ValueError(f"evaluate.baseline: {self.evaluate.baseline!r} is not a target variant (have {names})")
+        for variant in self.target.variants:
+            for part in (variant.concepts, variant.pause):
+                block = part.block if part is not None else None
+                trunk = self.target.model.num_layers - variant.num_future_tokens
+                if block is not None and block > trunk:
+                    raise ValueError(f"target.variants[{variant.name}]: block {block} must be a trunk block input "
+                                     f"(1..{trunk} with {variant.num_future_tokens} prediction head(s))")
+            if variant.concepts is not None and "train" not in self.concepts.splits:
+                raise ValueError("concepts.splits must include 'train' for a concepts variant to train on")
+        if self.sae.layer is not None and self.sae.layer >= self.reference.model.num_layers:
+            raise ValueError(f"sae.layer ({self.sae.layer}) must be a reference block 0..."
+                             f"{self.reference.model.num_layers - 1}")
         for train_path, train in (("reference.train", self.reference.train), ("target.train", self.target.train)):
             window_tokens = train.micro_batch_size * self.tokenize.seq_len
             if train.batch_size_tokens % window_tokens:

@@ -3,10 +3,15 @@
 from collections.abc import Callable
 
 from schemas.configs import (
+    ConceptsConfig,
+    DistillConfig,
     EvaluateConfig,
+    ExtractConfig,
     ModelConfig,
+    PauseConfig,
     PipelineConfig,
     ReferenceConfig,
+    SAEConfig,
     ScoreConfig,
     SelectionConfig,
     TargetConfig,
@@ -21,6 +26,16 @@ RHO1_VARIANTS = [
 ]
 """The Rho-1 comparison: plain next-token training against selective LM (top 60% by excess loss)."""
 
+COCOMIX_VARIANTS = [
+    TargetVariant(name="cocomix", concepts=ConceptsConfig()),
+    TargetVariant(name="kd", distill=DistillConfig()),
+    TargetVariant(name="pause", pause=PauseConfig()),
+]
+"""The CoCoMix comparison (arXiv 2502.08524): concept prediction + interleaved mixing (lambda 0.1, the middle
+block), against knowledge distillation from the same reference and the pause-vector compute control."""
+
+DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS
+
 
 def tiny() -> PipelineConfig:
     """Seconds-scale pipeline for tests: the addresses since 2014, a 2-layer d=32 model, a few thousand tokens."""
@@ -32,7 +47,9 @@ def tiny() -> PipelineConfig:
                                 seq_len=64, val_fraction=0.25),
         reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=2),
-        target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
+        sae=SAEConfig(max_tokens=16_384, batch_rows=1024, eval_every_steps=8, eval_windows=8, dead_tokens=4096),
+        concepts=ExtractConfig(num_shards=2),
+        target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
         evaluate=EvaluateConfig(max_windows=32),
     )
 
@@ -50,7 +67,9 @@ def default() -> PipelineConfig:
         tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
         reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=4),
-        target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
+        sae=SAEConfig(max_tokens=1_000_000, batch_rows=4096),
+        concepts=ExtractConfig(num_shards=2),
+        target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
         evaluate=EvaluateConfig(max_windows=256),
     )
 

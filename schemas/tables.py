@@ -118,3 +118,41 @@ TOKEN_SELECTION = pa.schema([
 ])
 """Per training target token of a selecting objective (Rho-1 SLM): how often it was in a batch and how often
 it was among the selected top-k% (next-token head). Tokens never in a batch have no row."""
+
+TOKEN_CONCEPTS = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("concept_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("attribution", pa.list_(pa.float32()), nullable=False),
+])
+"""CoCoMix labels (extract_concepts): the top-K SAE latents by attribution a_i * dL/da_i of the hidden state at
+input position token_index - 1 (the one that predicts token token_index), in descending score order. Keyed
+like token_scores: row token_index is the prediction made for that target."""
+
+CONCEPTS = pa.schema([
+    pa.field("concept_id", pa.int32(), nullable=False),
+    pa.field("num_active", pa.int64(), nullable=False),
+    pa.field("frequency", pa.float64(), nullable=False),
+    pa.field("num_labelled", pa.int64(), nullable=False),
+    pa.field("top_tokens", pa.list_(pa.string()), nullable=False),
+    pa.field("top_contexts", pa.list_(pa.string()), nullable=False),
+])
+"""Per SAE latent, on the train split: times active in the SAE's top-k (and per token: frequency), times chosen
+as one of the K labels, its most frequent input tokens when active ("token (count)"), and the contexts of its
+highest activations (a few tokens each side, the firing token in [[...]])."""
+
+CONCEPT_ACTIVE = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("concept_id", pa.int32(), nullable=False),
+    pa.field("token_id", pa.int32(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),
+])
+"""extract_concepts sidecar per shard: how often each latent fired on each input token."""
+
+CONCEPT_PEAKS = pa.schema([
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("concept_id", pa.int32(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("activation", pa.float32(), nullable=False),
+])
+"""extract_concepts sidecar per shard: each latent's highest activations (token_index of the firing input token)."""

@@ -1,10 +1,11 @@
 """The pipeline DAG as data: which nodes a PipelineConfig has, their configs, upstream roles and artifact keys.
 
-Keys are computed without building anything, so `lmpipe status`, `--only STAGE` and the DuckDB catalog know
-where every artifact of the current config lives. Node names: the stage name, or `train_target.<variant>`.
+Derived from the stage registry (stages/registry.py): each stage declares its nodes for a config. Keys are
+computed without building anything, so `lmpipe status`, `--only STAGE` and the DuckDB catalog know where every
+artifact of the current config lives. Node names: the stage name, or `<stage>.<variant>` (train_target.slm).
 
-    tokenize_corpus -> train_reference -> score_reference ----------+
-                    \\-----------------------------------------------+-> train_target.<variant> -> evaluate
+    tokenize_corpus -> train_reference -> score_reference ----------------------+
+                                       \\-> train_sae -> extract_concepts -------+-> train_target.<variant> -> evaluate
 """
 
 from dataclasses import dataclass, field
@@ -12,20 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.configs import PipelineConfig, TargetRun
+from schemas.configs import PipelineConfig
+from stages.registry import Stage, stages
 from storage.artifacts import artifact_dir, artifact_key, is_built
-
-STAGES = ("tokenize_corpus", "train_reference", "score_reference", "train_target", "evaluate")
-
-CODE_VERSIONS = {
-    "tokenize_corpus": "1",
-    "train_reference": "1",
-    "score_reference": "1",
-    "train_target": "1",
-    "evaluate": "1",
-}
-"""The one place stage code versions live: bump a stage's version when its code changes what it writes;
-its key and every downstream key change with it."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +26,9 @@ class Node:
     stage: str
     config: BaseModel
     upstream: dict[str, str] = field(default_factory=dict)
-    """role -> upstream node name (roles: tokens, reference, scores, target.<variant>)."""
+    """role -> upstream node name (roles: tokens, reference, scores, concepts, target.<variant>, ...)."""
     key: str = ""
+    code_version: str = ""
 
     def path(self, root: Path | None = None) -> Path:
         """Where this node's artifact lives."""
@@ -48,27 +39,23 @@ class Node:
         return is_built(self.stage, self.key, root)
 
 
-def plan(cfg: PipelineConfig) -> dict[str, Node]:
-    """Every node of the pipeline in topological order, with keys chained through upstream keys."""
+def plan(cfg: PipelineConfig, registry: dict[str, Stage] | None = None) -> dict[str, Node]:
+    """Every node of the pipeline in topological order, with keys chained through upstream keys.
+
+    Nodes of on-demand stages are kept only when another node depends on them."""
+    registry = registry if registry is not None else stages()
     nodes: dict[str, Node] = {}
-
-    def add(name: str, stage: str, config: BaseModel, upstream: dict[str, str]) -> None:
-        upstream_keys = {role: nodes[up].key for role, up in upstream.items()}
-        key = artifact_key(stage, CODE_VERSIONS[stage], config, upstream_keys)
-        nodes[name] = Node(name=name, stage=stage, config=config, upstream=upstream, key=key)
-
-    add("tokenize_corpus", "tokenize_corpus", cfg.tokenize, {})
-    add("train_reference", "train_reference", cfg.reference, {"tokens": "tokenize_corpus"})
-    add("score_reference", "score_reference", cfg.score, {"tokens": "tokenize_corpus", "reference": "train_reference"})
-    for variant in cfg.target.variants:
-        upstream = {"tokens": "tokenize_corpus"}
-        if variant.needs_reference_scores:
-            upstream["scores"] = "score_reference"
-        add(f"train_target.{variant.name}", "train_target", TargetRun.of(cfg.target, variant), upstream)
-    evaluate_upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
-    evaluate_upstream |= {f"target.{v.name}": f"train_target.{v.name}" for v in cfg.target.variants}
-    add("evaluate", "evaluate", cfg.evaluate, evaluate_upstream)
-    return nodes
+    for stage in registry.values():
+        for decl in stage.nodes(cfg):
+            missing = [up for up in decl.upstream.values() if up not in nodes]
+            if missing:
+                raise ValueError(f"node {decl.name} depends on {missing}, which no earlier stage declares")
+            upstream_keys = {role: nodes[up].key for role, up in decl.upstream.items()}
+            key = artifact_key(stage.name, stage.code_version, decl.config, upstream_keys)
+            nodes[decl.name] = Node(decl.name, stage.name, decl.config, dict(decl.upstream), key, stage.code_version)
+    wanted = {name for name, node in nodes.items() if not registry[node.stage].on_demand}
+    needed = upstream_closure(nodes, wanted)
+    return {name: node for name, node in nodes.items() if name in needed}
 
 
 def upstream_closure(nodes: dict[str, Node], names: set[str]) -> set[str]:
@@ -86,5 +73,6 @@ def select_nodes(nodes: dict[str, Node], stage_or_node: str) -> list[str]:
     """Node names matching a stage name (all its nodes) or one node name; ValueError listing valid names."""
     matched = [n for n, node in nodes.items() if n == stage_or_node or node.stage == stage_or_node]
     if not matched:
-        raise ValueError(f"unknown stage {stage_or_node!r}; choose from {list(STAGES)} or a node in {list(nodes)}")
+        stage_names = list(dict.fromkeys(node.stage for node in nodes.values()))
+        raise ValueError(f"unknown stage {stage_or_node!r}; choose from {stage_names} or a node in {list(nodes)}")
     return matched

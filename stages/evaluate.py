@@ -22,17 +22,19 @@ import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer
 
-from schemas.configs import DynamicsConfig, EvaluateConfig
+from schemas.configs import DynamicsConfig, EvaluateConfig, PipelineConfig
 from schemas.manifest import Manifest
 from schemas.tables import COMPARISON, EVAL_LOSSES, TOKEN_DYNAMICS
-from stages import dynamics
-from stages.devices import autocast, resolve_device
-from stages.models.gpt import per_token_loss
+from stages.corpus.packing import pack_stream
+from stages.corpus.tokenizers import EOT, encode_documents
+from stages.evaluation import dynamics
 from stages.models.saved import load_model
-from stages.tokenize_corpus import pack_stream
-from stages.tokenizers_build import EOT, encode_documents
+from stages.registry import NodeDecl, Stage
+from stages.training.devices import resolve_device
+from stages.training.windowed import token_losses
+from storage.catalog import TableSpec
 from storage.parquet import read_table, write_table
-from storage.windows import stream_file
+from storage.windows import TokenWindows, stream_file
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +67,9 @@ def extra_file_stream(tokens: Manifest, path: str) -> np.ndarray:
 def mean_window_loss(model, stream_N: np.ndarray, seq_len: int, max_windows: int,
                      device: torch.device) -> tuple[int, float]:
     """(targets, mean loss in nats) over the first max_windows windows (one short window if none is full)."""
-    num_windows = min((len(stream_N) - 1) // seq_len, max_windows)
-    length = seq_len if num_windows else len(stream_N) - 1
-    num_windows = max(num_windows, 1)
-    loss_sum, num_tokens = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, num_windows, EVAL_BATCH_WINDOWS):
-            starts_B1 = np.arange(start, min(start + EVAL_BATCH_WINDOWS, num_windows))[:, None] * seq_len
-            rows_BT1 = torch.from_numpy(np.asarray(stream_N[starts_B1 + np.arange(length + 1)], np.int64)).to(device)
-            with autocast(device):
-                logits_BTV = model(rows_BT1[:, :-1])
-            loss_BT = per_token_loss(logits_BTV, rows_BT1[:, 1:])
-            loss_sum += float(loss_BT.double().sum())
-            num_tokens += loss_BT.numel()
-    return num_tokens, loss_sum / num_tokens
+    windows = TokenWindows.from_array(stream_N, min(seq_len, len(stream_N) - 1), "eval")
+    loss_NT = token_losses(model, windows, np.arange(min(len(windows), max_windows)), EVAL_BATCH_WINDOWS, device)
+    return loss_NT.size, float(loss_NT.astype(np.float64).mean())
 
 
 def first_reach(tokens_seen: np.ndarray, values: np.ndarray, level: float) -> float | None:
@@ -214,8 +205,10 @@ def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: EvaluateConfig, tokens: Manifest, reference: Manifest, targets: list[Manifest], out: Path) -> dict:
+def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Evaluate every model, compare training curves and token dynamics; write tables, report and plots."""
+    tokens, reference = inputs["tokens"], inputs["reference"]
+    targets = [manifest for role, manifest in inputs.items() if role.startswith("target.")]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
@@ -293,3 +286,19 @@ def run(cfg: EvaluateConfig, tokens: Manifest, reference: Manifest, targets: lis
     }
     log.info("evaluate: %s", summary)
     return summary
+
+
+def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
+    """One evaluation of the reference and every target variant."""
+    upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
+    upstream |= {f"target.{v.name}": f"train_target.{v.name}" for v in cfg.target.variants}
+    return [NodeDecl("evaluate", cfg.evaluate, upstream)]
+
+
+STAGE = Stage(
+    name="evaluate", code_version="1", config_type=EvaluateConfig, nodes=nodes, run=run,
+    tables={"eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
+            "comparison": TableSpec("evaluate", "comparison.parquet"),
+            "token_dynamics": TableSpec("evaluate", "token_dynamics.parquet")},
+    description="comparison tables, plots, token dynamics",
+)

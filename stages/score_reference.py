@@ -19,14 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKEN_SCORES
-from stages.devices import autocast, resolve_device
 from stages.models.saved import load_model
-from storage.artifacts import write_text_atomic
+from stages.registry import NodeDecl, Shards, Stage, TokenTable, parse_shard_id, shard_ranges, window_shard_ids
+from stages.training.devices import resolve_device
+from stages.training.windowed import iter_window_losses
+from storage.atomic import write_text_atomic
+from storage.catalog import JoinView, TableSpec
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
 from storage.windows import TokenWindows
 
@@ -38,25 +40,9 @@ def load_reference(reference: Manifest, device: torch.device) -> torch.nn.Module
     return load_model(Path(reference.path), device).eval()
 
 
-def shard_ranges(num_windows: int, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) window ranges of near-equal size, one per shard (empty when windows run out)."""
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    bounds = [shard * max(num_windows, 0) // num_shards for shard in range(num_shards + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
 def shard_name(split: str, shard: int) -> str:
     """File name of one shard's scores."""
     return f"part-{split}-{shard:03d}.parquet"
-
-
-def score_logits(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 per-token loss -log p(target) and entropy (nats) from one log-softmax, each of shape (B, T)."""
-    logp_BTV = F.log_softmax(logits_BTV.float(), dim=-1)
-    loss_BT = -logp_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
-    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
-    return loss_BT, entropy_BT
 
 
 def _token_columns(tokens: Manifest, split: str, first: int, last: int) -> tuple[np.ndarray, ...]:
@@ -83,16 +69,11 @@ def _shard_batches(model, windows: TokenWindows, tokens: Manifest, split: str, s
         doc_id, position, token_id = _token_columns(tokens, split, int(index_N[0]), int(index_N[-1]))
         loss_N = np.empty(len(index_N), np.float32)
         entropy_N = np.empty(len(index_N), np.float32)
-        for b in range(0, len(group_ids), batch_size):
-            ids = group_ids[b:b + batch_size]
-            inputs_BT, targets_BT = windows.batch(ids, device)
-            with autocast(device):
-                logits_BTV = model(inputs_BT)
-            loss_BT, entropy_BT = score_logits(logits_BTV, targets_BT)
-            rows = slice(b * T, (b + len(ids)) * T)
-            loss_N[rows] = loss_BT.reshape(-1).cpu().numpy()
-            entropy_N[rows] = entropy_BT.reshape(-1).cpu().numpy()
-            if not np.array_equal(targets_BT.reshape(-1).cpu().numpy(), token_id[rows]):
+        for ids, targets_BT, loss_BT, entropy_BT in iter_window_losses(model, windows, group_ids, batch_size, device,
+                                                                       entropy=True):
+            rows = slice((ids[0] - group_start) * T, (ids[-1] + 1 - group_start) * T)
+            loss_N[rows], entropy_N[rows] = loss_BT.reshape(-1), entropy_BT.reshape(-1)
+            if not np.array_equal(targets_BT.reshape(-1), token_id[rows]):
                 raise ValueError(f"stream-{split}.npy and tokens.parquet disagree in {tokens.path}; rebuild "
                                  "tokenize_corpus (lmpipe run --force tokenize_corpus)")
         yield pa.RecordBatch.from_arrays([
@@ -116,9 +97,8 @@ def score_shard(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: 
     windows = TokenWindows.from_manifest(tokens, split)
     start, stop = shard_ranges(len(windows), cfg.num_shards)[shard]
     started = time.perf_counter()
-    with torch.inference_mode():
-        batches = _shard_batches(model, windows, tokens, split, start, stop, cfg.batch_size, device)
-        num_rows = write_batches(path, batches, TOKEN_SCORES)
+    batches = _shard_batches(model, windows, tokens, split, start, stop, cfg.batch_size, device)
+    num_rows = write_batches(path, batches, TOKEN_SCORES)
     seconds = time.perf_counter() - started
     write_text_atomic(path.with_suffix(".json"),
                       json.dumps({"rows": num_rows, "seconds": round(seconds, 4), "device": device.type}))
@@ -127,8 +107,9 @@ def score_shard(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: 
     return path
 
 
-def run(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, out: Path) -> dict:
+def run(cfg: ScoreConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Make sure every shard of every split is scored in `out`; returns rows, mean ref_loss and tokens/s."""
+    tokens, reference = inputs["tokens"], inputs["reference"]
     out = Path(out)
     device = resolve_device(cfg.device)
     model = None
@@ -155,19 +136,26 @@ def run(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, out: Path) -> d
     return summary
 
 
-def load_dense_scores(scores: Manifest, split: str, num_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """ref_loss and ref_entropy as float32 arrays indexed by token_index (NaN where a token has no row)."""
-    paths = sorted(Path(scores.path).glob(f"part-{split}-*.parquet"))
-    if not paths:
-        raise ValueError(f"no scores for split {split!r} in {scores.path}; rebuild score_reference")
-    ref_loss_N = np.full(num_tokens, np.nan, np.float32)
-    ref_entropy_N = np.full(num_tokens, np.nan, np.float32)
-    for path in paths:  # one shard at a time keeps the Arrow copies small
-        table = read_table(path, columns=["token_index", "ref_loss", "ref_entropy"])
-        index = table["token_index"].to_numpy()
-        if len(index) and (index.min() < 0 or index.max() >= num_tokens):
-            raise ValueError(f"{path} has token_index up to {index.max()} but the split has {num_tokens} tokens; "
-                             "the scores belong to another tokens artifact: rebuild score_reference")
-        ref_loss_N[index] = table["ref_loss"].to_numpy()
-        ref_entropy_N[index] = table["ref_entropy"].to_numpy()
-    return ref_loss_N, ref_entropy_N
+def build_shard(cfg: ScoreConfig, inputs: dict[str, Manifest], shard: str, work_dir: Path) -> Path:
+    """Score one `<split>-<shard>` shard into the build dir (the registry's shard hook)."""
+    split, index = parse_shard_id(shard)
+    return score_shard(cfg, inputs["tokens"], inputs["reference"], split, index, work_dir)
+
+
+STAGE = Stage(
+    name="score_reference", code_version="1", config_type=ScoreConfig,
+    nodes=lambda cfg: [NodeDecl("score_reference", cfg.score,
+                                {"tokens": "tokenize_corpus", "reference": "train_reference"})],
+    run=run,
+    tables={"token_scores": TableSpec("score_reference", "part-*.parquet")},
+    views={"scored_tokens": JoinView(
+        frozenset({"token_scores", "vocab", "documents"}),
+        """SELECT s.*, v.token, d.* EXCLUDE (doc_id, split, text)
+           FROM token_scores s JOIN vocab v USING (token_id) JOIN documents d USING (doc_id)""")},
+    shards=Shards(
+        list=lambda cfg, inputs: window_shard_ids(inputs["tokens"].summary["num_windows"], SPLITS, cfg.num_shards),
+        file=lambda shard: f"part-{shard}.parquet",
+        build=build_shard),
+    token_table=TokenTable(files=lambda manifest, split: sorted(Path(manifest.path).glob(f"part-{split}-*.parquet"))),
+    description="per-token reference loss and entropy (Parquet, sharded)",
+)

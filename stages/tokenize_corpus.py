@@ -22,9 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.configs import TokenizeConfig
+from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKENS, VOCAB, documents_schema
-from stages.corpus_sources import Corpus, default_reference_where, read_corpus
-from stages.tokenizers_build import EOT, build_tokenizer, encode_documents, vocab_table
+from stages.corpus.packing import pack_stream
+from stages.corpus.sources import Corpus, default_reference_where, read_corpus
+from stages.corpus.tokenizers import EOT, build_tokenizer, encode_documents, vocab_table
+from stages.registry import NodeDecl, Stage
+from storage.catalog import TableSpec
 from storage.parquet import write_batches, write_table
 from storage.windows import stream_file
 
@@ -34,7 +38,7 @@ BATCH_ROWS = 1 << 20
 """Rows per record batch written to tokens.parquet (bounds the Arrow copies held at once)."""
 
 
-def run(cfg: TokenizeConfig, out: Path) -> dict:
+def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Build the tokenize_corpus artifact files in `out`; returns summary numbers for the manifest."""
     started = time.perf_counter()
     out = Path(out)
@@ -152,20 +156,6 @@ def assign_splits(sources: list[str], seed: int, val_fraction: float) -> np.ndar
     return is_val
 
 
-def pack_stream(flat_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, doc_ids: np.ndarray,
-                eot_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stream of the given documents (tokens + EOT each): (token ids int32, doc_id int64, position int32)."""
-    doc_lengths = lengths[doc_ids]
-    sizes = doc_lengths + 1
-    starts = np.cumsum(sizes) - sizes
-    position = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(starts, sizes)
-    is_token = position < np.repeat(doc_lengths, sizes)
-    source_index = np.repeat(offsets[doc_ids], sizes) + position
-    stream = np.full(len(position), eot_id, dtype=np.int32)
-    stream[is_token] = flat_ids[source_index[is_token]]
-    return stream, np.repeat(doc_ids.astype(np.int64), sizes), position.astype(np.int32)
-
-
 def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
     """Record batches of tokens.parquet in (split, token_index) order."""
     for split in sorted(streams):
@@ -179,3 +169,14 @@ def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
                 pa.array(position[start:stop]),
                 pa.array(stream[start:stop]),
             ], schema=TOKENS)
+
+
+STAGE = Stage(
+    name="tokenize_corpus", code_version="1", config_type=TokenizeConfig,
+    nodes=lambda cfg: [NodeDecl("tokenize_corpus", cfg.tokenize)],
+    run=run,
+    tables={"documents": TableSpec("tokenize_corpus", "documents.parquet"),
+            "vocab": TableSpec("tokenize_corpus", "vocab.parquet"),
+            "tokens": TableSpec("tokenize_corpus", "tokens.parquet")},
+    description="corpus -> documents, tokenizer, packed token streams",
+)

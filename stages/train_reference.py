@@ -4,8 +4,8 @@ Reads the tokenize_corpus artifact (split `ref_train` to train on; `ref_val` and
 Files written into the artifact directory:
     model.safetensors, model.json   the reference model (stages/models/saved.load_model reads it back)
     metrics.parquet                 schemas.tables.METRICS (train/*, val/ref_val/*, val/val/*)
-It is trained with the same objective code as the targets (TokenPrediction, variant "reference": one head,
-all tokens), and resumes from its checkpoints when an interrupted build is re-run.
+It is trained with the same objective code as the targets (variant "reference": one head, all tokens), and
+resumes from its checkpoints when an interrupted build is re-run.
 """
 
 import logging
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from schemas.configs import ReferenceConfig, TargetVariant
 from schemas.manifest import Manifest
-from stages.objectives.token_prediction import TokenPrediction
-from stages.training import train
+from stages.objectives.factory import build_objective
+from stages.registry import NodeDecl, Stage
+from stages.training.loop import train
+from storage.catalog import TableSpec
 from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
@@ -23,12 +25,21 @@ TRAIN_SPLIT = "ref_train"
 EVAL_SPLITS = ("ref_val", "val")
 
 
-def run(cfg: ReferenceConfig, tokens: Manifest, out: Path) -> dict:
+def run(cfg: ReferenceConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train the reference model on ref_train into `out`; returns the training summary."""
+    tokens = inputs["tokens"]
     variant = TargetVariant(name="reference")
-    objective = TokenPrediction(cfg.model, variant)
     train_windows = TokenWindows.from_manifest(tokens, TRAIN_SPLIT)
     val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in EVAL_SPLITS}
     meta = {"stage": "train_reference", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key}
-    return train(objective, train_windows, val_windows, cfg.train, Path(out),
+    return train(build_objective(cfg.model, variant), train_windows, val_windows, cfg.train, Path(out),
                  vocab_size=int(tokens.summary["vocab_size"]), label="reference", meta=meta)
+
+
+STAGE = Stage(
+    name="train_reference", code_version="1", config_type=ReferenceConfig,
+    nodes=lambda cfg: [NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"})],
+    run=run,
+    tables={"reference_metrics": TableSpec("train_reference", "metrics.parquet")},
+    description="reference model on the reference subset",
+)

@@ -1,11 +1,13 @@
-"""Stage train_target: one target variant (next-token, Rho-1 selection, multi-token heads, or a mix).
+"""Stage train_target: one target variant (next-token, Rho-1 selection, multi-token heads, CoCoMix concepts,
+pause slots, distillation, or a mix).
 
-Reads the tokenize_corpus artifact (split `train` to train on; `val` and `ref_val` to evaluate) and, when the
-variant selects tokens, the score_reference artifact (per-token reference loss and entropy of `train`).
+Reads the tokenize_corpus artifact (split `train` to train on; `val` and `ref_val` to evaluate) and whatever
+the variant's objective declares it needs (objective.needs): per-token columns of an upstream table (reference
+scores, concept labels) looked up by token_index, or an upstream model (the distillation teacher).
 Files written into the artifact directory:
     model.safetensors, model.json   the target model (stages/models/saved.load_model reads it back)
-    metrics.parquet                 schemas.tables.METRICS (train/*, train/head<i>/loss, train/selected_fraction
-                                    ..., val/val/*, val/ref_val/*)
+    metrics.parquet                 schemas.tables.METRICS (train/*, train/head<i>/loss, train/selected_fraction,
+                                    train/concept_loss ..., val/val/*, val/ref_val/*)
     probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of the first
                                     dynamics.probe_windows windows of `val` at every evaluation (Rho-1 Sec. 2.1)
     token_selection.parquet         schemas.tables.TOKEN_SELECTION, for selecting variants: per train token,
@@ -17,11 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.configs import TargetConfig, TargetVariant
+from schemas.configs import PipelineConfig, TargetRun
 from schemas.manifest import Manifest
-from stages.objectives.token_prediction import TokenPrediction
-from stages.score_reference import load_dense_scores
-from stages.training import ProbeSet, ScoreLookup, train
+from stages.models.saved import load_model
+from stages.objectives.base import TokenColumns, UpstreamModel
+from stages.objectives.factory import build_objective
+from stages.registry import NodeDecl, Stage, stage
+from stages.training.loop import ProbeSet, train
+from storage.catalog import JoinView, TableSpec
+from storage.token_columns import dense_token_columns
 from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
@@ -31,37 +37,79 @@ EVAL_SPLITS = ("val", "ref_val")
 PROBE_SPLIT = "val"
 
 
-def dense_score_lookup(ref_loss: np.ndarray, ref_entropy: np.ndarray, windows: TokenWindows) -> ScoreLookup:
-    """token_index_BT -> (ref_loss_BT, ref_entropy_BT) from dense per-token arrays; checks every target is scored."""
+def token_lookups(need: TokenColumns, manifest: Manifest, windows: TokenWindows) -> dict[str, np.ndarray]:
+    """The needed columns as arrays indexed by token_index; checks every training target has a finite row."""
+    token_table = stage(need.stage).token_table
+    if token_table is None:
+        raise ValueError(f"stage {need.stage} declares no per-token table to read {need.columns} from")
+    files = token_table.files(manifest, windows.split)
+    if not files:
+        raise ValueError(f"{need.stage} artifact {manifest.path} has no rows for split {windows.split!r}; "
+                         f"rebuild it (lmpipe run --force {need.stage})")
+    columns, present_N = dense_token_columns(files, need.columns, windows.num_tokens)
     num_targets = len(windows) * windows.seq_len
-    for name, values in (("ref_loss", ref_loss), ("ref_entropy", ref_entropy)):
-        if len(values) < num_targets + 1:
-            raise ValueError(f"reference {name} covers {len(values)} tokens, the training windows need "
-                             f"{num_targets + 1}; rebuild score_reference for this tokens artifact")
-        bad = np.flatnonzero(~np.isfinite(values[1: num_targets + 1]))
-        if len(bad):
-            raise ValueError(f"reference {name} is missing or non-finite at {len(bad)} training targets "
-                             f"(first token_index {bad[0] + 1}); rebuild score_reference")
-    return lambda token_index_BT: (ref_loss[token_index_BT], ref_entropy[token_index_BT])
+    missing = np.flatnonzero(~present_N[1: num_targets + 1])
+    if len(missing):
+        raise ValueError(f"{need.stage} artifact {manifest.path} lacks {len(missing)} of the {num_targets} training "
+                         f"targets (first token_index {missing[0] + 1}); rebuild it for this tokens artifact")
+    for name, values in columns.items():
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values[1: num_targets + 1]).all():
+            raise ValueError(f"{need.stage} column {name} is non-finite at some training targets; rebuild it")
+    return columns
 
 
-def run(cfg: TargetConfig, variant: TargetVariant, tokens: Manifest, out: Path,
-        scores: Manifest | None = None) -> dict:
+def run(cfg: TargetRun, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train one target variant on `train` into `out`; returns the training summary."""
+    tokens, variant = inputs["tokens"], cfg.variant
+    objective = build_objective(cfg.model, variant, inputs)
     train_windows = TokenWindows.from_manifest(tokens, TRAIN_SPLIT)
     val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in EVAL_SPLITS}
-    score_lookup = None
-    if variant.needs_reference_scores:
-        if scores is None:
-            raise ValueError(f"variant {variant.name!r} selects tokens (selection.kind="
-                             f"{variant.selection.kind!r}) and needs the score_reference upstream artifact; "
+    lookups: dict[str, np.ndarray] = {}
+    models = {}
+    for need in objective.needs:
+        if need.role not in inputs:
+            raise ValueError(f"variant {variant.name!r} needs the {need.stage} artifact (role {need.role!r}); "
                              f"none was given")
-        ref_loss, ref_entropy = load_dense_scores(scores, TRAIN_SPLIT, train_windows.num_tokens)
-        score_lookup = dense_score_lookup(ref_loss, ref_entropy, train_windows)
+        if isinstance(need, TokenColumns):
+            lookups |= token_lookups(need, inputs[need.role], train_windows)
+        elif isinstance(need, UpstreamModel):
+            models[need.role] = load_model(Path(inputs[need.role].path))
     num_probe = min(cfg.dynamics.probe_windows, len(val_windows[PROBE_SPLIT]))
     probe = ProbeSet(PROBE_SPLIT, np.arange(num_probe)) if num_probe else None
     meta = {"stage": "train_target", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key,
-            "scores_key": scores.key if scores is not None else None}
-    return train(TokenPrediction(cfg.model, variant), train_windows, val_windows, cfg.train, Path(out),
+            "upstream_keys": {role: m.key for role, m in inputs.items()}}
+    return train(objective, train_windows, val_windows, cfg.train, Path(out),
                  vocab_size=int(tokens.summary["vocab_size"]), label=f"target/{variant.name}",
-                 score_lookup=score_lookup, probe=probe, meta=meta)
+                 lookups=lookups, upstream_models=models, probe=probe, meta=meta)
+
+
+def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
+    """One node per variant; its upstream roles are what the variant's objective needs."""
+    decls = []
+    for variant in cfg.target.variants:
+        upstream = {"tokens": "tokenize_corpus"}
+        upstream |= {need.role: need.stage for need in build_objective(cfg.target.model, variant).needs}
+        decls.append(NodeDecl(f"train_target.{variant.name}", TargetRun.of(cfg.target, variant), upstream))
+    return decls
+
+
+STAGE = Stage(
+    name="train_target", code_version="1", config_type=TargetRun, nodes=nodes, run=run,
+    tables={"target_metrics": TableSpec("train_target", "metrics.parquet", per_model=True),
+            "probe_losses": TableSpec("train_target", "probe_losses.parquet", per_model=True),
+            "token_selection": TableSpec("train_target", "token_selection.parquet", per_model=True)},
+    views={
+        "target_token_losses": JoinView(
+            frozenset({"probe_losses", "token_scores", "vocab"}),
+            """SELECT p.model, p.split, p.token_index, s.doc_id, s.position, v.token, p.loss AS target_loss,
+                      s.ref_loss, p.loss - s.ref_loss AS excess_loss, s.ref_entropy
+               FROM probe_losses p
+               JOIN (SELECT model, max(step) AS step FROM probe_losses GROUP BY model) last USING (model, step)
+               JOIN token_scores s USING (split, token_index) JOIN vocab v USING (token_id)"""),
+        "metrics": JoinView(
+            frozenset({"reference_metrics", "target_metrics"}),
+            """SELECT 'train_reference' AS model, * FROM reference_metrics
+               UNION ALL BY NAME SELECT * FROM target_metrics"""),
+    },
+    description="one target model per variant",
+)

@@ -23,6 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.manifest import FileEntry, Manifest
+from storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,6 @@ def _publish(work: Path, final: Path, manifest: Manifest) -> None:
     (final / SUCCESS).write_text(manifest.created_at + "\n")
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file via a temp file + rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def require(stage: str, key: str, *, built_by: str, root: Path | None = None) -> Manifest:

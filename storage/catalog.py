@@ -1,11 +1,9 @@
-"""DuckDB catalog: views over the Parquet tables of every artifact.
+"""DuckDB catalog: views over the Parquet tables of every artifact (which tables: the stage registry).
 
 - `<table>`: the artifacts of the current config (one per stage; metrics and probe losses carry a `model`
   column naming the node, e.g. `train_target.slm`);
 - `<table>_all`: every finished artifact under the root, with an `artifact_key` column;
-- join views for inspection: `scored_tokens` (reference scores + token strings + document metadata),
-  `target_token_losses` (each target's final per-token loss on the probe set beside the reference loss, i.e.
-  the Rho-1 excess loss) and `metrics` (reference and target training curves in one table).
+- join views declared by the stages (e.g. `scored_tokens`, `target_token_losses`, `metrics`).
 Views are registered for the tables that exist; nothing is copied (DuckDB reads the Parquet files).
 """
 
@@ -27,40 +25,12 @@ class TableSpec:
     """True when several nodes of the current config write it (a `model` column tells them apart)."""
 
 
-TABLES = {
-    "documents": TableSpec("tokenize_corpus", "documents.parquet"),
-    "vocab": TableSpec("tokenize_corpus", "vocab.parquet"),
-    "tokens": TableSpec("tokenize_corpus", "tokens.parquet"),
-    "token_scores": TableSpec("score_reference", "part-*.parquet"),
-    "reference_metrics": TableSpec("train_reference", "metrics.parquet"),
-    "target_metrics": TableSpec("train_target", "metrics.parquet", per_model=True),
-    "probe_losses": TableSpec("train_target", "probe_losses.parquet", per_model=True),
-    "token_selection": TableSpec("train_target", "token_selection.parquet", per_model=True),
-    "eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
-    "comparison": TableSpec("evaluate", "comparison.parquet"),
-    "token_dynamics": TableSpec("evaluate", "token_dynamics.parquet"),
-}
+@dataclass(frozen=True)
+class JoinView:
+    """A view joining catalog tables, registered when every table it needs exists."""
 
-JOIN_VIEWS = {
-    "scored_tokens": (
-        {"token_scores", "vocab", "documents"},
-        """SELECT s.*, v.token, d.* EXCLUDE (doc_id, split, text)
-           FROM token_scores s JOIN vocab v USING (token_id) JOIN documents d USING (doc_id)""",
-    ),
-    "target_token_losses": (
-        {"probe_losses", "token_scores", "vocab"},
-        """SELECT p.model, p.split, p.token_index, s.doc_id, s.position, v.token, p.loss AS target_loss,
-                  s.ref_loss, p.loss - s.ref_loss AS excess_loss, s.ref_entropy
-           FROM probe_losses p
-           JOIN (SELECT model, max(step) AS step FROM probe_losses GROUP BY model) last USING (model, step)
-           JOIN token_scores s USING (split, token_index) JOIN vocab v USING (token_id)""",
-    ),
-    "metrics": (
-        {"reference_metrics", "target_metrics"},
-        """SELECT 'train_reference' AS model, * FROM reference_metrics
-           UNION ALL BY NAME SELECT * FROM target_metrics""",
-    ),
-}
+    needs: frozenset[str]
+    sql: str
 
 
 def _sql_list(paths: list[Path]) -> str:
@@ -72,20 +42,22 @@ def _finished_dirs(root: Path, stage: str) -> list[Path]:
     return sorted(p for p in stage_dir.iterdir() if (p / SUCCESS).exists()) if stage_dir.is_dir() else []
 
 
-def connect(current: dict[str, Path] | None = None, root: Path | None = None,
-            database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the catalog views. `current` maps node name -> artifact dir of the config."""
+def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: dict[str, Path] | None = None,
+            root: Path | None = None, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the catalog views (tables and join views as the stage registry declares them).
+
+    `current` maps node name -> artifact dir of the config."""
     root = root or artifact_root()
     con = duckdb.connect(database)
     registered = set()
-    for table, spec in TABLES.items():
+    for table, spec in tables.items():
         if _register_all(con, root, table, spec):
             registered.add(f"{table}_all")
         if current and _register_current(con, current, table, spec):
             registered.add(table)
-    for view, (needs, sql) in JOIN_VIEWS.items():
-        if needs <= registered:
-            con.execute(f"CREATE VIEW {view} AS {sql}")
+    for name, view in views.items():
+        if view.needs <= registered:
+            con.execute(f"CREATE VIEW {name} AS {view.sql}")
     return con
 
 

@@ -5,14 +5,14 @@ Files written:
                                        optimizer state dicts, step, data-order position, RNG states, metrics
                                        so far); the newest `keep` (default 2) are kept
     <dir>/model.safetensors            model weights (safetensors; tied weights stored once)
-    <dir>/model.json                   model config, vocab_size, seq_len, num_future_tokens + caller metadata
+    <dir>/model.json                   the model's build_spec() (GPT: config, vocab_size, seq_len,
+                                       num_future_tokens, inserts) + caller metadata
 Every file is written to a temporary name and renamed into place, so a killed process never leaves half a
 file under a final name. Checkpoints hold only plain types, so they load with `weights_only=True`.
 """
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from schemas.configs import ModelConfig
+from storage.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> Path:
     """Write the training state after `step` atomically and delete all but the newest `keep` checkpoints."""
     if keep < 1:
@@ -76,7 +66,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, keep: int = 2) -> P
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
-    _save_atomic(state, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     for _, old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     log.debug("checkpoint %s written", path)
@@ -89,28 +80,15 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
 
 
 def save_model(directory: Path, model: nn.Module, meta: dict) -> None:
-    """Write model.safetensors and model.json (model config, vocab_size, seq_len, num_future_tokens, meta)."""
+    """Write model.safetensors and model.json (the model's `build_spec()`, e.g. config, sizes, inserts, plus meta)."""
+    if not hasattr(model, "build_spec"):
+        raise ValueError(f"save_model: {type(model).__name__} has no build_spec() describing how to rebuild it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    info = dict(meta)
-    cfg = getattr(model, "cfg", None)
-    if isinstance(cfg, ModelConfig):
-        info["model"] = cfg.model_dump(mode="json")
-    for name, attr in (("vocab_size", "vocab_size"), ("seq_len", "max_seq_len"),
-                       ("num_future_tokens", "num_future_tokens")):
-        if hasattr(model, attr):
-            info[name] = int(getattr(model, attr))
-    missing = [name for name in ("model", "vocab_size", "seq_len") if name not in info]
-    if missing:
-        raise ValueError(f"save_model: cannot describe the model, give {missing} in meta")
-    weights = directory / MODEL_WEIGHTS
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_safetensors_model(model, str(tmp))
-    os.replace(tmp, weights)
-    meta_path = directory / MODEL_META
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, meta_path)
+    info = dict(meta) | model.build_spec()
+    with atomic_path(directory / MODEL_WEIGHTS) as tmp:
+        save_safetensors_model(model, str(tmp))
+    write_text_atomic(directory / MODEL_META, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def read_model_meta(directory: Path) -> dict:

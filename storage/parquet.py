@@ -1,11 +1,12 @@
 """Parquet IO: every write passes an explicit schema, compresses with zstd and lands atomically."""
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.atomic import atomic_path
 
 ROW_GROUP_ROWS = 128 * 1024
 """Row groups of ~128k rows: small enough that DuckDB skips groups by min/max of sorted keys."""
@@ -17,23 +18,20 @@ def write_table(path: Path, table: pa.Table | dict, schema: pa.Schema) -> int:
         table = pa.Table.from_pydict(table, schema=schema)
     else:
         table = table.cast(schema)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return table.num_rows
 
 
 def write_batches(path: Path, batches: Iterable[pa.RecordBatch | dict], schema: pa.Schema) -> int:
     """Stream record batches (or column dicts) into one file with bounded memory; returns the row count."""
-    tmp = path.with_name(f".{path.name}.tmp")
     num_rows = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in batches:
             if isinstance(batch, dict):
                 batch = pa.RecordBatch.from_pydict(batch, schema=schema)
             writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
             num_rows += batch.num_rows
-    os.replace(tmp, path)
     return num_rows
 
 

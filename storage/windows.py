@@ -22,14 +22,22 @@ class TokenWindows:
     """Read-only windows of seq_len (+1) tokens over one split's token stream."""
 
     def __init__(self, path: Path, seq_len: int, split: str | None = None):
-        self.path = Path(path)
-        self.seq_len = seq_len
-        self.split = split or self.path.stem.removeprefix("stream-")
-        if not self.path.is_file():
-            raise FileNotFoundError(f"token stream {self.path} is missing; rebuild it with: "
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"token stream {path} is missing; rebuild it with: "
                                     "lmpipe run --only tokenize_corpus --force tokenize_corpus")
-        self.stream = np.load(self.path, mmap_mode="r")
+        self._init(np.load(path, mmap_mode="r"), seq_len, split or path.stem.removeprefix("stream-"), path)
+
+    def _init(self, stream: np.ndarray, seq_len: int, split: str, path: Path | None) -> None:
+        self.path, self.seq_len, self.split, self.stream = path, seq_len, split, stream
         self.num_windows = max(0, (len(self.stream) - 1) // seq_len)
+
+    @classmethod
+    def from_array(cls, stream: np.ndarray, seq_len: int, split: str) -> "TokenWindows":
+        """Windows over an in-memory stream (e.g. an extra evaluation file)."""
+        windows = cls.__new__(cls)
+        windows._init(np.asarray(stream), seq_len, split, None)
+        return windows
 
     @classmethod
     def from_manifest(cls, tokens: Manifest, split: str) -> "TokenWindows":

@@ -4,20 +4,25 @@ Built for the methods that plug in later:
 - the last `num_future_tokens` blocks are prediction heads on a shared trunk (multi-token prediction,
   Gloeckle et al. 2024); head 0 is the ordinary next-token head, so with one head this is a plain GPT whose
   blocks are trunk_blocks + head_blocks[0] (the layer order a Llama export uses);
-- `inserts[str(i)]` is applied to the residual stream after block i (CoCoMix concept mixing);
-- `trunk(..., capture_layers=...)` returns the hidden states of chosen blocks;
+- `inserts[str(i)]` runs on the residual stream after block i (CoCoMix concept mixing, pause vectors); an
+  interleaving insert doubles the stream after it (h_1, c_1, h_2, c_2, ...: each concept slot after its token,
+  sharing its rotary position) and next-token logits are read from the concept slots;
+- `trunk(..., capture_layers=...)` returns the hidden states of chosen blocks and what inserts produced, and
+  `run_blocks(h, start, stop)` runs blocks on a given hidden state (attribution needs dL/dh at a layer);
 - losses come out unreduced (`per_token_loss`), and a KV cache serves generation.
 
-Shapes: B batch, T time, D d_model, H heads, K head dim, V vocab.
+Shapes: B batch, T time (tokens), S stream positions (T * slots), D d_model, H heads, K head dim, V vocab.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from schemas.configs import ModelConfig
+from stages.models.inserts import build_insert
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -41,14 +46,27 @@ def apply_rotary(x_BHTK: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tenso
 
 
 class KVCache:
-    """Preallocated keys/values for every block; `pos` is the number of positions already cached."""
+    """Preallocated keys/values for every block; `pos` is the number of TOKENS already cached.
+
+    A block after an interleaving insert holds `slots` positions per token (h_t, c_t), so its cache is
+    `slots` times longer and token t occupies slots t*slots .. t*slots + slots - 1.
+    """
 
     def __init__(self, model: "GPT", batch_size: int, device: torch.device, dtype: torch.dtype):
         cfg = model.cfg
-        shape = (batch_size, cfg.num_heads, model.max_seq_len, cfg.d_model // cfg.num_heads)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        head_dim = cfg.d_model // cfg.num_heads
+        self.keys, self.values = [], []
+        for layer in range(cfg.num_layers):
+            shape = (batch_size, cfg.num_heads, model.max_seq_len * model.slots_at(layer), head_dim)
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.pos = 0
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget every token after the first `num_tokens` (stale keys/values are overwritten on reuse)."""
+        if not 0 <= num_tokens <= self.pos:
+            raise ValueError(f"cannot truncate a cache of {self.pos} tokens to {num_tokens}")
+        self.pos = num_tokens
 
 
 class Attention(nn.Module):
@@ -62,7 +80,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD, cos_TK, sin_TK, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x_BTD, cos_TK, sin_TK, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        """`start`: cache slots already filled for this layer (queries sit at slots start..start+T-1)."""
         B, T, D = x_BTD.shape
         split = lambda t: t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)  # noqa: E731
         q_BHTK = apply_rotary(split(self.q_proj(x_BTD)), cos_TK, sin_TK)
@@ -71,7 +90,6 @@ class Attention(nn.Module):
         mask = None
         is_causal = T > 1
         if cache is not None:
-            start = cache.pos
             cache.keys[layer][:, :, start:start + T] = k_BHTK
             cache.values[layer][:, :, start:start + T] = v_BHTK
             k_BHTK = cache.keys[layer][:, :, : start + T]
@@ -111,15 +129,35 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x_BTD, cos_TK, sin_TK, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TK, sin_TK, cache, layer)
+    def forward(self, x_BTD, cos_TK, sin_TK, cache: KVCache | None = None, layer: int = 0,
+                start: int = 0) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TK, sin_TK, cache, layer, start)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
-class GPT(nn.Module):
-    """Shared trunk + `num_future_tokens` one-block heads + shared final norm and unembedding."""
+@dataclass
+class TrunkOutput:
+    """The trunk's output stream, the residual after captured blocks, and what inserts produced."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, num_future_tokens: int = 1):
+    h_BSD: torch.Tensor
+    """Residual stream after the trunk; S = T * slots (interleaved concept slots after an insert)."""
+    slots: int
+    """Positions per token in h_BSD (1, or 2 after an interleaving insert)."""
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    """block index -> residual stream after that block (before any insert after it)."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors the inserts produced (e.g. `concept_logits_BTL`), for the objective."""
+
+
+class GPT(nn.Module):
+    """Shared trunk + `num_future_tokens` one-block heads + shared final norm and unembedding.
+
+    `inserts` maps a block index i to an insert spec (stages/models/inserts.py): the module runs on the residual
+    stream after block i. Everything needed to rebuild the model is in `build_spec()` (saved as model.json).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, num_future_tokens: int = 1,
+                 inserts: dict[int, dict] | None = None):
         super().__init__()
         if not 1 <= num_future_tokens <= cfg.num_layers:
             raise ValueError(f"num_future_tokens={num_future_tokens} must be in 1..model.num_layers "
@@ -130,6 +168,13 @@ class GPT(nn.Module):
         self.trunk_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers - num_future_tokens))
         self.head_blocks = nn.ModuleList(Block(cfg) for _ in range(num_future_tokens))
         self.inserts = nn.ModuleDict()
+        self.insert_specs = {int(layer): dict(spec) for layer, spec in (inserts or {}).items()}
+        for layer, spec in sorted(self.insert_specs.items()):
+            if not 0 <= layer < self.num_trunk_layers:
+                raise ValueError(f"insert after block {layer}: must be a trunk block 0..{self.num_trunk_layers - 1}")
+            self.inserts[str(layer)] = build_insert(spec, cfg)
+        if sum(m.slots > 1 for m in self.inserts.values()) > 1:
+            raise ValueError("at most one interleaving insert per model")
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -142,44 +187,85 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, std=residual_std)
+        for insert in self.inserts.values():
+            insert.reset_parameters()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.cfg.init_std)
+
+    def build_spec(self) -> dict:
+        """Everything needed to rebuild this model (saved as model.json by storage.checkpoints.save_model)."""
+        return {"model": self.cfg.model_dump(mode="json"), "vocab_size": self.vocab_size,
+                "seq_len": self.max_seq_len, "num_future_tokens": self.num_future_tokens,
+                "inserts": {str(layer): spec for layer, spec in sorted(self.insert_specs.items())}}
 
     @property
     def num_trunk_layers(self) -> int:
         """Blocks in the shared trunk."""
         return len(self.trunk_blocks)
 
+    def slots_at(self, layer: int) -> int:
+        """Positions per token in block `layer` (2 after an interleaving insert before it, else 1)."""
+        return math.prod(int(m.slots) for i, m in self.inserts.items() if int(i) < layer)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (by default without the embedding, as in the 6N FLOPs estimate)."""
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if non_embedding else total
 
-    def _rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, start: int, length: int, slots: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of tokens start..start+length-1, each repeated `slots` times (a concept slot shares its
+        token's rotary position)."""
         if start + length > self.max_seq_len:
             raise ValueError(f"sequence of {start + length} tokens exceeds the model context ({self.max_seq_len})")
-        return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+        cos, sin = self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+        if slots > 1:
+            cos, sin = cos.repeat_interleave(slots, dim=0), sin.repeat_interleave(slots, dim=0)
+        return cos, sin
+
+    def _block(self, layer: int) -> Block:
+        return self.trunk_blocks[layer] if layer < self.num_trunk_layers else self.head_blocks[0]
+
+    def run_blocks(self, h_BSD: torch.Tensor, start: int, stop: int, *, token_start: int = 0,
+                   cache: KVCache | None = None, capture_layers: tuple[int, ...] = (),
+                   extras: dict | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks start..stop-1 (trunk blocks, then head 0) on a residual stream, applying inserts after
+        trunk blocks; returns the stream and the residual after each captured block."""
+        if not 0 <= start <= stop <= self.num_trunk_layers + 1:
+            raise ValueError(f"blocks {start}..{stop} outside 0..{self.num_trunk_layers + 1}")
+        captured = {}
+        for layer in range(start, stop):
+            slots = self.slots_at(layer)
+            cos_SK, sin_SK = self._rope(token_start, h_BSD.shape[1] // slots, slots)
+            h_BSD = self._block(layer)(h_BSD, cos_SK, sin_SK, cache, layer, token_start * slots)
+            if layer in capture_layers:
+                captured[layer] = h_BSD
+            if layer < self.num_trunk_layers and str(layer) in self.inserts:
+                h_BSD, produced = self.inserts[str(layer)](h_BSD)
+                if extras is not None:
+                    extras.update(produced)
+        return h_BSD, captured
 
     def trunk(self, idx_BT: torch.Tensor, cache: KVCache | None = None,
-              capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Embed and run the trunk; returns its output and the residual stream after each captured block."""
-        cos_TK, sin_TK = self._rope(cache.pos if cache else 0, idx_BT.shape[1])
-        h_BTD = self.embed(idx_BT)
-        captured = {}
-        for layer, block in enumerate(self.trunk_blocks):
-            h_BTD = block(h_BTD, cos_TK, sin_TK, cache, layer)
-            if str(layer) in self.inserts:
-                h_BTD = self.inserts[str(layer)](h_BTD)
-            if layer in capture_layers:
-                captured[layer] = h_BTD
-        return h_BTD, captured
+              capture_layers: tuple[int, ...] = ()) -> TrunkOutput:
+        """Embed and run the trunk; returns its output stream, captured residuals and the inserts' outputs."""
+        extras: dict[str, torch.Tensor] = {}
+        h_BSD, captured = self.run_blocks(self.embed(idx_BT), 0, self.num_trunk_layers,
+                                          token_start=cache.pos if cache else 0, cache=cache,
+                                          capture_layers=capture_layers, extras=extras)
+        return TrunkOutput(h_BSD, self.slots_at(self.num_trunk_layers), captured, extras)
 
-    def head(self, h_BTD: torch.Tensor, index: int, cache: KVCache | None = None) -> torch.Tensor:
-        """Head `index` (0 = next token, i = token t+1+i) on the trunk output."""
-        cos_TK, sin_TK = self._rope(cache.pos if cache else 0, h_BTD.shape[1])
-        return self.head_blocks[index](h_BTD, cos_TK, sin_TK, cache, self.num_trunk_layers + index)
+    def head(self, trunk_out: TrunkOutput, index: int, cache: KVCache | None = None) -> torch.Tensor:
+        """Head `index` (0 = next token, i = token t+1+i) on the trunk output; returns its (B, T, D) readout
+        (the last slot of each token: the concept slot after an interleaving insert)."""
+        layer, slots = self.num_trunk_layers + index, trunk_out.slots
+        h_BSD = trunk_out.h_BSD
+        token_start = cache.pos if cache else 0
+        cos_SK, sin_SK = self._rope(token_start, h_BSD.shape[1] // slots, slots)
+        h_BSD = self.head_blocks[index](h_BSD, cos_SK, sin_SK, cache, layer, token_start * slots)
+        B, S, D = h_BSD.shape
+        return h_BSD.view(B, S // slots, slots, D)[:, :, -1] if slots > 1 else h_BSD
 
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding."""
@@ -187,16 +273,15 @@ class GPT(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Next-token logits (head 0) of shape (B, T, V); advances the cache when one is given."""
-        h_BTD, _ = self.trunk(idx_BT, cache)
-        logits_BTV = self.logits(self.head(h_BTD, 0, cache))
+        logits_BTV = self.logits(self.head(self.trunk(idx_BT, cache), 0, cache))
         if cache is not None:
             cache.pos += idx_BT.shape[1]
         return logits_BTV
 
-    def forward_heads(self, idx_BT: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every head: element i predicts token t+1+i."""
-        h_BTD, _ = self.trunk(idx_BT)
-        return [self.logits(self.head(h_BTD, i)) for i in range(self.num_future_tokens)]
+    def forward_heads(self, idx_BT: torch.Tensor) -> tuple[list[torch.Tensor], TrunkOutput]:
+        """Logits of every head (element i predicts token t+1+i) and the trunk output they share."""
+        trunk_out = self.trunk(idx_BT)
+        return [self.logits(self.head(trunk_out, i)) for i in range(self.num_future_tokens)], trunk_out
 
 
 def per_token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

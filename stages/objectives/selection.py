@@ -12,6 +12,7 @@ not per sequence); padding / ignored targets are never selected. With gradient a
 micro-batch has the same number of valid tokens, so per-micro-batch normalisation equals the global one.
 """
 
+import numpy as np
 import torch
 
 SCORE_KINDS = ("excess_loss", "reference_loss", "reference_entropy", "reference_loss_and_entropy")
@@ -68,3 +69,46 @@ def select_tokens(kind: str, keep_ratio: float, valid_BT: torch.Tensor, token_lo
         return by_loss_BT & by_entropy_BT
     score_BT = selection_scores(kind, token_loss_BT, ref_loss_BT, ref_entropy_BT)
     return top_k_mask(score_BT, valid_BT, keep_ratio)
+
+
+class SelectionCounter:
+    """Per training token: times it was in a batch and times it was selected (CPU int32 counters).
+
+    Written as token_selection.parquet (schemas.tables.TOKEN_SELECTION), which answers "which tokens does SLM
+    never select"."""
+
+    def __init__(self):
+        self.seen_N: torch.Tensor | None = None
+        self.selected_N: torch.Tensor | None = None
+
+    def add(self, token_index_BT: torch.Tensor, selected_BT: torch.Tensor) -> None:
+        """Count one micro-batch."""
+        index_N = token_index_BT.flatten().cpu()
+        needed = int(index_N.max()) + 1 if len(index_N) else 0
+        if self.seen_N is None or len(self.seen_N) < needed:
+            self._grow(max(needed, 2 * len(self.seen_N) if self.seen_N is not None else needed))
+        self.seen_N.index_add_(0, index_N, torch.ones_like(index_N, dtype=torch.int32))
+        self.selected_N.index_add_(0, index_N, selected_BT.flatten().cpu().to(torch.int32))
+
+    def _grow(self, size: int) -> None:
+        seen, selected = torch.zeros(size, dtype=torch.int32), torch.zeros(size, dtype=torch.int32)
+        if self.seen_N is not None:
+            seen[: len(self.seen_N)], selected[: len(self.selected_N)] = self.seen_N, self.selected_N
+        self.seen_N, self.selected_N = seen, selected
+
+    def state_dict(self) -> dict:
+        """The counters (tensors) for checkpoints."""
+        return {} if self.seen_N is None else {"seen": self.seen_N, "selected": self.selected_N}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters saved by state_dict()."""
+        if state:
+            self.seen_N, self.selected_N = state["seen"].clone(), state["selected"].clone()
+
+    def table(self, split: str) -> dict:
+        """Columns of token_selection.parquet (tokens seen at least once)."""
+        seen_N = self.seen_N.numpy() if self.seen_N is not None else np.zeros(0, np.int32)
+        selected_N = self.selected_N.numpy() if self.selected_N is not None else np.zeros(0, np.int32)
+        token_index = np.flatnonzero(seen_N)
+        return {"split": [split] * len(token_index), "token_index": token_index,
+                "times_seen": seen_N[token_index], "times_selected": selected_N[token_index]}

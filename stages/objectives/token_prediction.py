@@ -1,4 +1,4 @@
-"""The composed token-prediction objective: next-token or multi-token heads, with optional Rho-1 selection.
+"""The composed token-prediction objective: heads, Rho-1 selection, CoCoMix concepts or pause slots, distillation.
 
 Nothing is written; the train loop (stages/training.py) calls `loss(model, batch)` per micro-batch.
 - Heads (Gloeckle et al. 2024, arXiv 2404.19737): head i (0-based) at position t predicts token t+1+i, so its
@@ -11,23 +11,36 @@ Nothing is written; the train loop (stages/training.py) calls `loss(model, batch
 - With one head and selection kind `all` the loss is exactly F.cross_entropy(logits, targets) (mean).
 Logged metrics: `head<i>/loss` (mean CE over ALL valid targets of head i, 1-based, comparable across
 variants); when selecting, `selected_fraction`, `loss_selected`, `loss_unselected` of head 1.
+- Concepts (CoCoMix): a `concepts` insert before block `concepts.block`; + weight * concept loss
+  (objectives/concepts.py) over every position; selection masks only the next-token loss. Pause: the same
+  interleaving with a learned vector and no extra loss.
+- Distillation: head 1's loss becomes (1 - w) * CE + w * T^2 KL(teacher || student) (objectives/distillation.py).
 Later optimisation (not done): the memory-efficient sequential per-head backward of the MTP paper (Sec. 2),
 which avoids holding every head's (B, T, V) logits and their gradients at once.
 """
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from schemas.configs import ModelConfig, SelectionConfig, TargetVariant
-from stages.models.gpt import GPT, per_token_loss
-from stages.objectives.base import Batch, LossOutput
-from stages.objectives.selection import select_tokens
+from schemas.manifest import Manifest
+from schemas.tables import TOKEN_SELECTION
+from stages.models.gpt import GPT
+from stages.models.losses import token_loss
+from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumns, UpstreamModel
+from stages.objectives.concepts import CONCEPT_IDS, concept_loss
+from stages.objectives.distillation import distill_loss
+from stages.objectives.selection import SelectionCounter, select_tokens
+from storage.parquet import write_table
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+REF_LOSS, REF_ENTROPY = "ref_loss", "ref_entropy"
 _NUM_UNSELECTED = "_num_unselected"
 
 
@@ -39,7 +52,7 @@ def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: Sel
     if selection.kind == "all":
         loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"loss": loss.detach()}
-    token_loss_BT = per_token_loss(logits_BTV, targets_BT, IGNORE_INDEX)  # fp32, 0 at ignored targets
+    token_loss_BT = token_loss(logits_BTV, targets_BT, IGNORE_INDEX)  # fp32, 0 at ignored targets
     mask_BT = select_tokens(selection.score, selection.keep_ratio, valid_BT, token_loss_BT,
                             ref_loss_BT, ref_entropy_BT)
     num_selected = mask_BT.sum()
@@ -70,41 +83,115 @@ def _selection_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     }
 
 
-class TokenPrediction:
-    """Objective of one target variant (or the reference): num_future_tokens heads + token selection."""
+def insert_block(block: int | None, num_layers: int) -> int:
+    """The block whose input gets an insert: the configured one, or the middle (num_layers // 2)."""
+    return block if block is not None else max(1, num_layers // 2)
 
-    def __init__(self, model_cfg: ModelConfig, variant: TargetVariant):
-        self.model_cfg = model_cfg
-        self.variant = variant
-        self.needs_reference_scores = variant.needs_reference_scores
+
+class TokenPrediction(ObjectiveBase):
+    """Objective of one target variant (or the reference): heads + selection + concepts/pause + distillation."""
+
+    def __init__(self, model_cfg: ModelConfig, variant: TargetVariant, upstream: dict[str, Manifest] | None = None):
+        self.model_cfg, self.variant, self.upstream = model_cfg, variant, upstream or {}
+        needs: list = []
+        if variant.selection.kind != "all":
+            needs.append(TokenColumns("scores", "score_reference", (REF_LOSS, REF_ENTROPY)))
+        if variant.concepts is not None:
+            needs.append(TokenColumns("concepts", "extract_concepts", (CONCEPT_IDS,)))
+        if variant.distill is not None:
+            needs.append(UpstreamModel("teacher", "train_reference"))
+        self.needs = tuple(needs)
+        self.counter = SelectionCounter() if variant.selection.kind != "all" else None
+        self.teacher: nn.Module | None = None
+
+    def _inserts(self) -> dict[int, dict]:
+        """Insert specs of the variant (after block `block - 1`)."""
+        v, layers = self.variant, self.model_cfg.num_layers
+        if v.concepts is not None:
+            concepts = self.upstream.get("concepts")
+            if concepts is None:
+                raise ValueError(f"variant {v.name!r} uses concepts but no extract_concepts artifact was given")
+            num_latents, sae_k = int(concepts.summary["num_latents"]), int(concepts.summary["k"])
+            block = insert_block(v.concepts.block, layers)
+            return {block - 1: {"kind": "concepts", "num_latents": num_latents,
+                                "num_active": v.concepts.num_active or sae_k, "mixing": v.concepts.mixing}}
+        if v.pause is not None:
+            return {insert_block(v.pause.block, layers) - 1: {"kind": "pause"}}
+        return {}
 
     def build_model(self, vocab_size: int, seq_len: int) -> GPT:
-        """A fresh GPT with the variant's number of prediction heads."""
+        """A fresh GPT with the variant's prediction heads and inserts."""
         if self.variant.num_future_tokens >= seq_len:
             raise ValueError(f"variant {self.variant.name}: num_future_tokens={self.variant.num_future_tokens} "
                              f"needs seq_len > num_future_tokens (seq_len={seq_len})")
-        return GPT(self.model_cfg, vocab_size, seq_len, num_future_tokens=self.variant.num_future_tokens)
+        return GPT(self.model_cfg, vocab_size, seq_len, num_future_tokens=self.variant.num_future_tokens,
+                   inserts=self._inserts())
+
+    def attach(self, models: dict[str, nn.Module]) -> None:
+        """Keep the distillation teacher (frozen)."""
+        self.teacher = models.get("teacher")
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
 
     def loss(self, model: GPT, batch: Batch) -> LossOutput:
-        """Sum over heads of each head's mean (selected) cross-entropy, with per-head metrics."""
-        logits_heads = model.forward_heads(batch.inputs_BT)
+        """Sum over heads of each head's mean (selected) cross-entropy, plus the concept and distillation terms."""
+        logits_heads, trunk_out = model.forward_heads(batch.inputs_BT)
         seq_len = batch.targets_BT.shape[1]
+        ref_loss_BT, ref_entropy_BT = batch.per_token.get(REF_LOSS), batch.per_token.get(REF_ENTROPY)
         total = torch.zeros((), device=batch.targets_BT.device)
         metrics: dict[str, torch.Tensor] = {}
         selected_BT = None
         for i, logits_BTV in enumerate(logits_heads):
-            ref_loss_BT = batch.ref_loss_BT[:, i:] if batch.ref_loss_BT is not None else None
-            ref_entropy_BT = batch.ref_entropy_BT[:, i:] if batch.ref_entropy_BT is not None else None
-            loss_i, stats = head_loss(logits_BTV[:, : seq_len - i], batch.targets_BT[:, i:],
-                                      self.variant.selection, ref_loss_BT, ref_entropy_BT)
+            loss_i, stats = head_loss(logits_BTV[:, : seq_len - i], batch.targets_BT[:, i:], self.variant.selection,
+                                      ref_loss_BT[:, i:] if ref_loss_BT is not None else None,
+                                      ref_entropy_BT[:, i:] if ref_entropy_BT is not None else None)
+            if i == 0 and self.variant.distill is not None:
+                loss_i = self._distill(batch, logits_BTV, loss_i, metrics)
             total = loss_i if i == 0 else total + loss_i
             metrics[f"head{i + 1}/loss"] = stats["loss"]
             if i == 0 and self.variant.selection.kind != "all":
                 metrics.update(_selection_metrics(stats))
                 selected_BT = stats["mask"]
+        if self.variant.concepts is not None:
+            loss_c, concept_metrics = concept_loss(trunk_out.extras["concept_logits_BTL"],
+                                                   batch.per_token[CONCEPT_IDS])
+            total = total + self.variant.concepts.weight * loss_c
+            metrics.update(concept_metrics)
         names = list(metrics)
         numbers = torch.stack([metrics[name].float() for name in names]).tolist()  # one device sync
         values = dict(zip(names, numbers, strict=True))
         if values.pop(_NUM_UNSELECTED, 1.0) == 0:  # every valid token selected: no unselected loss to report
             del values["loss_unselected"]
         return LossOutput(loss=total, metrics=values, selected_BT=selected_BT)
+
+    def _distill(self, batch: Batch, logits_BTV: torch.Tensor, ce: torch.Tensor, metrics: dict) -> torch.Tensor:
+        """(1 - w) * CE + w * KD against the teacher's logits on the same inputs."""
+        if self.teacher is None:
+            raise ValueError(f"variant {self.variant.name!r} distills but no teacher model was attached")
+        with torch.no_grad():
+            teacher_logits_BTV = self.teacher(batch.inputs_BT)
+        kd = distill_loss(logits_BTV, teacher_logits_BTV, self.variant.distill.temperature)
+        metrics["distill_kl"] = kd.detach()
+        weight = self.variant.distill.weight
+        return (1 - weight) * ce + weight * kd
+
+    def observe(self, batch: Batch, out: LossOutput) -> None:
+        """Count per-token selections (selecting variants)."""
+        if self.counter is not None and out.selected_BT is not None:
+            self.counter.add(batch.token_index_BT, out.selected_BT)
+
+    def state_dict(self) -> dict:
+        """Selection counters."""
+        return {"selection": self.counter.state_dict()} if self.counter is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore selection counters."""
+        if self.counter is not None:
+            self.counter.load_state_dict(state.get("selection", {}))
+
+    def write_tables(self, work_dir: Path, split: str) -> list[str]:
+        """token_selection.parquet for selecting variants."""
+        if self.counter is None:
+            return []
+        write_table(Path(work_dir) / "token_selection.parquet", self.counter.table(split), TOKEN_SELECTION)
+        return ["token_selection.parquet"]

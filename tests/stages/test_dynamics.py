@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from schemas.tables import TOKEN_DYNAMICS
-from stages.dynamics import CATEGORIES, classify, fit_lines, fractions
+from stages.evaluation.dynamics import CATEGORIES, classify, fit_lines, fractions
 
 
 def probe_table(trajectories: dict, split: str = "val", steps: list[int] | None = None) -> pa.Table:

@@ -8,18 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from schemas.configs import EvaluateConfig
 from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_DYNAMICS
 from stages import evaluate
+from stages.corpus.tokenizers import train_bpe
 from stages.evaluate import first_reach, tokens_to_reach, unigram_entropy
-from stages.models.gpt import per_token_loss
+from stages.models.losses import token_loss
 from stages.models.saved import load_model
-from stages.tokenizers_build import EOT
 from storage.parquet import write_table
 from storage.windows import TokenWindows
-from tests.stages.test_score_reference import SEQ_LEN, make_model, make_tokens
+from tests.helpers import SEQ_LEN, make_model, make_tokens
 
 VAL_CURVES = {  # tokens_seen 0, 100, 200, 300 -> val/val/loss
     "ntp": [5.0, 4.0, 3.0, 2.0],   # baseline: final 2.0, reached at 300 tokens
@@ -59,15 +58,16 @@ def test_unigram_entropy_in_nats():
 
 
 def make_tokenizer(path: Path) -> int:
-    """A tiny byte-level BPE with <|endoftext|>, saved as tokenizer.json; returns its vocab size."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(["the union is strong and the people are free"] * 20, trainer)
+    """A tiny byte-level BPE with <|endoftext|> from the project's trainer, saved as tokenizer.json."""
+    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, 280)
     tokenizer.save(str(path))
     return tokenizer.get_vocab_size()
+
+
+def run_evaluate(cfg, tokens, reference, targets, out):
+    inputs = {"tokens": tokens, "reference": reference}
+    inputs |= {f"target.{t.config['variant']['name']}": t for t in targets}
+    return evaluate.run(cfg, inputs, out)
 
 
 def make_target(root: Path, name: str, vocab_size: int, seed: int, probes: bool, nested: bool):
@@ -106,7 +106,7 @@ def test_run_writes_report_tables_and_plots(setup, tmp_path: Path):
     tokens, reference, targets, extra = setup
     out = tmp_path / "eval"
     cfg = EvaluateConfig(baseline="ntp", extra_files=[str(extra)], max_windows=3)
-    summary = evaluate.run(cfg, tokens, reference, targets, out)
+    summary = run_evaluate(cfg, tokens, reference, targets, out)
     for name in ("eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "report.md"):
         assert (out / name).is_file(), name
     for name in ("val_loss.png", "train_loss.png"):
@@ -119,7 +119,7 @@ def test_run_writes_report_tables_and_plots(setup, tmp_path: Path):
     windows = TokenWindows.from_manifest(tokens, "val")
     inputs_BT, targets_BT = windows.batch(np.arange(3))
     with torch.no_grad():
-        direct = per_token_loss(load_model(Path(reference.path))(inputs_BT), targets_BT).mean().item()
+        direct = token_loss(load_model(Path(reference.path))(inputs_BT), targets_BT).mean().item()
     row = next(r for r in losses if r["model"] == "reference" and r["split"] == "val")
     assert row["num_tokens"] == 3 * SEQ_LEN and row["loss"] == pytest.approx(direct, rel=1e-5)
     assert row["perplexity"] == pytest.approx(math.exp(direct), rel=1e-5)
@@ -147,10 +147,10 @@ def test_run_writes_report_tables_and_plots(setup, tmp_path: Path):
 def test_missing_extra_file_and_unknown_baseline_are_clear_errors(setup, tmp_path: Path):
     tokens, reference, targets, _ = setup
     with pytest.raises(ValueError, match="does not exist"):
-        evaluate.run(EvaluateConfig(extra_files=[str(tmp_path / "nope.txt")]), tokens, reference, targets,
+        run_evaluate(EvaluateConfig(extra_files=[str(tmp_path / "nope.txt")]), tokens, reference, targets,
                      tmp_path / "a")
     with pytest.raises(ValueError, match="baseline"):
-        evaluate.run(EvaluateConfig(baseline="other", max_windows=1), tokens, reference, targets, tmp_path / "b")
+        run_evaluate(EvaluateConfig(baseline="other", max_windows=1), tokens, reference, targets, tmp_path / "b")
 
 
 def test_selection_summary_averages_the_last_steps_of_selecting_variants():

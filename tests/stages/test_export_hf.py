@@ -9,9 +9,10 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from schemas.configs import ModelConfig
-from stages.export_hf import export_llama
-from stages.generate import generate, generate_text
-from stages.models.gpt import GPT, per_token_loss
+from stages.inference.export_hf import export_llama
+from stages.inference.generate import generate, generate_text
+from stages.models.gpt import GPT
+from stages.models.losses import token_loss
 
 EOS = "<|endoftext|>"
 MAX_SEQ_LEN = 64
@@ -55,7 +56,7 @@ def trained_model(tokenizer: Tokenizer, tie: bool, steps: int = 40) -> GPT:
     windows_BT = stream[: (len(stream) - 1) // 33 * 33 + 1].unfold(0, 33, 32)[:, :33]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
-        loss = per_token_loss(model(windows_BT[:, :-1]), windows_BT[:, 1:]).mean()
+        loss = token_loss(model(windows_BT[:, :-1]), windows_BT[:, 1:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -110,7 +111,7 @@ def test_multi_token_heads_are_dropped_with_warning(tmp_path, tokenizer_path, to
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(tokenizer.get_vocab_size(), num_future_tokens=2, num_layers=3).eval()
-    with caplog.at_level(logging.WARNING, logger="stages.export_hf"):
+    with caplog.at_level(logging.WARNING, logger="stages.inference.export_hf"):
         out = export_llama(model, tokenizer_path, tmp_path / "hf")
     assert "multi-token" in caplog.text
     hf = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -8,56 +8,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.configs import ModelConfig, ScoreConfig
-from schemas.manifest import Manifest
-from schemas.tables import SPLITS, TOKEN_SCORES, TOKENS
+from schemas.configs import ScoreConfig
+from schemas.tables import SPLITS, TOKEN_SCORES
 from stages import score_reference
-from stages.models.gpt import GPT, per_token_entropy, per_token_loss
-from stages.score_reference import load_dense_scores, run, score_shard, shard_name, shard_ranges
-from storage.checkpoints import save_model
-from storage.parquet import write_table
-from storage.windows import TokenWindows, stream_file
-
-SEQ_LEN = 16
-VOCAB = 64
-TINY = ModelConfig(num_layers=2, num_heads=2, d_model=32)
-STREAM_TOKENS = {"train": SEQ_LEN * 23 + 7, "val": SEQ_LEN * 9 + 1, "ref_train": SEQ_LEN * 11 + 15,
-                 "ref_val": SEQ_LEN * 5 + 3}
+from stages.models.gpt import GPT
+from stages.models.losses import token_loss_and_entropy
+from stages.registry import shard_ranges
+from stages.score_reference import STAGE, score_shard, shard_name
+from storage.token_columns import dense_token_columns
+from storage.windows import TokenWindows
+from tests.helpers import SEQ_LEN, STREAM_TOKENS, TINY, VOCAB, make_model, make_tokens, manifest
 
 
-def manifest(stage: str, path: Path, config: dict | None = None, summary: dict | None = None) -> Manifest:
-    """A finished-looking manifest for an artifact directory built by a test."""
-    return Manifest(stage=stage, key=stage[:8], path=str(path), code_version="test", config=config or {},
-                    upstream={}, summary=summary or {})
+def run(cfg, tokens, reference, out):
+    return score_reference.run(cfg, {"tokens": tokens, "reference": reference}, out)
 
 
-def make_tokens(root: Path, vocab_size: int = VOCAB, lengths: dict | None = None, seed: int = 0) -> Manifest:
-    """A fake tokenize_corpus artifact: random streams and a tokens.parquet with made-up doc_id/position."""
-    out = root / "tokens"
-    out.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    columns = {name: [] for name in TOKENS.names}
-    for i, split in enumerate(SPLITS):
-        stream = rng.integers(0, vocab_size, (lengths or STREAM_TOKENS)[split]).astype(np.int32)
-        np.save(out / stream_file(split), stream)
-        index = np.arange(len(stream))
-        columns["split"] += [split] * len(stream)
-        columns["token_index"].append(index)
-        columns["doc_id"].append(1000 * i + index // 37)
-        columns["position"].append((index % 37).astype(np.int32))
-        columns["token_id"].append(stream)
-    table = {k: v if k == "split" else np.concatenate(v) for k, v in columns.items()}
-    write_table(out / "tokens.parquet", table, TOKENS)
-    return manifest("tokenize_corpus", out, {"seq_len": SEQ_LEN}, {"vocab_size": vocab_size})
-
-
-def make_model(root: Path, name: str, vocab_size: int = VOCAB, seed: int = 0, config: dict | None = None) -> Manifest:
-    """A fake model artifact: a tiny random GPT saved with storage.checkpoints.save_model."""
-    torch.manual_seed(seed)
-    model = GPT(TINY, vocab_size, SEQ_LEN)
-    save_model(root / name, model, {})
-    return manifest("train_reference", root / name, config)
-
+def load_dense_scores(scores, split, num_tokens):
+    columns, _ = dense_token_columns(STAGE.token_table.files(scores, split), ("ref_loss", "ref_entropy"), num_tokens)
+    return columns["ref_loss"], columns["ref_entropy"]
 
 @pytest.fixture
 def artifacts(tmp_path: Path):
@@ -97,7 +66,7 @@ def test_scores_match_direct_forward_on_random_windows(artifacts):
         inputs_BT, targets_BT = windows.batch(ids)
         with torch.no_grad():
             logits_BTV = model(inputs_BT)
-        loss_BT, entropy_BT = per_token_loss(logits_BTV, targets_BT), per_token_entropy(logits_BTV)
+        loss_BT, entropy_BT = token_loss_and_entropy(logits_BTV, targets_BT)
         picked = rows.take(pa.array(windows.target_index(ids).reshape(-1) - 1))  # row r holds token_index r+1
         np.testing.assert_array_equal(picked["token_index"].to_numpy(), windows.target_index(ids).reshape(-1))
         np.testing.assert_allclose(picked["ref_loss"].to_numpy(), loss_BT.reshape(-1).numpy(), atol=1e-5)
@@ -143,7 +112,7 @@ def test_rerun_skips_existing_shards_and_redoes_a_deleted_one(artifacts):
     assert pq.read_table(deleted).equals(before)
 
 
-def test_load_dense_scores_aligns_with_token_index(artifacts):
+def test_dense_score_columns_align_with_token_index(artifacts):
     tokens, reference, out = artifacts
     run(ScoreConfig(batch_size=8, num_shards=2, device="cpu"), tokens, reference, out)
     scores = manifest("score_reference", out)

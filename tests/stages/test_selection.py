@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from schemas.configs import SelectionConfig
-from stages.models.gpt import per_token_loss
+from stages.models.losses import token_loss
 from stages.objectives.selection import num_to_keep, select_tokens, selection_scores, top_k_mask
 from stages.objectives.token_prediction import head_loss
 
@@ -68,7 +68,7 @@ def test_selected_loss_has_exactly_zero_grad_on_unselected_logits():
     loss, stats = head_loss(logits_BTV, targets_BT, selection, ref_loss_BT, None)
     loss.backward()
     valid_BT = targets_BT.ne(-100)
-    token_loss_BT = per_token_loss(logits_BTV.detach(), targets_BT)
+    token_loss_BT = token_loss(logits_BTV.detach(), targets_BT)
     mask_BT = top_k_mask(token_loss_BT - ref_loss_BT, valid_BT, 0.6)
     k = round(0.6 * int(valid_BT.sum()))
     assert int(stats["num_selected"]) == k == int(mask_BT.sum())

@@ -15,8 +15,8 @@ V, T = 64, 16
 def _batch(seed: int = 0, with_scores: bool = False) -> Batch:
     gen = torch.Generator().manual_seed(seed)
     rows_BT1 = torch.randint(0, V, (4, T + 1), generator=gen)
-    scores = (torch.rand(4, T, generator=gen), torch.rand(4, T, generator=gen)) if with_scores else (None, None)
-    return Batch(rows_BT1[:, :-1], rows_BT1[:, 1:], torch.arange(4 * T).view(4, T) + 1, *scores)
+    scores = {"ref_loss": torch.rand(4, T, generator=gen), "ref_entropy": torch.rand(4, T, generator=gen)}
+    return Batch(rows_BT1[:, :-1], rows_BT1[:, 1:], torch.arange(4 * T).view(4, T) + 1, scores if with_scores else {})
 
 
 def _grads(model) -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def test_n_heads_loss_is_the_sum_of_shifted_cross_entropies():
     model = objective.build_model(V, T)
     batch = _batch()
     out = objective.loss(model, batch)
-    logits = model.forward_heads(batch.inputs_BT)
+    logits, _ = model.forward_heads(batch.inputs_BT)
     ce = [F.cross_entropy(logits[i][:, : T - i].flatten(0, 1), batch.targets_BT[:, i:].flatten()) for i in range(2)]
     torch.testing.assert_close(out.loss, ce[0] + ce[1], rtol=0, atol=1e-6)
     assert abs(out.metrics["head2/loss"] - ce[1].item()) < 1e-6
@@ -58,10 +58,10 @@ def test_selection_with_heads_ranks_each_head_on_shifted_reference_scores():
     model = objective.build_model(V, T)
     batch = _batch(with_scores=True)
     out = objective.loss(model, batch)
-    logits = model.forward_heads(batch.inputs_BT)
+    logits, _ = model.forward_heads(batch.inputs_BT)
     expected = 0.0
     for i in range(2):
-        ref_N = batch.ref_loss_BT[:, i:].flatten()
+        ref_N = batch.per_token['ref_loss'][:, i:].flatten()
         keep_N = ref_N.topk(round(0.25 * ref_N.numel()), largest=False).indices
         ce_N = F.cross_entropy(logits[i][:, : T - i].flatten(0, 1), batch.targets_BT[:, i:].flatten(), reduction="none")
         expected = expected + ce_N[keep_N].mean()
@@ -83,7 +83,7 @@ def test_selection_counts_are_written_per_training_token(tmp_path):
 
     from schemas.configs import SelectionConfig, TargetVariant
     from stages.objectives.token_prediction import TokenPrediction
-    from stages.training import train
+    from stages.training.loop import train
     from storage.windows import TokenWindows
     from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
 
@@ -91,9 +91,9 @@ def test_selection_counts_are_written_per_training_token(tmp_path):
     windows = TokenWindows.from_manifest(tokens, "train")
     variant = TargetVariant(name="slm", selection=SelectionConfig(kind="top_k", keep_ratio=0.5))
     cfg = tiny_train_config()
-    lookup = lambda index_BT: (np.zeros(index_BT.shape, np.float32), np.zeros(index_BT.shape, np.float32))  # noqa: E731
+    lookup = {name: np.zeros(windows.num_tokens, np.float32) for name in ("ref_loss", "ref_entropy")}
     train(TokenPrediction(TINY_MODEL, variant), windows, {}, cfg, tmp_path / "work",
-          vocab_size=int(tokens.summary["vocab_size"]), label="slm", score_lookup=lookup)
+          vocab_size=int(tokens.summary["vocab_size"]), label="slm", lookups=lookup)
     table = pq.read_table(tmp_path / "work" / "token_selection.parquet").to_pydict()
     seen, selected = np.array(table["times_seen"]), np.array(table["times_selected"])
     tokens_per_micro_batch = cfg.micro_batch_size * windows.seq_len

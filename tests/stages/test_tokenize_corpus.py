@@ -12,13 +12,17 @@ from tokenizers import Tokenizer
 from schemas.configs import TokenizeConfig
 from schemas.tables import SPLITS
 from stages import tokenize_corpus
-from stages.corpus_sources import SOTU_REFERENCE_WHERE
-from stages.tokenize_corpus import assign_splits, run, split_hash
-from stages.tokenizers_build import EOT, load_gpt2
+from stages.corpus.sources import SOTU_REFERENCE_WHERE
+from stages.corpus.tokenizers import EOT, load_gpt2
+from stages.tokenize_corpus import assign_splits, split_hash
 from storage.windows import TokenWindows, stream_file
 
 WORDS = ("the people of the union congress budget freedom war peace nation economy schools roads "
          "liberty justice taxes trade army navy farmers workers states treaty").split()
+
+
+def run(cfg, out):
+    return tokenize_corpus.run(cfg, {}, out)
 
 
 def _text(i: int, num_words: int = 60) -> str:

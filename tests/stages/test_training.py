@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from schemas.configs import TargetVariant
 from schemas.tables import METRICS, PROBE_LOSSES
 from stages.models.gpt import GPT
+from stages.objectives.base import ObjectiveBase
 from stages.objectives.token_prediction import TokenPrediction
-from stages.training_utils import WindowOrder, lr_at, param_groups
+from stages.training.data import WindowOrder
+from stages.training.optim import lr_at, param_groups
 from storage.checkpoints import list_checkpoints, load_checkpoint
 from tests.helpers import TINY_MODEL, make_token_artifact, tiny_run, tiny_train_config
 
@@ -146,12 +148,11 @@ def test_resume_after_kill_9_equals_uninterrupted(uninterrupted, tmp_path):
     _assert_same_run(uninterrupted[0], work)
 
 
-class NanAfter:
+class NanAfter(ObjectiveBase):
     """Wraps an objective; its loss turns NaN after `calls` micro-batches."""
 
     def __init__(self, calls: int):
         self.inner, self.calls = TokenPrediction(TINY_MODEL, TargetVariant(name="ntp")), calls
-        self.needs_reference_scores = False
 
     def build_model(self, vocab_size, seq_len):
         return self.inner.build_model(vocab_size, seq_len)
@@ -168,7 +169,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tokens, tmp_path, un
     with pytest.raises(RuntimeError, match=r"non-finite training loss .* step 5\. Try a lower train\.lr"):
         tiny_run(tokens, tmp_path, objective=NanAfter(calls=8))  # 2 micro-batches per step: step 5 fails
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
-    assert load_checkpoint(tmp_path / "checkpoints" / "step-000003.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-000003.pt")["run"]["step"] == 3
     assert not (tmp_path / "metrics.parquet").exists() and not (tmp_path / "model.safetensors").exists()
     tiny_run(tokens, tmp_path)  # a fixed run resumes from the good checkpoint
     _assert_same_run(uninterrupted[0], tmp_path)

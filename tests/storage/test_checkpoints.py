@@ -9,7 +9,7 @@ import torch
 
 from stages.models.gpt import GPT
 from stages.models.saved import load_model
-from stages.training_utils import rng_state, set_rng_state
+from stages.training.rng import rng_state, set_rng_state
 from storage import checkpoints
 from tests.helpers import TINY_MODEL
 
@@ -49,6 +49,6 @@ def test_save_and_load_model_round_trip(tmp_path, num_future_tokens):
     loaded = load_model(tmp_path, "cpu")
     assert not loaded.training and loaded.lm_head.weight is loaded.embed.weight  # tied weights stay tied
     idx_BT = torch.randint(0, 64, (2, 16))
-    for a, b in zip(model.forward_heads(idx_BT), loaded.forward_heads(idx_BT), strict=True):
+    for a, b in zip(model.forward_heads(idx_BT)[0], loaded.forward_heads(idx_BT)[0], strict=True):
         assert torch.equal(a, b)
     assert not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,275 @@
+"""Training throughput and peak memory of lmpipe's TopK SAE (stages/models/sae.py) against a plain PyTorch one.
+
+Usage: python benchmarks/sae_throughput.py [--quick] [--steps 10] [--warmup 2] [--device auto|cpu|cuda]
+                                           [--d-model 128] [--num-latents 4096] [--k 32] [--batch 4096]
+                                           [--variants sparse,dense,plain,sparse_auxk] [--json-out PATH]
+
+Measured, one training step = forward + loss + backward + Adam step + decoder renormalisation, per variant:
+- `sparse`: the real loop: TopKSAE, `sae_loss` (FVU; nothing dead, so no AuxK decode), DeadLatentTracker.update,
+  `remove_parallel_grad_`, Adam, `normalize_decoder_`. The decode is `F.embedding_bag` over the k active rows;
+- `dense`: the same with `decode_dense` (scatter into a dense (N, L) latent matrix, then a matmul with W_dec);
+- `plain`: a straightforward TopK SAE written below with no lmpipe import: nn.Linear encoder (x - b_pre) and
+  decoder, topk, ReLU, scatter into dense latents, FVU, the same parallel-grad removal and renormalisation;
+- `sparse_auxk`: `sparse` with half of the latents forced dead, so every step also pays the AuxK top-k and decode
+  (k_aux = d_model / 2, coefficient 1/32).
+All variants run fp32 (no autocast) and Adam(lr=1e-4) on the same fixed pool of layer-normalised Gaussian rows
+(throughput does not depend on the data). `--quick` shrinks everything for a few-second smoke run.
+
+Definitions:
+- rows/s = batch / step seconds, each of `--steps` steps timed alone after `--warmup` unmeasured ones: `rows/s`
+  from the median step, `best rows/s` from the fastest; `x plain` divides best rows/s by the plain variant's
+  (the machines are shared, so the fastest step is the least disturbed estimate).
+- Peak memory: CUDA: torch.cuda.max_memory_allocated. CPU: each variant runs in its own subprocess; `peak MiB` is
+  its ru_maxrss (torch libraries included), `delta MiB` that minus VmRSS just before the model was built.
+- `topk_ms`: one more measurement in the parent process: torch.topk(k) of a (batch, num_latents) fp32 matrix with
+  sorted=True vs sorted=False (best of 10), the choice `encode` makes (sorted=False).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("sparse", "dense", "plain", "sparse_auxk")
+FULL = {"d_model": 128, "num_latents": 4096, "k": 32, "batch": 4096}
+QUICK = {"d_model": 64, "num_latents": 1024, "k": 16, "batch": 512}
+POOL_BATCHES = 4  # distinct batches cycled through
+
+
+class PlainTopKSAE(nn.Module):
+    """Plain TopK SAE: enc(x - b_pre), top-k, ReLU, scatter to dense latents, dec (whose bias is b_pre)."""
+
+    def __init__(self, d_model: int, num_latents: int, k: int):
+        super().__init__()
+        self.k = k
+        self.enc = nn.Linear(d_model, num_latents)
+        self.dec = nn.Linear(num_latents, d_model)
+        with torch.no_grad():
+            self.enc.bias.zero_()
+            self.dec.bias.zero_()
+            self.dec.weight.copy_(self.enc.weight.T)
+        self.normalize_decoder_()
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        pre_NL = self.enc(x_ND - self.dec.bias)
+        vals_NK, idx_NK = pre_NL.topk(self.k, dim=-1, sorted=False)
+        return self.dec(torch.zeros_like(pre_NL).scatter(1, idx_NK, vals_NK.relu()))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.dec.weight.div_(self.dec.weight.norm(dim=0, keepdim=True))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        w_DL, g_DL = self.dec.weight, self.dec.weight.grad
+        g_DL.sub_((g_DL * w_DL).sum(dim=0, keepdim=True) * w_DL)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so wall-clock times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_step(spec: dict, device: torch.device, pool: list[torch.Tensor]):
+    """The variant's model and a zero-argument training step."""
+    cfg = spec["config"]
+    D, L, K = cfg["d_model"], cfg["num_latents"], cfg["k"]
+    count = [0]
+    if spec["variant"] == "plain":
+        model = PlainTopKSAE(D, L, K).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def plain_step() -> None:
+            x_ND = pool[count[0] % len(pool)]
+            count[0] += 1
+            loss = (model(x_ND) - x_ND).pow(2).sum() / (x_ND - x_ND.mean(dim=0)).pow(2).sum()
+            loss.backward()
+            model.remove_parallel_grad_()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.normalize_decoder_()
+
+        return model, plain_step
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from stages.models.sae import DeadLatentTracker, TopKSAE, sae_loss
+
+    model = TopKSAE(D, L, K).to(device)
+    if spec["variant"] == "dense":
+        model.decode = model.decode_dense  # forward() decodes through the dense reference
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tracker = DeadLatentTracker(L, device=device)
+    dead_L = torch.zeros(L, dtype=torch.bool, device=device)
+    if spec["variant"] == "sparse_auxk":
+        dead_L[::2] = True
+
+    def step() -> None:
+        x_ND = pool[count[0] % len(pool)]
+        count[0] += 1
+        out = model(x_ND)
+        loss, _ = sae_loss(model, x_ND, dead_L, k_aux=max(1, D // 2), aux_coef=1 / 32, out=out)
+        tracker.update(out.idx_NK, out.vals_NK)
+        loss.backward()
+        model.remove_parallel_grad_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.normalize_decoder_()
+
+    return model, step
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one variant in this process; returns the result row."""
+    device = torch.device(spec["device"])
+    cfg = spec["config"]
+    torch.manual_seed(0)
+    x = torch.randn(POOL_BATCHES, cfg["batch"], cfg["d_model"], device=device)
+    x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)  # what layer_norm_stats gives
+    pool = list(x.unbind(0))
+    rss_before_mib = current_rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, step = build_step(spec, device, pool)
+    for _ in range(spec["warmup"]):
+        step()
+    step_seconds = []
+    for _ in range(spec["steps"]):
+        sync(device)
+        tick = time.perf_counter()
+        step()
+        sync(device)
+        step_seconds.append(time.perf_counter() - tick)
+    row = {"variant": spec["variant"], "device": device.type,
+           "num_params": sum(p.numel() for p in model.parameters()),
+           "rows_per_s": cfg["batch"] / statistics.median(step_seconds),
+           "rows_per_s_best": cfg["batch"] / min(step_seconds), "step_seconds": step_seconds}
+    if device.type == "cuda":
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        row["mem_delta_mib"] = row["peak_mem_mib"] - rss_before_mib
+    return row
+
+
+def spawn_worker(spec: dict) -> dict:
+    """Run one measurement in a fresh Python process (its own peak RSS)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec['variant']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def topk_ms(device: torch.device, batch: int, num_latents: int, k: int) -> dict:
+    """Best-of-10 milliseconds of topk(k) on a (batch, num_latents) matrix, sorted vs unsorted."""
+    pre_NL = torch.randn(batch, num_latents, device=device)
+    result = {}
+    for sorted_ in (True, False):
+        pre_NL.topk(k, dim=-1, sorted=sorted_)
+        best = float("inf")
+        for _ in range(10):
+            sync(device)
+            tick = time.perf_counter()
+            pre_NL.topk(k, dim=-1, sorted=sorted_)
+            sync(device)
+            best = min(best, time.perf_counter() - tick)
+        result["sorted" if sorted_ else "unsorted"] = 1e3 * best
+    return result
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table."""
+    rows = report["results"]
+    plain = next((r["rows_per_s_best"] for r in rows if r["variant"] == "plain"), None)
+    plain_mem = next((r["peak_mem_mib"] for r in rows if r["variant"] == "plain"), None)
+    cpu = report["device"] == "cpu"
+    lines = ["| variant | params | rows/s | best rows/s | x plain | peak MiB | x plain mem"
+             f"{' | delta MiB' if cpu else ''} |",
+             f"|---|---|---|---|---|---|---|{'---|' if cpu else ''}"]
+    for r in rows:
+        cells = [r["variant"], f"{r['num_params'] / 1e6:.2f}M", f"{r['rows_per_s']:,.0f}",
+                 f"{r['rows_per_s_best']:,.0f}", f"{r['rows_per_s_best'] / plain:.2f}" if plain else "-",
+                 f"{r['peak_mem_mib']:,.0f}", f"{r['peak_mem_mib'] / plain_mem:.2f}" if plain_mem else "-"]
+        if cpu:
+            cells.append(f"{r['mem_delta_mib']:,.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    cfg, topk = report["config"], report["topk_ms"]
+    lines.append("")
+    lines.append(f"Device {report['device']} ({report['num_threads']} threads), fp32; d_model={cfg['d_model']}, "
+                 f"num_latents={cfg['num_latents']}, k={cfg['k']}, batch={cfg['batch']} rows; "
+                 f"{report['steps']} timed steps after {report['warmup']} warmup. topk ms: sorted "
+                 f"{topk['sorted']:.2f}, unsorted {topk['unsorted']:.2f}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse flags, run every variant in a subprocess, print JSON and Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}, 3 steps, 1 warmup")
+    parser.add_argument("--steps", type=int, default=10, help="measured optimizer steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    for name, value in FULL.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    config = {name: getattr(args, name) or value for name, value in (QUICK if args.quick else FULL).items()}
+    steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    if steps < 1 or warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if not 1 <= config["k"] <= config["num_latents"]:
+        parser.error(f"--k must be in [1, num_latents={config['num_latents']}], got {config['k']}")
+
+    report = {"device": device.type, "num_threads": torch.get_num_threads(), "torch": torch.__version__,
+              "steps": steps, "warmup": warmup, "config": config,
+              "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                         "subprocess ru_maxrss (peak) and ru_maxrss - VmRSS before model build (delta)"),
+              "load_average_1min": {"before": os.getloadavg()[0]}, "results": []}
+    for variant in variants:
+        spec = {"variant": variant, "config": config, "device": str(device), "steps": steps, "warmup": warmup}
+        row = spawn_worker(spec)
+        report["results"].append(row)
+        print(f"# {variant}: {row['rows_per_s']:,.0f} rows/s", file=sys.stderr)
+    report["topk_ms"] = topk_ms(device, config["batch"], config["num_latents"], config["k"])
+    report["load_average_1min"]["after"] = os.getloadavg()[0]
+    text = json.dumps(report, indent=2)
+    print(text)
+    print()
+    print(markdown_table(report))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

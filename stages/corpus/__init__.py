@@ -1,0 +1,1 @@
+"""Corpus helpers of tokenize_corpus: sources, tokenizers, stream packing."""

@@ -1,0 +1,1 @@
+"""Helpers of the evaluate stage: token-loss dynamics, report and plots."""

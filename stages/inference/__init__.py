@@ -1,0 +1,1 @@
+"""Using trained models: generation with a KV cache, Hugging Face export."""

@@ -1,0 +1,157 @@
+"""Per-token losses from logits, in fp32, without extra passes over the (B, T, V) logits.
+
+- `token_loss_and_entropy`: -log p(target) and the entropy of p, for scoring (no gradient). The rows are
+  processed in chunks of about `CPU_CHUNK_ELEMENTS` logits into two preallocated fp32 work buffers, so the
+  log-softmax, its exp and the p * log p reduction read and write cache-resident memory instead of making
+  four full passes over (and page-faulting four fresh) (B, T, V) fp32 temporaries. Same kernels, formula and
+  per-row reduction as log_softmax -> gather -> -(exp(logp) * logp).sum(-1), so the results are the same.
+- `hidden_loss_and_entropy`: the same from the final hidden states and the unembedding matrix, blocks of rows
+  at a time, so the (B, T, V) logits are never materialized (their allocation alone, page faults included,
+  costs on CPU as much as the unembedding matmul).
+- `token_loss`: unreduced cross-entropy (0 at ignored targets), differentiable: the same chunking in an autograd
+  Function that keeps one logsumexp per row for backward (F.cross_entropy keeps the whole fp32 log-softmax) and
+  writes the gradient softmax - onehot in one pass.
+
+Shapes: B batch, T time, V vocab, N = B * T rows.
+"""
+
+import torch
+import torch.nn.functional as F
+
+CPU_CHUNK_ELEMENTS = 1 << 18
+"""Logits per chunk on CPU: 256k fp32 = 1 MiB per work buffer, the two buffers split over the cores' L2 caches.
+Measured on the default model (V = 4096, 2 cores): 48-64 rows per chunk is the fastest (16 rows: +50%, 96: +5%,
+unchunked: 5x)."""
+DEVICE_CHUNK_ELEMENTS = 1 << 26
+"""Logits per chunk elsewhere (CUDA): few kernel launches, and fp32 work buffers of at most 256 MiB each."""
+
+
+def _chunk_rows(logits_NV: torch.Tensor, chunk_elements: int | None) -> int:
+    if chunk_elements is None:
+        chunk_elements = CPU_CHUNK_ELEMENTS if logits_NV.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    return max(1, min(logits_NV.shape[0], chunk_elements // max(1, logits_NV.shape[1])))
+
+
+def token_loss_and_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100,
+                           chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 per-token loss -log p(target) and entropy (nats) of p = softmax(logits), each of shape (B, T).
+
+    Any float dtype in (bf16 logits are converted chunk by chunk). Targets equal to `ignore_index` get loss 0
+    (their entropy is still computed). Not differentiable through the chunked path: with grad enabled and
+    logits that require grad, the plain formula runs instead.
+    """
+    *lead, V = logits_BTV.shape
+    if targets_BT.shape != tuple(lead):
+        raise ValueError(f"targets of shape {tuple(targets_BT.shape)} do not match logits {tuple(logits_BTV.shape)}")
+    valid_BT = targets_BT != ignore_index
+    safe_BT = targets_BT.masked_fill(~valid_BT, 0)
+    if torch.is_grad_enabled() and logits_BTV.requires_grad:
+        logp_BTV = F.log_softmax(logits_BTV.float(), dim=-1)
+        loss_BT = -logp_BTV.gather(-1, safe_BT.unsqueeze(-1)).squeeze(-1)
+        return loss_BT.masked_fill(~valid_BT, 0.0), -(logp_BTV.exp() * logp_BTV).sum(-1)
+    logits_NV = logits_BTV.reshape(-1, V)
+    targets_N1 = safe_BT.reshape(-1, 1)
+    N = logits_NV.shape[0]
+    loss_N1 = torch.empty(N, 1, dtype=torch.float32, device=logits_NV.device)
+    entropy_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
+    rows = _chunk_rows(logits_NV, chunk_elements)
+    logp_RV = torch.empty(min(rows, N), V, dtype=torch.float32, device=logits_NV.device)
+    p_RV = torch.empty_like(logp_RV)
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        logp, p = logp_RV[: stop - start], p_RV[: stop - start]
+        torch.log_softmax(logits_NV[start:stop], -1, dtype=torch.float32, out=logp)
+        torch.gather(logp, 1, targets_N1[start:stop], out=loss_N1[start:stop])
+        torch.exp(logp, out=p)
+        torch.sum(p.mul_(logp), -1, out=entropy_N[start:stop])
+    loss_BT = loss_N1.view(lead).neg_().masked_fill_(~valid_BT, 0.0)
+    return loss_BT, entropy_N.view(lead).neg_()
+
+
+def hidden_loss_and_entropy(h_BTD: torch.Tensor, unembed_VD: torch.Tensor, targets_BT: torch.Tensor,
+                            ignore_index: int = -100, block_elements: int | None = None,
+                            chunk_elements: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_loss_and_entropy(h_BTD @ unembed_VD.T, targets_BT)` without materializing the (B, T, V) logits.
+
+    `h_BTD` is what the unembedding reads (after the final norm). Rows go through the unembedding in blocks of
+    about `block_elements` logits (default 4M on CPU, 64M elsewhere: large enough for an efficient matmul),
+    each block then scored chunk by chunk. F.linear runs under the caller's autocast, as the model's lm_head.
+    """
+    *lead, D = h_BTD.shape
+    h_ND = h_BTD.reshape(-1, D)
+    targets_N = targets_BT.reshape(-1)
+    if targets_N.shape[0] != h_ND.shape[0]:
+        raise ValueError(f"targets of shape {tuple(targets_BT.shape)} do not match hidden {tuple(h_BTD.shape)}")
+    if block_elements is None:
+        block_elements = 1 << 22 if h_ND.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+    rows = max(1, block_elements // unembed_VD.shape[0])
+    losses, entropies = [], []
+    for start in range(0, h_ND.shape[0], rows):
+        loss_R, entropy_R = token_loss_and_entropy(F.linear(h_ND[start:start + rows], unembed_VD),
+                                                   targets_N[start:start + rows], ignore_index, chunk_elements)
+        losses.append(loss_R)
+        entropies.append(entropy_R)
+    if not losses:
+        empty = h_ND.new_empty(lead, dtype=torch.float32)
+        return empty, empty.clone()
+    return torch.cat(losses).view(lead), torch.cat(entropies).view(lead)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (N, V) logits in fp32, chunk by chunk. Forward keeps two numbers per row, the max m and
+    log sum exp(x - m) (kept apart: their sum rounds at the magnitude of m, the log-softmax x - m - log-sum does
+    not), instead of an (N, V) log-softmax; backward writes (softmax - onehot) * grad straight into the gradient."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, targets_N, ignore_index: int, rows: int):
+        N, V = logits_NV.shape
+        valid_N = targets_N != ignore_index
+        safe_N1 = targets_N.masked_fill(~valid_N, 0).unsqueeze(1)
+        max_N1 = torch.empty(N, 1, dtype=torch.float32, device=logits_NV.device)
+        sumexp_N = torch.empty(N, dtype=torch.float32, device=logits_NV.device)
+        work_RV = torch.empty(min(rows, N), V, dtype=torch.float32, device=logits_NV.device)
+        for start in range(0, N, rows):
+            stop = min(start + rows, N)
+            x, work = logits_NV[start:stop], work_RV[: stop - start]
+            max_N1[start:stop] = x.amax(-1, keepdim=True)
+            torch.sub(x, max_N1[start:stop], out=work)
+            torch.sum(work.exp_(), -1, out=sumexp_N[start:stop])
+        logsum_N1 = sumexp_N.log_().unsqueeze(1)
+        loss_N = (logsum_N1 + (max_N1 - logits_NV.gather(1, safe_N1).float())).squeeze(1)
+        ctx.save_for_backward(logits_NV, safe_N1, valid_N, max_N1, logsum_N1)
+        ctx.rows = rows
+        return loss_N.masked_fill_(~valid_N, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        logits_NV, safe_N1, valid_N, max_N1, logsum_N1 = ctx.saved_tensors
+        N, V = logits_NV.shape
+        grad_N1 = (grad_N.float() * valid_N).unsqueeze(1)
+        grad_NV = torch.empty_like(logits_NV, memory_format=torch.contiguous_format)
+        work_RV = None if logits_NV.dtype == torch.float32 else torch.empty(
+            min(ctx.rows, N), V, dtype=torch.float32, device=logits_NV.device)
+        for start in range(0, N, ctx.rows):
+            stop = min(start + ctx.rows, N)
+            p = grad_NV[start:stop] if work_RV is None else work_RV[: stop - start]
+            torch.sub(logits_NV[start:stop], max_N1[start:stop], out=p)
+            p.sub_(logsum_N1[start:stop]).exp_().mul_(grad_N1[start:stop])
+            if work_RV is not None:
+                grad_NV[start:stop] = p
+        grad_NV.scatter_add_(1, safe_N1, -grad_N1.to(grad_NV.dtype))
+        return grad_NV, None, None, None
+
+
+def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100,
+               chunk_elements: int | None = None) -> torch.Tensor:
+    """Unreduced cross-entropy -log p(target) in fp32, shape (B, T); ignored targets get 0. Differentiable.
+
+    Same values and gradients as F.cross_entropy(logits.float(), reduction="none") up to fp32 rounding. CPU,
+    2048 x 4096 logits: 2.7 ms forward (F.cross_entropy 11 ms), 16 ms forward + backward (30 ms); it keeps 8
+    bytes per row for backward instead of an fp32 (N, V) log-softmax.
+    """
+    *lead, V = logits_BTV.shape
+    if targets_BT.shape != tuple(lead):
+        raise ValueError(f"targets of shape {tuple(targets_BT.shape)} do not match logits {tuple(logits_BTV.shape)}")
+    logits_NV = logits_BTV.reshape(-1, V)
+    rows = _chunk_rows(logits_NV, chunk_elements)
+    return _ChunkedCrossEntropy.apply(logits_NV, targets_BT.reshape(-1), ignore_index, rows).view(lead)

@@ -1,0 +1,236 @@
+"""TopK sparse autoencoder (Gao et al. 2024) for a transformer residual stream, plus CoCoMix concept attribution.
+
+Recipe (OpenAI's released GPT-2 TopK SAEs, as used by CoCoMix):
+- inputs are per-token layer-normalised by `layer_norm_stats` (no learned parameters) before `encode`;
+- pre = (xn - pre_bias) @ W_enc.T + latent_bias, keep the top k per row, ReLU the kept values;
+- xhat = sum of the k active decoder rows weighted by their values, + pre_bias (a sparse decode: the dense
+  (N, L) latent matrix is never built);
+- loss = FVU + aux_coef * AuxK (dead latents reconstruct the residual error); decoder rows stay unit-norm.
+
+Training step order: `loss.backward(); sae.remove_parallel_grad_(); opt.step(); sae.normalize_decoder_()`.
+
+Shapes: N rows (tokens), D d_model, L latents, K active latents per row, T top concepts per row.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTRIBUTION_CHUNK_ELEMS = 1 << 24  # attribution_scores gathers at most this many W_dec entries at a time (64 MiB fp32)
+
+def layer_norm_stats(x_ND: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (x - mean) / (unbiased std + eps), differentiable; returns (xn, mean, std) with std excluding eps."""
+    if x_ND.shape[-1] < 2:
+        raise ValueError(f"layer_norm_stats needs a last dim >= 2 for an unbiased std, got shape {tuple(x_ND.shape)}")
+    mu_N1 = x_ND.mean(dim=-1, keepdim=True)
+    xc_ND = x_ND - mu_N1
+    std_N1 = xc_ND.std(dim=-1, keepdim=True, correction=1)
+    return xc_ND / (std_N1 + eps), mu_N1, std_N1
+
+
+def geometric_median(points_ND: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld iterations from the mean: the point minimising the sum of Euclidean distances to the rows."""
+    if points_ND.ndim != 2 or points_ND.shape[0] < 1:
+        raise ValueError(f"geometric_median needs a non-empty (N, D) tensor, got shape {tuple(points_ND.shape)}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    points_ND = points_ND.detach().double()
+    median_D = points_ND.mean(dim=0)
+    for _ in range(iters):
+        weights_N = 1.0 / (points_ND - median_D).norm(dim=1).clamp_min(1e-12)
+        new_D = (weights_N[:, None] * points_ND).sum(dim=0) / weights_N.sum()
+        moved = (new_D - median_D).norm().item()
+        median_D = new_D
+        if moved <= tol * (1.0 + median_D.norm().item()):
+            break
+    return median_D
+
+
+def sparse_decode(vals_NK: torch.Tensor, idx_NK: torch.Tensor, weight_LD: torch.Tensor) -> torch.Tensor:
+    """sum_k vals[..., k] * weight[idx[..., k]], any leading shape, no bias; touches only the K rows (embedding_bag)."""
+    lead, K = idx_NK.shape[:-1], idx_NK.shape[-1]
+    out_ND = F.embedding_bag(idx_NK.reshape(-1, K), weight_LD, mode="sum",
+                             per_sample_weights=vals_NK.reshape(-1, K).to(weight_LD.dtype))
+    return out_ND.view(*lead, weight_LD.shape[1])
+
+
+@dataclass
+class SAEOutput:
+    """One forward pass: reconstruction, the K active values/indices per row, and the dense pre-activations."""
+
+    xhat_ND: torch.Tensor
+    vals_NK: torch.Tensor
+    idx_NK: torch.Tensor
+    pre_NL: torch.Tensor  # differentiable; AuxK takes its top-k over dead latents from here
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE with tied init, a shared pre_bias, unit-norm decoder rows W_dec (L, D) and a sparse decode."""
+
+    def __init__(self, d_model: int, num_latents: int, k: int):
+        super().__init__()
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
+        if not 1 <= k <= num_latents:
+            raise ValueError(f"k must be in [1, num_latents={num_latents}], got {k}")
+        self.d_model, self.num_latents, self.k = d_model, num_latents, k
+        bound = 1.0 / math.sqrt(d_model)  # nn.Linear's default (kaiming-uniform, a=sqrt(5)) range
+        self.W_enc = nn.Parameter(torch.empty(num_latents, d_model).uniform_(-bound, bound))
+        self.W_dec = nn.Parameter(self.W_enc.detach().clone())
+        self.pre_bias = nn.Parameter(torch.zeros(d_model))
+        self.latent_bias = nn.Parameter(torch.zeros(num_latents))
+        self.normalize_decoder_()
+
+    def config(self) -> dict:
+        """Constructor arguments, for saving next to the weights."""
+        return {"d_model": self.d_model, "num_latents": self.num_latents, "k": self.k}
+
+    def preactivations(self, xn_ND: torch.Tensor) -> torch.Tensor:
+        """(xn - pre_bias) @ W_enc.T + latent_bias, with pre_bias folded into the bias (its grad is a mat-vec)."""
+        if xn_ND.shape[-1] != self.d_model:
+            raise ValueError(f"input width {xn_ND.shape[-1]} != d_model {self.d_model}")
+        return F.linear(xn_ND, self.W_enc, self.latent_bias - self.W_enc @ self.pre_bias)
+
+    def encode(self, xn_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k pre-activations per row (unsorted), ReLU'd: (vals_NK >= 0, idx_NK)."""
+        vals_NK, idx_NK = self.preactivations(xn_ND).topk(self.k, dim=-1, sorted=False)
+        return vals_NK.relu(), idx_NK
+
+    def decode(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Sparse decode: sum_k vals[n, k] * W_dec[idx[n, k]] + pre_bias (touches only the K active rows)."""
+        return sparse_decode(vals_NK, idx_NK, self.W_dec) + self.pre_bias
+
+    def decode_dense(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Reference decode through a dense (N, L) latent matrix; for tests and benchmarks only."""
+        z_NL = vals_NK.new_zeros(vals_NK.shape[0], self.num_latents).scatter(1, idx_NK, vals_NK)
+        return z_NL @ self.W_dec + self.pre_bias
+
+    def forward(self, xn_ND: torch.Tensor) -> SAEOutput:
+        """Encode and sparsely decode layer-normalised rows."""
+        pre_NL = self.preactivations(xn_ND)
+        vals_NK, idx_NK = pre_NL.topk(self.k, dim=-1, sorted=False)
+        vals_NK = vals_NK.relu()
+        return SAEOutput(self.decode(vals_NK, idx_NK), vals_NK, idx_NK, pre_NL)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit L2 norm (call after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop from W_dec.grad the component along each decoder row (call between backward and step)."""
+        if self.W_dec.grad is None:
+            return
+        coef_L1 = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        coef_L1 /= self.W_dec.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.grad.sub_(coef_L1 * self.W_dec)
+
+    @torch.no_grad()
+    def init_pre_bias_(self, sample_ND: torch.Tensor, iters: int = 100) -> None:
+        """Set pre_bias to the geometric median of a sample of (normalised) inputs."""
+        if sample_ND.ndim != 2 or sample_ND.shape[1] != self.d_model:
+            raise ValueError(f"sample must be (N, {self.d_model}), got shape {tuple(sample_ND.shape)}")
+        self.pre_bias.copy_(geometric_median(sample_ND, iters).to(self.pre_bias.dtype))
+
+
+def sae_loss(sae: TopKSAE, xn_ND: torch.Tensor, dead_mask_L: torch.Tensor | None, k_aux: int, aux_coef: float,
+             out: SAEOutput | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """FVU + aux_coef * AuxK; metrics (detached 0-dim tensors): fvu, l0, aux_loss, dead_fraction.
+
+    AuxK: the top-min(k_aux, #dead) pre-activations among dead latents (ReLU'd) decode, without pre_bias, the
+    detached residual x - xhat; normalised by that residual's batch variance. Skipped (0) when nothing is dead.
+    Pass `out` to reuse a forward pass (e.g. to feed the same idx/vals to a DeadLatentTracker).
+    """
+    if k_aux < 1:
+        raise ValueError(f"k_aux must be >= 1, got {k_aux}")
+    if dead_mask_L is not None and dead_mask_L.shape != (sae.num_latents,):
+        raise ValueError(f"dead_mask_L must have shape ({sae.num_latents},), got {tuple(dead_mask_L.shape)}")
+    out = sae(xn_ND) if out is None else out
+    err_ND = xn_ND - out.xhat_ND
+    fvu = err_ND.pow(2).sum() / (xn_ND - xn_ND.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    dead_M = dead_mask_L.nonzero().squeeze(1) if dead_mask_L is not None else out.idx_NK.new_zeros(0)
+    num_dead = dead_M.numel()
+    aux = fvu.new_zeros(())
+    if num_dead > 0:  # top-k over the dead columns only (cost scales with the number of dead latents)
+        aux_vals_NA, pos_NA = out.pre_NL.index_select(1, dead_M).topk(min(k_aux, num_dead), dim=-1, sorted=False)
+        target_ND = err_ND.detach()
+        ehat_ND = sparse_decode(aux_vals_NA.relu(), dead_M[pos_NA], sae.W_dec)
+        aux = (ehat_ND - target_ND).pow(2).sum() / (target_ND - target_ND.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    metrics = {"fvu": fvu.detach(), "l0": (out.vals_NK > 0).sum(dim=-1).float().mean(), "aux_loss": aux.detach(),
+               "dead_fraction": fvu.new_tensor(num_dead / sae.num_latents)}
+    return fvu + aux_coef * aux, metrics
+
+
+class DeadLatentTracker:
+    """Counts, per latent, the tokens seen since it last fired (was active with value > fire_threshold)."""
+
+    def __init__(self, num_latents: int, device: torch.device | str | None = None, fire_threshold: float = 1e-3):
+        if num_latents < 1:
+            raise ValueError(f"num_latents must be >= 1, got {num_latents}")
+        self.fire_threshold = fire_threshold
+        self.tokens_since_fired_L = torch.zeros(num_latents, dtype=torch.int64, device=device)
+
+    def update(self, idx_NK: torch.Tensor, vals_NK: torch.Tensor, num_tokens: int | None = None) -> None:
+        """Add num_tokens (default: N rows) to every counter, then zero the counters of latents that fired."""
+        fired_L = torch.zeros_like(self.tokens_since_fired_L, dtype=torch.bool)
+        fired_L[idx_NK[vals_NK > self.fire_threshold]] = True
+        self.tokens_since_fired_L += idx_NK.shape[0] if num_tokens is None else num_tokens
+        self.tokens_since_fired_L.masked_fill_(fired_L, 0)
+
+    def dead_mask(self, threshold_tokens: int) -> torch.Tensor:
+        """Bool (L,): latents that have not fired in more than threshold_tokens tokens."""
+        if threshold_tokens < 0:
+            raise ValueError(f"threshold_tokens must be >= 0, got {threshold_tokens}")
+        return self.tokens_since_fired_L > threshold_tokens
+
+    def state_dict(self) -> dict:
+        """Counters for a checkpoint."""
+        return {"tokens_since_fired": self.tokens_since_fired_L.clone(), "fire_threshold": self.fire_threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters saved by state_dict."""
+        counts = state["tokens_since_fired"]
+        if counts.shape != self.tokens_since_fired_L.shape:
+            raise ValueError(f"tokens_since_fired has shape {tuple(counts.shape)}, "
+                             f"expected {tuple(self.tokens_since_fired_L.shape)}")
+        self.tokens_since_fired_L = counts.to(self.tokens_since_fired_L)
+        self.fire_threshold = float(state.get("fire_threshold", self.fire_threshold))
+
+
+def attribution_scores(grad_ND: torch.Tensor, vals_NK: torch.Tensor, idx_NK: torch.Tensor,
+                       W_dec_LD: torch.Tensor) -> torch.Tensor:
+    """CoCoMix attribution at the active latents: scores[n, k] = vals[n, k] * (grad[n] . W_dec[idx[n, k]]).
+
+    With xhat = sum_k vals_k W_dec[idx_k] + b and grad = dLoss/dxhat, this is a_i * dLoss/da_i per active latent:
+    ((grad @ W_dec.T) * a) of the CoCoMix code gathered at idx, without the dense (N, L) matmul. If grad is taken
+    w.r.t. the raw residual h = xhat * std + mu, the exact chain rule has an extra per-row factor std > 0, which
+    does not change the ranking within a row.
+    """
+    if grad_ND.shape[0] != idx_NK.shape[0] or vals_NK.shape != idx_NK.shape:
+        raise ValueError(f"shape mismatch: grad {tuple(grad_ND.shape)}, vals {tuple(vals_NK.shape)}, "
+                         f"idx {tuple(idx_NK.shape)}")
+    K, D = idx_NK.shape[1], grad_ND.shape[1]
+    rows = max(1, ATTRIBUTION_CHUNK_ELEMS // max(1, K * D))  # rows per chunk of the gathered (rows, K, D) block
+    dots = [torch.einsum("nkd,nd->nk", W_dec_LD[idx_NK[i:i + rows]], grad_ND[i:i + rows].to(W_dec_LD.dtype))
+            for i in range(0, idx_NK.shape[0], rows)]
+    return vals_NK * torch.cat(dots).to(vals_NK.dtype)
+
+
+def top_concepts(scores_NK: torch.Tensor, idx_NK: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top` active latents per row by SIGNED score, descending: (concept_ids_NT, scores_NT).
+
+    Sign convention (as in the CoCoMix code): score = a_i * dLoss/da_i, and setting a_i to 0 changes the loss by
+    -score to first order, so the largest positive score is the latent whose removal would lower the loss most.
+    Unlike the CoCoMix code (a top-k over all L latents, which returns arbitrary zero-score inactive latents when
+    fewer than `top` scores are positive), this picks only among the K active latents, negative scores included.
+    """
+    if not 1 <= top <= scores_NK.shape[-1]:
+        raise ValueError(f"top must be in [1, K={scores_NK.shape[-1]}], got {top}")
+    scores_NT, pos_NT = scores_NK.topk(top, dim=-1, sorted=True)
+    return idx_NK.gather(-1, pos_NT), scores_NT

@@ -1,0 +1,194 @@
+"""Stage train_sae: a TopK sparse autoencoder on the reference model's residual stream (CoCoMix's concept source).
+
+Reads the tokenize_corpus artifact (split `train` for activations, `val` to evaluate) and the train_reference
+model. Activations stream from the reference in batches of whole windows (bounded memory): the residual after
+block `sae.layer`, layer-normalised per token (stages/models/sae.py). Recipe: tied init, unit-norm decoder rows
+with the parallel gradient component removed, pre-bias at the geometric median of the first batch, Adam,
+AuxK over dead latents. A failed build starts over (training takes about a minute on the default run).
+Files written into the artifact directory:
+    sae.safetensors, sae.json   the SAE (sae.json: d_model, num_latents, k, layer, reference key)
+    metrics.parquet             schemas.tables.METRICS: train/fvu, train/l0, train/aux_loss, train/dead_fraction,
+                                train/rows_per_s, eval/fvu, eval/l0, eval/dead_fraction, eval/clean_loss,
+                                eval/spliced_loss, eval/spliced_loss_increase (reference next-token loss with
+                                the reconstruction in place of the activation, minus the clean loss)
+"""
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+
+from schemas.configs import SAEConfig
+from schemas.manifest import Manifest
+from schemas.tables import METRICS
+from stages.models.gpt import GPT
+from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
+from stages.models.saved import load_model
+from stages.registry import NodeDecl, Stage
+from stages.training.data import WindowOrder
+from stages.training.devices import resolve_device
+from stages.training.progress import format_duration
+from storage.atomic import atomic_path, write_text_atomic
+from storage.catalog import TableSpec
+from storage.parquet import write_table
+from storage.windows import TokenWindows
+
+log = logging.getLogger(__name__)
+
+SAE_WEIGHTS, SAE_META = "sae.safetensors", "sae.json"
+WARMUP_STEPS = 20
+
+
+def sae_layer(cfg: SAEConfig, num_layers: int) -> int:
+    """The reference block whose output the SAE reads (default: num_layers // 2 - 1, the middle)."""
+    return cfg.layer if cfg.layer is not None else max(0, num_layers // 2 - 1)
+
+
+def sae_shape(cfg: SAEConfig, d_model: int) -> tuple[int, int]:
+    """(num_latents, k): expansion * d_model latents; k = min(32, d_model // 8) unless set."""
+    return cfg.expansion * d_model, cfg.k if cfg.k is not None else max(1, min(32, d_model // 8))
+
+
+def residual_at(model: GPT, inputs_BT: torch.Tensor, layer: int) -> torch.Tensor:
+    """The residual stream after block `layer` (B, T, D)."""
+    h_BTD, _ = model.run_blocks(model.embed(inputs_BT), 0, layer + 1)
+    return h_BTD
+
+
+def next_token_loss_from(model: GPT, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss when the residual after block `layer` is h (runs the remaining blocks and head 0)."""
+    out_BTD, _ = model.run_blocks(h_BTD, layer + 1, model.num_trunk_layers + 1)
+    logits_BTV = model.logits(out_BTD)
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+
+
+@torch.no_grad()
+def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np.ndarray, layer: int,
+                 device: torch.device, batch_size: int = 16) -> dict[str, float]:
+    """FVU, L0, clean and spliced-in reference loss over the given windows."""
+    sq_err = sq_dev = l0 = clean = spliced = 0.0
+    rows = 0
+    for start in range(0, len(window_ids), batch_size):
+        inputs_BT, targets_BT = windows.batch(window_ids[start:start + batch_size], device)
+        h_BTD = residual_at(model, inputs_BT, layer)
+        xn_BTD, mu_BT1, std_BT1 = layer_norm_stats(h_BTD)
+        out = sae(xn_BTD.flatten(0, 1))
+        xn_ND = xn_BTD.flatten(0, 1)
+        sq_err += float((out.xhat_ND - xn_ND).pow(2).sum())
+        sq_dev += float((xn_ND - xn_ND.mean(0)).pow(2).sum())
+        l0 += float((out.vals_NK > 0).sum())
+        n = xn_ND.shape[0]
+        rows += n
+        clean += float(next_token_loss_from(model, h_BTD, layer, targets_BT)) * n
+        recon_BTD = out.xhat_ND.view_as(h_BTD) * std_BT1 + mu_BT1
+        spliced += float(next_token_loss_from(model, recon_BTD, layer, targets_BT)) * n
+    clean, spliced = clean / rows, spliced / rows
+    return {"fvu": sq_err / max(sq_dev, 1e-12), "l0": l0 / rows, "clean_loss": clean, "spliced_loss": spliced,
+            "spliced_loss_increase": spliced - clean}
+
+
+def spread_ids(num_windows: int, count: int) -> np.ndarray:
+    """`count` window ids spread evenly over the whole split (all of them when there are fewer)."""
+    return np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64))
+
+
+def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
+    """Train the SAE on the reference's residual stream over `train`; returns its final metrics."""
+    tokens, reference = inputs["tokens"], inputs["reference"]
+    out, device = Path(out), resolve_device(cfg.device)
+    model = load_model(Path(reference.path), device).requires_grad_(False)
+    layer = sae_layer(cfg, model.cfg.num_layers)
+    if layer > model.num_trunk_layers:
+        raise ValueError(f"sae.layer={layer} is outside the reference's blocks 0..{model.num_trunk_layers}")
+    num_latents, k = sae_shape(cfg, model.cfg.d_model)
+    train_windows, val_windows = (TokenWindows.from_manifest(tokens, s) for s in ("train", "val"))
+    windows_per_step = max(1, cfg.batch_rows // train_windows.seq_len)
+    total_steps = math.ceil(cfg.max_tokens / (windows_per_step * train_windows.seq_len))
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(model.cfg.d_model, num_latents, k).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
+    tracker = DeadLatentTracker(num_latents, device)
+    order = WindowOrder(len(train_windows), cfg.seed)
+    eval_ids = spread_ids(len(val_windows), cfg.eval_windows)
+    aux_k = cfg.aux_k or max(1, model.cfg.d_model // 2)
+    log.info("train_sae: %d latents, k=%d, layer %d, %d steps x %d rows on %s", num_latents, k, layer,
+             total_steps, windows_per_step * train_windows.seq_len, device)
+    metrics: list[tuple] = []
+    rows_seen, started, interval = 0, time.perf_counter(), time.perf_counter()
+    final = {}
+    for step in range(1, total_steps + 1):
+        inputs_BT, _ = train_windows.batch(order.take(windows_per_step), device)
+        with torch.no_grad():
+            xn_ND, _, _ = layer_norm_stats(residual_at(model, inputs_BT, layer).flatten(0, 1))
+        if step == 1:
+            sae.init_pre_bias_(xn_ND)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, step / WARMUP_STEPS)
+        dead_L = tracker.dead_mask(cfg.dead_tokens)
+        out_sae = sae(xn_ND)
+        loss, stats = sae_loss(sae, xn_ND, dead_L, aux_k, cfg.aux_coef, out=out_sae)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad_()
+        optimizer.step()
+        sae.normalize_decoder_()
+        tracker.update(out_sae.idx_NK.detach(), out_sae.vals_NK.detach(), xn_ND.shape[0])
+        rows_seen += xn_ND.shape[0]
+        for name, value in stats.items():
+            metrics.append((step, rows_seen, f"train/{name}", float(value)))
+        if step % 10 == 0 or step == total_steps:
+            rows_per_s = 10 * xn_ND.shape[0] / max(time.perf_counter() - interval, 1e-9) if step % 10 == 0 else 0.0
+            interval = time.perf_counter()
+            metrics.append((step, rows_seen, "train/rows_per_s", rows_per_s))
+            eta = (total_steps - step) * (time.perf_counter() - started) / step
+            log.info("train_sae step %d/%d | fvu %.3f | l0 %.1f | dead %.1f%% | rows/s %s | eta %s", step, total_steps,
+                     float(stats["fvu"]), float(stats["l0"]), 100 * float(stats["dead_fraction"]),
+                     f"{rows_per_s:,.0f}", format_duration(eta))
+        if step % cfg.eval_every_steps == 0 or step == total_steps:
+            final = evaluate_sae(sae, model, val_windows, eval_ids, layer, device)
+            final["dead_fraction"] = float(tracker.dead_mask(cfg.dead_tokens).float().mean())
+            metrics += [(step, rows_seen, f"eval/{name}", value) for name, value in final.items()]
+            log.info("train_sae eval step %d | %s", step, " | ".join(f"{n} {v:.4f}" for n, v in final.items()))
+    save_sae(out, sae, {"layer": layer, "reference_key": reference.key})
+    write_table(out / "metrics.parquet", {"step": [m[0] for m in metrics], "tokens_seen": [m[1] for m in metrics],
+                                          "name": [m[2] for m in metrics], "value": [m[3] for m in metrics]}, METRICS)
+    return {"num_latents": num_latents, "k": k, "layer": layer, "rows": rows_seen, **final,
+            "rows_per_s": round(rows_seen / (time.perf_counter() - started), 1)}
+
+
+def save_sae(directory: Path, sae: TopKSAE, meta: dict) -> None:
+    """sae.safetensors + sae.json (its config and `meta`)."""
+    import json
+
+    with atomic_path(Path(directory) / SAE_WEIGHTS) as tmp:
+        save_safetensors_model(sae, str(tmp))
+    write_text_atomic(Path(directory) / SAE_META, json.dumps(sae.config() | meta, indent=2, sort_keys=True))
+
+
+def load_sae(directory: Path, device: torch.device | str = "cpu") -> tuple[TopKSAE, dict]:
+    """The SAE of a train_sae artifact and its sae.json."""
+    import json
+
+    meta_path = Path(directory) / SAE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: rebuild train_sae (lmpipe run --force train_sae)")
+    meta = json.loads(meta_path.read_text())
+    sae = TopKSAE(int(meta["d_model"]), int(meta["num_latents"]), int(meta["k"]))
+    load_safetensors_model(sae, str(Path(directory) / SAE_WEIGHTS), strict=True)
+    return sae.to(device).eval(), meta
+
+
+STAGE = Stage(
+    name="train_sae", code_version="1", config_type=SAEConfig,
+    nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_reference"})],
+    run=run,
+    tables={"sae_metrics": TableSpec("train_sae", "metrics.parquet")},
+    on_demand=True,
+    description="TopK sparse autoencoder on the reference's residual stream",
+)

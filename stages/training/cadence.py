@@ -1,0 +1,100 @@
+"""The train loop's periodic components: evaluation on validation splits (+ probe set) and checkpointing."""
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from stages.training.rng import rng_state, set_rng_state
+from stages.training.state import RunState
+from stages.training.windowed import token_losses
+from storage import checkpoints
+from storage.windows import TokenWindows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed validation windows whose per-token losses are recorded at every evaluation."""
+
+    split: str
+    window_ids: np.ndarray
+
+
+class Evaluator:
+    """Mean loss on every validation split every `every` steps (and at the end), plus probe per-token losses."""
+
+    def __init__(self, val_windows: dict[str, TokenWindows], probe: ProbeSet | None, every: int, max_windows: int,
+                 batch_size: int, device: torch.device, label: str):
+        if probe is not None and probe.split not in val_windows:
+            raise ValueError(f"{label}: probe split {probe.split!r} is not a validation split ({list(val_windows)})")
+        for split in [split for split, windows in val_windows.items() if len(windows) == 0]:
+            log.warning("%s: validation split %s has no complete window; it is not evaluated", label, split)
+        self.val_windows = {split: windows for split, windows in val_windows.items() if len(windows)}
+        self.probe, self.every, self.max_windows = probe, every, max_windows
+        self.batch_size, self.device, self.label = batch_size, device, label
+        self.last: dict[str, float] = {}
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Evaluate after this step?"""
+        return step % self.every == 0 or step == total_steps
+
+    def __call__(self, model: nn.Module, state: RunState) -> dict[str, float]:
+        """Evaluate now; appends metric rows and probe losses to the state; returns split -> loss."""
+        for split, windows in self.val_windows.items():
+            ids = np.arange(min(self.max_windows, len(windows)))
+            loss = float(token_losses(model, windows, ids, self.batch_size, self.device).astype(np.float64).mean())
+            self.last[split] = loss
+            state.log(f"val/{split}/loss", loss)
+            state.log(f"val/{split}/ppl", math.exp(min(loss, 700.0)))
+        if self.probe is not None:
+            windows = self.val_windows[self.probe.split]
+            loss_NT = token_losses(model, windows, self.probe.window_ids, self.batch_size, self.device)
+            state.probe.append({"step": state.step, "tokens_seen": state.tokens_seen, "split": self.probe.split,
+                                "token_index": torch.from_numpy(windows.target_index(self.probe.window_ids).ravel()),
+                                "loss": torch.from_numpy(loss_NT.ravel())})
+        log.info("%s eval step %d | %s", self.label, state.step,
+                 " | ".join(f"{s} {v:.4f}" for s, v in self.last.items()))
+        return dict(self.last)
+
+
+class Checkpointer:
+    """Writes a resumable checkpoint every `every` steps (not after the last) and restores the newest one."""
+
+    def __init__(self, work_dir: Path, every: int, label: str):
+        self.directory, self.every, self.label = checkpoints.checkpoint_dir(work_dir), every, label
+
+    def maybe_save(self, state: RunState, model: nn.Module, optimizer, total_steps: int) -> None:
+        """Checkpoint after this step when due."""
+        if state.step % self.every == 0 and state.step < total_steps:
+            checkpoints.save_checkpoint(self.directory, state.step, {
+                "run": state.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng_state()})
+
+    def restore(self, state: RunState, model: nn.Module, optimizer) -> bool:
+        """Load the newest checkpoint into state, model, optimizer and RNGs; False when there is none."""
+        path = checkpoints.latest_checkpoint(self.directory)
+        if path is None:
+            return False
+        saved = checkpoints.load_checkpoint(path)  # onto the CPU: RNG states must be CPU tensors
+        try:
+            state.load_state_dict(saved["run"])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"{self.label}: cannot resume from {path}: {err}; delete {self.directory} "
+                             "to start over") from None
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        log.info("%s: resuming from %s (step %d/%d)", self.label, path, state.step, state.schedule[0])
+        return True
+
+    def clear(self) -> None:
+        """Remove the checkpoints once the final model is saved."""
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
