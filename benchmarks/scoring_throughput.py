@@ -15,7 +15,8 @@ d_model=128), swiglu), vocab 4096, seq_len 128; inputs: `--batch` windows of ran
 Variants run round-robin inside each repeat (so load drift hits all of them alike); tokens/s per repeat =
 calls * batch * seq_len / seconds; reported: median and best over repeats, ratio = variant / forward tokens/s
 (median: `ratio`; best: `ratio best`). The machine may be shared: the busy fraction of all CPUs before the run
-and the 1-minute load average before and after are in the JSON; rerun when the median and best disagree much.
+(and, with --wait-quiet, before each repeat, after waiting for < 25% busy) and the 1-minute load average before
+and after are in the JSON; rerun when the median and best disagree much.
 """
 
 import argparse
@@ -68,6 +69,15 @@ def cpu_busy_fraction(seconds: float = 0.5) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+def wait_quiet(max_seconds: float, threshold: float = 0.25) -> float:
+    """Wait (up to max_seconds) until under `threshold` of the CPUs are busy; returns the last busy fraction."""
+    deadline = time.monotonic() + max_seconds
+    busy = cpu_busy_fraction()
+    while busy > threshold and time.monotonic() < deadline:
+        busy = cpu_busy_fraction()
+    return busy
+
+
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -117,15 +127,18 @@ def check_outputs(model, inputs_BT, targets_BT) -> dict:
                 "token_loss": diff(token_loss(logits_BTV, targets_BT), ce)}
 
 
-def measure(batch: int, repeats: int, warmup: int, calls: int) -> dict:
+def measure(batch: int, repeats: int, warmup: int, calls: int, quiet_s: float) -> tuple[dict, list[float]]:
     model, inputs_BT, targets_BT = build(batch)
     fns = variants(model, inputs_BT, targets_BT)
     seconds = {name: [] for name in fns}
+    busy = []
     with torch.inference_mode():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
         for _ in range(repeats):
+            if quiet_s > 0:
+                busy.append(round(wait_quiet(quiet_s), 3))
             for name, fn in fns.items():
                 started = time.perf_counter()
                 for _ in range(calls):
@@ -141,7 +154,7 @@ def measure(batch: int, repeats: int, warmup: int, calls: int) -> dict:
         row["ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["ratio_best"] = row["tokens_per_s_best"] / base["tokens_per_s_best"]
         row["overhead_ms"] = row["ms_per_batch"] - base["ms_per_batch"]
-    return rows
+    return rows, busy
 
 
 def main() -> None:
@@ -151,20 +164,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--calls", type=int, default=3, help="calls per variant per repeat")
     parser.add_argument("--batch", type=int, default=32, help="windows per batch")
+    parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="SECONDS",
+                        help="before each repeat wait up to this long for the CPUs to be < 25%% busy (0: never)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup, args.calls = 3, 1, 1
     busy = cpu_busy_fraction()
     load_before = load_average()
-    rows = measure(args.batch, args.repeats, args.warmup, args.calls)
+    rows, busy_per_repeat = measure(args.batch, args.repeats, args.warmup, args.calls, args.wait_quiet)
     model, inputs_BT, targets_BT = build(args.batch)
     result = {
         "config": {"num_layers": 4, "num_heads": 4, "d_model": 128, "mlp": "swiglu", "vocab_size": VOCAB,
                    "seq_len": SEQ_LEN, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
                    "calls": args.calls, "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "device": "cpu"},
-        "cpu_busy_before": round(busy, 3), "load_before": load_before, "load_after": load_average(),
+        "cpu_busy_before": round(busy, 3), "cpu_busy_before_each_repeat": busy_per_repeat,
+        "load_before": load_before, "load_after": load_average(),
         "max_abs_diff_vs_old": check_outputs(model, inputs_BT, targets_BT),
         "rows": rows,
     }

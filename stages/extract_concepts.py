@@ -31,9 +31,8 @@ from schemas.configs import ExtractConfig
 from schemas.manifest import Manifest
 from schemas.tables import CONCEPT_ACTIVE, CONCEPT_PEAKS, CONCEPTS, TOKEN_CONCEPTS
 from stages.models.sae import attribution_scores, layer_norm_stats, top_concepts
-from stages.models.saved import load_model
+from stages.models.saved import load_model, load_sae
 from stages.registry import NodeDecl, Shards, Stage, TokenTable, parse_shard_id, shard_ranges, window_shard_ids
-from stages.train_sae import load_sae, next_token_loss_from, residual_at
 from stages.training.devices import resolve_device
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
@@ -48,10 +47,10 @@ TOP_TOKENS = 5
 def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, layer: int, top: int):
     """(concept_ids_NT, scores_NT, vals_NK, idx_NK) for the B*T positions of a batch of windows."""
     with torch.no_grad():
-        h_BTD = residual_at(model, inputs_BT, layer)
+        h_BTD = model.residual_after(inputs_BT, layer)
     h_BTD = h_BTD.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = next_token_loss_from(model, h_BTD, layer, targets_BT)
+        loss = model.loss_from(h_BTD, layer, targets_BT)
         (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
     with torch.no_grad():
         xn_ND, _, _ = layer_norm_stats(h_BTD.detach().flatten(0, 1))

@@ -97,6 +97,22 @@ class Stage:
     """One line for the UI and the CLI."""
 
 
+_EXTRA: dict[str, Stage] = {}
+"""Stages registered at run time (plugins, tests), planned after the built-in ones."""
+
+
+def register(stage: Stage) -> None:
+    """Add a stage defined outside stages/ (e.g. a plugin or a test); its upstream stages must be registered."""
+    if stage.name in STAGE_MODULES:
+        raise ValueError(f"stage {stage.name!r} is built in; pick another name")
+    _EXTRA[stage.name] = stage
+
+
+def unregister(name: str) -> None:
+    """Remove a stage added with register()."""
+    _EXTRA.pop(name, None)
+
+
 def stages() -> dict[str, Stage]:
     """Every registered stage by name, in DAG order (imports the stage modules)."""
     found = {}
@@ -105,7 +121,7 @@ def stages() -> dict[str, Stage]:
         if stage.name != module_name:
             raise AssertionError(f"stages/{module_name}.py declares STAGE.name={stage.name!r}")
         found[stage.name] = stage
-    return found
+    return found | _EXTRA
 
 
 def stage(name: str) -> Stage:

@@ -20,28 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
 
 from schemas.configs import SAEConfig
 from schemas.manifest import Manifest
 from schemas.tables import METRICS
 from stages.models.gpt import GPT
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
-from stages.models.saved import load_model
+from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
 from stages.training.data import WindowOrder
 from stages.training.devices import resolve_device
 from stages.training.progress import format_duration
-from storage.atomic import atomic_path, write_text_atomic
 from storage.catalog import TableSpec
 from storage.parquet import write_table
 from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
 
-SAE_WEIGHTS, SAE_META = "sae.safetensors", "sae.json"
 WARMUP_STEPS = 20
 
 
@@ -55,19 +50,6 @@ def sae_shape(cfg: SAEConfig, d_model: int) -> tuple[int, int]:
     return cfg.expansion * d_model, cfg.k if cfg.k is not None else max(1, min(32, d_model // 8))
 
 
-def residual_at(model: GPT, inputs_BT: torch.Tensor, layer: int) -> torch.Tensor:
-    """The residual stream after block `layer` (B, T, D)."""
-    h_BTD, _ = model.run_blocks(model.embed(inputs_BT), 0, layer + 1)
-    return h_BTD
-
-
-def next_token_loss_from(model: GPT, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss when the residual after block `layer` is h (runs the remaining blocks and head 0)."""
-    out_BTD, _ = model.run_blocks(h_BTD, layer + 1, model.num_trunk_layers + 1)
-    logits_BTV = model.logits(out_BTD)
-    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
-
-
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np.ndarray, layer: int,
                  device: torch.device, batch_size: int = 16) -> dict[str, float]:
@@ -76,7 +58,7 @@ def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np
     rows = 0
     for start in range(0, len(window_ids), batch_size):
         inputs_BT, targets_BT = windows.batch(window_ids[start:start + batch_size], device)
-        h_BTD = residual_at(model, inputs_BT, layer)
+        h_BTD = model.residual_after(inputs_BT, layer)
         xn_BTD, mu_BT1, std_BT1 = layer_norm_stats(h_BTD)
         out = sae(xn_BTD.flatten(0, 1))
         xn_ND = xn_BTD.flatten(0, 1)
@@ -85,9 +67,9 @@ def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np
         l0 += float((out.vals_NK > 0).sum())
         n = xn_ND.shape[0]
         rows += n
-        clean += float(next_token_loss_from(model, h_BTD, layer, targets_BT)) * n
+        clean += float(model.loss_from(h_BTD, layer, targets_BT)) * n
         recon_BTD = out.xhat_ND.view_as(h_BTD) * std_BT1 + mu_BT1
-        spliced += float(next_token_loss_from(model, recon_BTD, layer, targets_BT)) * n
+        spliced += float(model.loss_from(recon_BTD, layer, targets_BT)) * n
     clean, spliced = clean / rows, spliced / rows
     return {"fvu": sq_err / max(sq_dev, 1e-12), "l0": l0 / rows, "clean_loss": clean, "spliced_loss": spliced,
             "spliced_loss_increase": spliced - clean}
@@ -125,7 +107,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     for step in range(1, total_steps + 1):
         inputs_BT, _ = train_windows.batch(order.take(windows_per_step), device)
         with torch.no_grad():
-            xn_ND, _, _ = layer_norm_stats(residual_at(model, inputs_BT, layer).flatten(0, 1))
+            xn_ND, _, _ = layer_norm_stats(model.residual_after(inputs_BT, layer).flatten(0, 1))
         if step == 1:
             sae.init_pre_bias_(xn_ND)
         for group in optimizer.param_groups:
@@ -160,28 +142,6 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
                                           "name": [m[2] for m in metrics], "value": [m[3] for m in metrics]}, METRICS)
     return {"num_latents": num_latents, "k": k, "layer": layer, "rows": rows_seen, **final,
             "rows_per_s": round(rows_seen / (time.perf_counter() - started), 1)}
-
-
-def save_sae(directory: Path, sae: TopKSAE, meta: dict) -> None:
-    """sae.safetensors + sae.json (its config and `meta`)."""
-    import json
-
-    with atomic_path(Path(directory) / SAE_WEIGHTS) as tmp:
-        save_safetensors_model(sae, str(tmp))
-    write_text_atomic(Path(directory) / SAE_META, json.dumps(sae.config() | meta, indent=2, sort_keys=True))
-
-
-def load_sae(directory: Path, device: torch.device | str = "cpu") -> tuple[TopKSAE, dict]:
-    """The SAE of a train_sae artifact and its sae.json."""
-    import json
-
-    meta_path = Path(directory) / SAE_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: rebuild train_sae (lmpipe run --force train_sae)")
-    meta = json.loads(meta_path.read_text())
-    sae = TopKSAE(int(meta["d_model"]), int(meta["num_latents"]), int(meta["k"]))
-    load_safetensors_model(sae, str(Path(directory) / SAE_WEIGHTS), strict=True)
-    return sae.to(device).eval(), meta
 
 
 STAGE = Stage(

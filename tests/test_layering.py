@@ -28,3 +28,15 @@ def test_package_imports_point_one_way(package):
     offenders = {str(path.relative_to(ROOT)): sorted(_imported_packages(path) & FORBIDDEN[package])
                  for path in (ROOT / package).rglob("*.py")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_stage_modules_do_not_import_each_other():
+    """Shared code lives in stages' subpackages, storage or the registry, never in another stage's module."""
+    from stages.registry import STAGE_MODULES
+
+    for name in STAGE_MODULES:
+        tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"stages.{a.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.module == "stages" for a in node.names}
+        assert not {f"stages.{other}" for other in STAGE_MODULES if other != name} & imported, name

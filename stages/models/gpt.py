@@ -278,6 +278,17 @@ class GPT(nn.Module):
             cache.pos += idx_BT.shape[1]
         return logits_BTV
 
+    def residual_after(self, idx_BT: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream after block `layer` (trunk blocks, then head 0), inserts applied before it."""
+        h_BSD, _ = self.run_blocks(self.embed(idx_BT), 0, layer + 1)
+        return h_BSD
+
+    def loss_from(self, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss (fp32) when the residual after block `layer` is h_BTD (runs the remaining blocks
+        and head 0; a model without interleaving inserts after `layer`)."""
+        out_BTD, _ = self.run_blocks(h_BTD, layer + 1, self.num_trunk_layers + 1)
+        return F.cross_entropy(self.logits(out_BTD).float().flatten(0, 1), targets_BT.flatten())
+
     def forward_heads(self, idx_BT: torch.Tensor) -> tuple[list[torch.Tensor], TrunkOutput]:
         """Logits of every head (element i predicts token t+1+i) and the trunk output they share."""
         trunk_out = self.trunk(idx_BT)

@@ -1,13 +1,19 @@
-"""Load a model saved by storage.checkpoints.save_model (model.safetensors + model.json) back into a GPT."""
+"""Model files of artifacts: a GPT saved by storage.checkpoints.save_model, and the SAE of train_sae."""
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from schemas.configs import ModelConfig
 from stages.models.gpt import GPT
+from stages.models.sae import TopKSAE
+from storage.atomic import atomic_path, write_text_atomic
 from storage.checkpoints import MODEL_WEIGHTS, read_model_meta
+
+SAE_WEIGHTS, SAE_META = "sae.safetensors", "sae.json"
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> GPT:
@@ -19,3 +25,21 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> GPT:
     missing, unexpected = load_safetensors_model(model, str(Path(directory) / MODEL_WEIGHTS), strict=True)
     assert not missing and not unexpected, (missing, unexpected)
     return model.to(device).eval()
+
+
+def save_sae(directory: Path, sae: TopKSAE, meta: dict) -> None:
+    """sae.safetensors + sae.json (its config and `meta`)."""
+    with atomic_path(Path(directory) / SAE_WEIGHTS) as tmp:
+        save_safetensors_model(sae, str(tmp))
+    write_text_atomic(Path(directory) / SAE_META, json.dumps(sae.config() | meta, indent=2, sort_keys=True))
+
+
+def load_sae(directory: Path, device: torch.device | str = "cpu") -> tuple[TopKSAE, dict]:
+    """The SAE of a train_sae artifact and its sae.json."""
+    meta_path = Path(directory) / SAE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: rebuild train_sae (lmpipe run --force train_sae)")
+    meta = json.loads(meta_path.read_text())
+    sae = TopKSAE(int(meta["d_model"]), int(meta["num_latents"]), int(meta["k"]))
+    load_safetensors_model(sae, str(Path(directory) / SAE_WEIGHTS), strict=True)
+    return sae.to(device).eval(), meta
