@@ -1,4 +1,4 @@
-"""`lmpipe export`, `lmpipe generate` and `lmpipe report`: use what the pipeline built (no prefect)."""
+"""`lmpipe export`, `generate`, `steer` and `report`: use what the pipeline built (no prefect)."""
 
 from pathlib import Path
 
@@ -64,6 +64,63 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def concept_description(model: Manifest, concept: int) -> dict:
+    """The `concepts` table row of a concept of the SAE a concept model was trained with."""
+    import pyarrow.parquet as pq
+
+    key = model.upstream.get("concepts")
+    path = artifact_dir("extract_concepts", key) / "concepts.parquet" if key else None
+    if path is None or not path.is_file():
+        raise MissingArtifactError(f"no concepts table for {model.stage}/{model.key} (extract_concepts/{key}); "
+                                   "rebuild with: lmpipe run --only extract_concepts")
+    rows = pq.read_table(path, filters=[("concept_id", "=", concept)]).to_pylist()
+    if not rows:
+        raise ValueError(f"concept {concept} is not in {path}")
+    return rows[0]
+
+
+def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int = 56) -> str:
+    """Two titled texts in columns, wrapped to `width` characters."""
+    import textwrap
+    from itertools import zip_longest
+
+    columns = [[title, "-" * len(title)] + textwrap.wrap(text.replace("\n", " / "), width)
+               for title, text in (left, right)]
+    return "\n".join(f"{a:<{width}}  |  {b}" for a, b in zip_longest(*columns, fillvalue=""))
+
+
+def cmd_steer(args) -> int:
+    """Generate with one CoCoMix concept amplified (scale > 0) or suppressed (< 0), beside scale 0."""
+    from tokenizers import Tokenizer
+
+    from stages.inference.generate import generate_text
+    from stages.models.inserts import ConceptMixer
+    from stages.models.saved import load_model
+
+    manifest = resolve_model(args.model, args)
+    model = load_model(Path(manifest.path), "cpu")
+    mixers = [m for m in model.inserts.values() if isinstance(m, ConceptMixer)]
+    if not mixers:
+        raise ValueError(f"model {args.model!r} has no concept insert to steer; pick a CoCoMix variant "
+                         "(one with `concepts` set, e.g. cocomix)")
+    mixer = mixers[0]
+    if not 0 <= args.concept < mixer.num_latents:
+        raise ValueError(f"--concept {args.concept} is outside 0..{mixer.num_latents - 1}")
+    about = concept_description(manifest, args.concept)
+    print(f"concept {args.concept}: active on {about['frequency']:.2%} of train tokens, a label "
+          f"{about['num_labelled']:,} times; top tokens: {', '.join(about['top_tokens']) or '-'}")
+    for context in about["top_contexts"]:
+        print(f"  context: {context!r}")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path(manifest)))
+    texts = []
+    for scale in (0.0, args.scale):
+        mixer.steer = {args.concept: scale} if scale else {}
+        texts.append((f"scale {scale:g}", args.prompt + generate_text(model, tokenizer, args.prompt,
+                                                                      max_new_tokens=args.max_new_tokens)))
+    print("\n" + side_by_side(*texts))
+    return 0
+
+
 def cmd_report(args) -> int:
     """Print the latest evaluation report (Markdown) and the paths of its plots."""
     node = plan(load_config(args.preset, args.config, args.overrides))["evaluate"]
@@ -97,6 +154,15 @@ def add_commands(sub, config_args) -> None:
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(fn=cmd_generate)
+    steer = sub.add_parser("steer", help=cmd_steer.__doc__)
+    config_args(steer)
+    steer.add_argument("--model", default="cocomix", help="a CoCoMix variant name, artifact key or directory")
+    steer.add_argument("--concept", type=int, required=True, help="concept (SAE latent) id; see `concepts` in sql")
+    steer.add_argument("--scale", type=float, default=1.0,
+                       help="add scale * max|z| to the concept's predicted logit (< 0 suppresses)")
+    steer.add_argument("--prompt", required=True)
+    steer.add_argument("--max-new-tokens", type=int, default=40)
+    steer.set_defaults(fn=cmd_steer)
     report = sub.add_parser("report", help=cmd_report.__doc__)
     config_args(report)
     report.set_defaults(fn=cmd_report)

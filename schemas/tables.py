@@ -156,3 +156,17 @@ CONCEPT_PEAKS = pa.schema([
     pa.field("activation", pa.float32(), nullable=False),
 ])
 """extract_concepts sidecar per shard: each latent's highest activations (token_index of the firing input token)."""
+
+COMPUTE = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("num_params", pa.int64(), nullable=False),
+    pa.field("train_flops_per_token", pa.float64(), nullable=False),
+    pa.field("train_flops", pa.float64()),
+    pa.field("val_loss_at_baseline_flops", pa.float64()),
+    pa.field("flops_to_baseline_val", pa.float64()),
+    pa.field("flops_ratio_to_baseline_val", pa.float64()),
+])
+"""The compute ledger (evaluate): training FLOPs per token of each target (stages/evaluation/flops.py: 3 x forward
+matmul FLOPs, interleaved blocks counted twice, a distillation teacher's forward added), its total, its
+training-time val loss interpolated at the baseline's total FLOPs, and the FLOPs it needed to reach the
+baseline's final val loss (null if never) with the ratio to the baseline's own."""

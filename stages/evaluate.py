@@ -7,8 +7,11 @@ Output files in `out`:
     comparison.parquet     schemas.tables.COMPARISON: one row per model with final losses, tokens seen to reach the
                            baseline's final validation loss (and the ratio to the baseline's), dynamics fractions
     token_dynamics.parquet schemas.tables.TOKEN_DYNAMICS of every target that recorded >= 2 probe checkpoints
+    compute.parquet        schemas.tables.COMPUTE: training FLOPs per token and in total, val loss at the
+                           baseline's FLOPs, FLOPs to reach the baseline's final val loss
     report.md              the comparison as a Markdown table, plus the train split's unigram entropy
     val_loss.png           validation loss vs tokens seen per variant (one subplot per validation split)
+    val_loss_flops.png     validation loss vs training FLOPs per variant
     train_loss.png         training loss vs tokens seen per variant
 """
 
@@ -18,28 +21,36 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tokenizers import Tokenizer
 
 from schemas.configs import DynamicsConfig, EvaluateConfig, PipelineConfig
 from schemas.manifest import Manifest
-from schemas.tables import COMPARISON, EVAL_LOSSES, TOKEN_DYNAMICS
+from schemas.tables import COMPARISON, COMPUTE, EVAL_LOSSES, TOKEN_DYNAMICS
 from stages.corpus.packing import pack_stream
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
+from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
+from stages.evaluation.flops import compute_rows, training_flops_per_token
+from stages.evaluation.report import (
+    REFERENCE,
+    VAL_SPLITS,
+    compute_markdown,
+    concept_markdown,
+    plot_curves,
+    report_markdown,
+)
 from stages.models.saved import load_model
 from stages.registry import NodeDecl, Stage
 from stages.training.devices import resolve_device
 from stages.training.windowed import token_losses
 from storage.catalog import TableSpec
+from storage.checkpoints import read_model_meta
 from storage.parquet import read_table, write_table
 from storage.windows import TokenWindows, stream_file
 
 log = logging.getLogger(__name__)
 
-VAL_SPLITS = ("val", "ref_val")
-REFERENCE = "reference"
 EVAL_BATCH_WINDOWS = 16
 FRACTION_COLUMNS = ("frac_h_to_h", "frac_l_to_h", "frac_h_to_l", "frac_l_to_l")
 """comparison.parquet columns of dynamics.CATEGORIES, in that order."""
@@ -72,44 +83,6 @@ def mean_window_loss(model, stream_N: np.ndarray, seq_len: int, max_windows: int
     return loss_NT.size, float(loss_NT.astype(np.float64).mean())
 
 
-def first_reach(tokens_seen: np.ndarray, values: np.ndarray, level: float) -> float | None:
-    """Tokens seen when a loss curve first reaches `level`, linearly interpolated between evals; None if never."""
-    hits = np.flatnonzero(values <= level)
-    if not len(hits):
-        return None
-    i = int(hits[0])
-    if i == 0:
-        return float(tokens_seen[0])
-    t0, t1, v0, v1 = float(tokens_seen[i - 1]), float(tokens_seen[i]), float(values[i - 1]), float(values[i])
-    return t0 + (v0 - level) / (v0 - v1) * (t1 - t0)
-
-
-def metric_curve(metrics: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens_seen, value) of one metric sorted by tokens seen; a repeated eval keeps its last value."""
-    rows = metrics.filter(pc.equal(metrics["name"], name)).sort_by([("tokens_seen", "ascending"),
-                                                                            ("step", "ascending")])
-    tokens_seen, values = rows["tokens_seen"].to_numpy(), rows["value"].to_numpy().astype(np.float64)
-    keep = np.append(tokens_seen[1:] != tokens_seen[:-1], True) if len(tokens_seen) else np.zeros(0, bool)
-    return tokens_seen[keep], values[keep]
-
-
-def tokens_to_reach(metrics: dict[str, pa.Table], baseline: str, split: str) -> dict[str, tuple]:
-    """Per variant: (tokens seen to reach the baseline's final `val/<split>/loss`, ratio to the baseline's)."""
-    if baseline not in metrics:
-        raise ValueError(f"evaluate.baseline: {baseline!r} is not among the targets {sorted(metrics)}")
-    curves = {name: metric_curve(table, f"val/{split}/loss") for name, table in metrics.items()}
-    if not len(curves[baseline][1]):
-        return {name: (None, None) for name in curves}
-    level = float(curves[baseline][1][-1])
-    base_tokens = first_reach(*curves[baseline], level)
-    result = {}
-    for name, (tokens_seen, values) in curves.items():
-        reached = first_reach(tokens_seen, values, level)
-        ratio = reached / base_tokens if reached is not None and base_tokens else None
-        result[name] = (reached, ratio)
-    return result
-
-
 def unigram_entropy(stream_N: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> float:
     """Entropy in nats/token of the token frequencies of a stream (counted chunk by chunk)."""
     counts_V = np.zeros(vocab_size, np.int64)
@@ -123,86 +96,6 @@ def dynamics_threshold(target: Manifest) -> float:
     """delta_threshold of the target's dynamics config (TargetRun or {target, variant} layout)."""
     config = target.config.get("dynamics") or target.config.get("target", {}).get("dynamics") or {}
     return float(config.get("delta_threshold", DynamicsConfig().delta_threshold))
-
-
-def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path) -> list[str]:
-    """val_loss.png (one subplot per validation split) and train_loss.png; returns the file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(VAL_SPLITS), figsize=(6 * len(VAL_SPLITS), 4), squeeze=False)
-    for ax, split in zip(axes[0], VAL_SPLITS, strict=True):
-        for name, table in metrics.items():
-            ax.plot(*metric_curve(table, f"val/{split}/loss"), marker=".", label=name)
-        if (REFERENCE, split) in eval_losses:
-            ax.axhline(eval_losses[REFERENCE, split], color="grey", linestyle="--", label="reference (final)")
-        ax.set(title=f"validation loss: {split}", xlabel="tokens seen", ylabel="loss (nats/token)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, table in metrics.items():
-        ax.plot(*metric_curve(table, "train/head1/loss"), label=name)
-    # head1/loss is the next-token loss over ALL tokens; train/loss is what each objective optimises (selected
-    # tokens only, or a sum over heads), which is not comparable between variants
-    ax.set(title="training next-token loss (all tokens)", xlabel="tokens seen", ylabel="loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "train_loss.png", dpi=100)
-    plt.close(fig)
-    return ["val_loss.png", "train_loss.png"]
-
-
-def selection_summary(metrics: dict[str, pa.Table], last_fraction: float = 0.1) -> list[dict]:
-    """Selecting variants: selected fraction and loss on selected / unselected tokens, averaged over the last
-    `last_fraction` of logged steps."""
-    rows = []
-    for name, table in metrics.items():
-        steps, fraction = metric_curve(table, "train/selected_fraction")
-        if not len(steps):
-            continue
-        row = {"model": name}
-        for key in ("selected_fraction", "loss_selected", "loss_unselected"):
-            _, values = metric_curve(table, f"train/{key}")
-            tail = values[-max(1, int(len(values) * last_fraction)):]
-            row[key] = float(np.mean(tail)) if len(tail) else float("nan")
-        rows.append(row)
-    return rows
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list[dict],
-                    selection: list[dict] = ()) -> str:
-    """report.md text: the comparison table, extra-file losses and the unigram-entropy reference line."""
-    head = ["model", "val loss", "val ppl", "ref_val loss", "ref_val ppl", f"tokens to {baseline} val", "ratio",
-            f"tokens to {baseline} ref_val", "ratio", "H->H", "L->H", "H->L", "L->L"]
-    specs = [".4f", ".2f", ".4f", ".2f", ",.0f", ".3f", ",.0f", ".3f", ".1%", ".1%", ".1%", ".1%"]
-    keys = COMPARISON.names[1:]
-    lines = ["# lmpipe evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([row["model"]] + [_fmt(row[k], f) for k, f in zip(keys, specs, strict=True)]) + " |"
-              for row in rows]
-    lines += ["", f"- Unigram entropy of the train split: {entropy:.4f} nats/token (the train loss of the best "
-              "context-free model).",
-              f"- Tokens to reach: tokens seen when the training-time `val/<split>/loss` first reached {baseline}'s "
-              "final value (linear interpolation between evaluations); ratio < 1 means fewer tokens than the baseline.",
-              "- H->H ... L->L: share of probe tokens per loss-trajectory class (Rho-1 sec 2.1; "
-              "token_dynamics.parquet)."]
-    if selection:
-        lines += ["", "Token selection during training (mean over the last 10% of steps; next-token head, nats):",
-                  "", "| model | selected | loss on selected | loss on unselected |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {_fmt(r['selected_fraction'], '.1%')} | {_fmt(r['loss_selected'], '.4f')} | "
-                  f"{_fmt(r['loss_unselected'], '.4f')} |" for r in selection]
-    if extra:
-        lines += ["", "| model | file | tokens | loss | ppl |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['split']} | {r['num_tokens']} | {r['loss']:.4f} | {r['perplexity']:.2f} |"
-                  for r in extra]
-    return "\n".join(lines) + "\n"
 
 
 def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
@@ -276,16 +169,49 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     entropy = unigram_entropy(train_stream, vocab_size)
     extra = [r for r in eval_rows if r["split"].startswith("file:")]
     (out / "report.md").write_text(report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)))
-    plots = plot_curves(metrics, losses, out)
+    compute = compute_ledger(metrics, reference, dict(zip(names, targets, strict=True)), cfg.baseline)
+    write_table(out / "compute.parquet", pa.Table.from_pylist(compute, COMPUTE), COMPUTE)
+    concept_rows = concept_summary(metrics)
+    with open(out / "report.md", "a") as report:
+        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows))
+    flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}
+    plots = plot_curves(metrics, losses, out, flops_per_token)
     summary = {
         "final_losses": {name: {s: losses[name, s] for s in streams} for name in [REFERENCE] + names},
         "tokens_to_baseline": {s: {n: v[0] for n, v in r.items()} for s, r in reach.items()},
         "dynamics_fractions": fractions,
         "unigram_entropy_nats": entropy,
-        "files": ["eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "report.md", *plots],
+        "train_flops_per_token": flops_per_token,
+        "files": ["eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "compute.parquet",
+                  "report.md", *plots],
     }
     log.info("evaluate: %s", summary)
     return summary
+
+
+def compute_ledger(metrics: dict[str, pa.Table], reference: Manifest, targets: dict[str, Manifest],
+                   baseline: str) -> list[dict]:
+    """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when distilling)."""
+    reference_spec = read_model_meta(Path(reference.path))
+    fpt, params = {}, {}
+    for name, target in targets.items():
+        spec = read_model_meta(Path(target.path))
+        teacher = reference_spec if target.config["variant"].get("distill") else None
+        fpt[name] = training_flops_per_token(spec, teacher)
+        params[name] = int(target.summary.get("num_params", 0))
+    curves = {name: metric_curve(table, "val/val/loss") for name, table in metrics.items()}
+    return compute_rows(curves, fpt, params, baseline)
+
+
+def concept_summary(metrics: dict[str, pa.Table]) -> list[dict]:
+    """Variants with a concept loss: its mean and the top-1-in-labels rate over the last 10% of steps."""
+    rows = []
+    for name, table in metrics.items():
+        loss = tail_mean(table, "train/concept_loss")
+        if loss is not None:
+            rows.append({"model": name, "concept_loss": loss,
+                         "top1_in_labels": tail_mean(table, "train/concept_top1_in_labels")})
+    return rows
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
@@ -296,9 +222,10 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
 
 
 STAGE = Stage(
-    name="evaluate", code_version="1", config_type=EvaluateConfig, nodes=nodes, run=run,
+    name="evaluate", code_version="2", config_type=EvaluateConfig, nodes=nodes, run=run,
     tables={"eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
             "comparison": TableSpec("evaluate", "comparison.parquet"),
+            "compute": TableSpec("evaluate", "compute.parquet"),
             "token_dynamics": TableSpec("evaluate", "token_dynamics.parquet")},
     description="comparison tables, plots, token dynamics",
 )

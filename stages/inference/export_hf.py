@@ -87,8 +87,10 @@ def check_exportable(model: GPT) -> None:
         raise ValueError(f"model.mlp={model.cfg.mlp!r}: only SwiGLU models can be exported as Llama "
                          "(Llama has no GELU MLP)")
     if len(model.inserts):
-        raise ValueError(f"model has concept-mixing inserts after blocks {sorted(model.inserts.keys())}: "
-                         "a stock Llama cannot express them")
+        kinds = sorted({spec["kind"] for spec in model.insert_specs.values()})
+        raise ValueError(f"this model has {'/'.join(kinds)} inserts after blocks {sorted(model.insert_specs)} "
+                         "(CoCoMix concept mixing or pause slots), which a stock Hugging Face Llama cannot express; "
+                         "export a model without inserts (e.g. ntp or slm), or use it with `lmpipe generate`")
     if model.num_future_tokens > 1:
         logger.warning("dropping %d extra multi-token prediction heads (head_blocks[1:]): a Llama model keeps "
                        "only the next-token head", model.num_future_tokens - 1)

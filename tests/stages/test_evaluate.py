@@ -13,7 +13,8 @@ from schemas.configs import EvaluateConfig
 from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_DYNAMICS
 from stages import evaluate
 from stages.corpus.tokenizers import train_bpe
-from stages.evaluate import first_reach, tokens_to_reach, unigram_entropy
+from stages.evaluate import unigram_entropy
+from stages.evaluation.curves import first_reach, tokens_to_reach
 from stages.models.losses import token_loss
 from stages.models.saved import load_model
 from storage.parquet import write_table
@@ -154,7 +155,8 @@ def test_missing_extra_file_and_unknown_baseline_are_clear_errors(setup, tmp_pat
 
 
 def test_selection_summary_averages_the_last_steps_of_selecting_variants():
-    from stages.evaluate import report_markdown, selection_summary
+    from stages.evaluation.curves import selection_summary
+    from stages.evaluation.report import report_markdown
 
     slm = pa.concat_tables([curve_table([0.6] * 10, "train/selected_fraction"),
                             curve_table([5.0] * 9 + [3.0], "train/loss_selected"),

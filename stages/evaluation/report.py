@@ -1,0 +1,114 @@
+"""The evaluation report: Markdown tables and matplotlib plots of the comparison."""
+
+import math
+from pathlib import Path
+
+import pyarrow as pa
+
+from schemas.tables import COMPARISON
+from stages.evaluation.curves import metric_curve
+
+VAL_SPLITS = ("val", "ref_val")
+REFERENCE = "reference"
+
+
+def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
+                flops_per_token: dict[str, float] | None = None) -> list[str]:
+    """val_loss.png (one subplot per validation split), train_loss.png and, given FLOPs per token,
+    val_loss_flops.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(VAL_SPLITS), figsize=(6 * len(VAL_SPLITS), 4), squeeze=False)
+    for ax, split in zip(axes[0], VAL_SPLITS, strict=True):
+        for name, table in metrics.items():
+            ax.plot(*metric_curve(table, f"val/{split}/loss"), marker=".", label=name)
+        if (REFERENCE, split) in eval_losses:
+            ax.axhline(eval_losses[REFERENCE, split], color="grey", linestyle="--", label="reference (final)")
+        ax.set(title=f"validation loss: {split}", xlabel="tokens seen", ylabel="loss (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, table in metrics.items():
+        ax.plot(*metric_curve(table, "train/head1/loss"), label=name)
+    # head1/loss is the next-token loss over ALL tokens; train/loss is what each objective optimises (selected
+    # tokens only, or a sum over heads), which is not comparable between variants
+    ax.set(title="training next-token loss (all tokens)", xlabel="tokens seen", ylabel="loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "train_loss.png", dpi=100)
+    plt.close(fig)
+    files = ["val_loss.png", "train_loss.png"]
+    if flops_per_token:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, table in metrics.items():
+            tokens_seen, values = metric_curve(table, "val/val/loss")
+            ax.plot(tokens_seen * flops_per_token[name], values, marker=".", label=name)
+        ax.set(title="validation loss (val) at equal training compute", xlabel="training FLOPs",
+               ylabel="loss (nats/token)", xscale="log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "val_loss_flops.png", dpi=100)
+        plt.close(fig)
+        files.append("val_loss_flops.png")
+    return files
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list[dict],
+                    selection: list[dict] = ()) -> str:
+    """report.md text: the comparison table, extra-file losses and the unigram-entropy reference line."""
+    head = ["model", "val loss", "val ppl", "ref_val loss", "ref_val ppl", f"tokens to {baseline} val", "ratio",
+            f"tokens to {baseline} ref_val", "ratio", "H->H", "L->H", "H->L", "L->L"]
+    specs = [".4f", ".2f", ".4f", ".2f", ",.0f", ".3f", ",.0f", ".3f", ".1%", ".1%", ".1%", ".1%"]
+    keys = COMPARISON.names[1:]
+    lines = ["# lmpipe evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([row["model"]] + [_fmt(row[k], f) for k, f in zip(keys, specs, strict=True)]) + " |"
+              for row in rows]
+    lines += ["", f"- Unigram entropy of the train split: {entropy:.4f} nats/token (the train loss of the best "
+              "context-free model).",
+              f"- Tokens to reach: tokens seen when the training-time `val/<split>/loss` first reached {baseline}'s "
+              "final value (linear interpolation between evaluations); ratio < 1 means fewer tokens than the baseline.",
+              "- H->H ... L->L: share of probe tokens per loss-trajectory class (Rho-1 sec 2.1; "
+              "token_dynamics.parquet)."]
+    if selection:
+        lines += ["", "Token selection during training (mean over the last 10% of steps; next-token head, nats):",
+                  "", "| model | selected | loss on selected | loss on unselected |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {_fmt(r['selected_fraction'], '.1%')} | {_fmt(r['loss_selected'], '.4f')} | "
+                  f"{_fmt(r['loss_unselected'], '.4f')} |" for r in selection]
+    if extra:
+        lines += ["", "| model | file | tokens | loss | ppl |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['split']} | {r['num_tokens']} | {r['loss']:.4f} | {r['perplexity']:.2f} |"
+                  for r in extra]
+    return "\n".join(lines) + "\n"
+
+
+def compute_markdown(rows: list[dict], baseline: str) -> str:
+    """The compute-ledger section of report.md."""
+    lines = ["", "Training compute (val split; FLOPs = 3 x forward matmul FLOPs, stages/evaluation/flops.py):", "",
+             f"| model | params | train FLOPs/token | train FLOPs | val loss at {baseline}'s FLOPs | "
+             f"FLOPs to {baseline} val | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['num_params']:,} | {r['train_flops_per_token']:.4g} | "
+                     f"{_fmt(r['train_flops'], '.3g')} | "
+                     f"{_fmt(r['val_loss_at_baseline_flops'], '.4f')} | {_fmt(r['flops_to_baseline_val'], '.3g')} | "
+                     f"{_fmt(r['flops_ratio_to_baseline_val'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def concept_markdown(rows: list[dict]) -> str:
+    """Concept prediction of the CoCoMix variants (last 10% of steps)."""
+    if not rows:
+        return ""
+    lines = ["", "Concept prediction during training (mean over the last 10% of steps):", "",
+             "| model | concept loss (CE over the K labels) | top-1 predicted concept among the labels |",
+             "|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['concept_loss'], '.4f')} | {_fmt(r['top1_in_labels'], '.1%')} |" for r in rows]
+    return "\n".join(lines) + "\n"
