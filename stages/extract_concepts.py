@@ -1,8 +1,8 @@
 """Stage extract_concepts: attribution-selected concept labels for every target token (CoCoMix Sec. 3.1).
 
 Reads the tokenize_corpus artifact, the train_reference model and the train_sae SAE. For each window (the same
-windows training uses) the reference runs forward, L = its mean next-token loss over the batch, and
-g = dL/dh at the SAE site (the residual after block `layer`, via GPT.run_blocks). The SAE encodes LN(h); each
+windows training uses) the reference runs forward, L = the window's mean next-token loss (CoCoMix takes the
+batch mean, which only rescales the scores by the batch size), and g = dL/dh at the SAE site (the residual after block `layer`, via GPT.run_blocks). The SAE encodes LN(h); each
 active latent i gets the attribution score a_i * (g . W_dec[i]) and the top `concepts.top` latents by SIGNED
 score are the token's labels (stages/models/sae.py: attribution_scores, top_concepts).
 Position convention: the hidden state at input position p of window w predicts target token_index
@@ -50,7 +50,9 @@ def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tenso
         h_BTD = model.residual_after(inputs_BT, layer)
     h_BTD = h_BTD.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = model.loss_from(h_BTD, layer, targets_BT)
+        # sum over windows of each window's mean loss: the gradient at a window is that of its own mean loss,
+        # so scores do not depend on the extraction batch size (CoCoMix's batch mean only rescales them)
+        loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
         (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
     with torch.no_grad():
         xn_ND, _, _ = layer_norm_stats(h_BTD.detach().flatten(0, 1))

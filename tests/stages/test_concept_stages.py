@@ -1,0 +1,100 @@
+"""train_sae and extract_concepts on fake tokens and a tiny random reference (CPU, seconds)."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from schemas.configs import ExtractConfig, SAEConfig
+from schemas.tables import CONCEPTS, TOKEN_CONCEPTS
+from stages import extract_concepts, train_sae
+from stages.corpus.tokenizers import train_bpe
+from stages.models.saved import load_model, load_sae
+from stages.training.windowed import token_losses
+from storage.parquet import write_table
+from storage.windows import TokenWindows
+from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest
+
+VOCAB = 280
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("concepts")
+    tokens = make_tokens(root, vocab_size=VOCAB)
+    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, VOCAB)
+    tokenizer.save(str(Path(tokens.path) / "tokenizer.json"))
+    import pyarrow as pa
+
+    vocab = {"token_id": list(range(VOCAB)), "token": [tokenizer.id_to_token(i) or f"<{i}>" for i in range(VOCAB)],
+             "is_special": [False] * VOCAB}
+    write_table(Path(tokens.path) / "vocab.parquet", vocab,
+                pa.schema([("token_id", pa.int32()), ("token", pa.string()), ("is_special", pa.bool_())]))
+    reference = make_model(root, "reference", VOCAB)
+    sae_cfg = SAEConfig(max_tokens=6 * 1024, batch_rows=1024, eval_every_steps=3, eval_windows=4, k=4,
+                        dead_tokens=2048, device="cpu")
+    sae_out = root / "sae"
+    sae_out.mkdir()
+    sae_summary = train_sae.run(sae_cfg, {"tokens": tokens, "reference": reference}, sae_out)
+    sae = manifest("train_sae", sae_out, summary=sae_summary)
+    cfg = ExtractConfig(num_shards=2, batch_size=4, top=3, device="cpu")
+    out = root / "concepts"
+    out.mkdir()
+    summary = extract_concepts.run(cfg, {"tokens": tokens, "reference": reference, "sae": sae}, out)
+    return tokens, reference, sae, sae_summary, cfg, out, summary
+
+
+def test_sae_stage_writes_model_and_metrics(built):
+    _, _, sae, summary, _, _, _ = built
+    model, meta = load_sae(Path(sae.path))
+    assert (meta["num_latents"], meta["k"], meta["layer"]) == (16 * 32, 4, 0)
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(16 * 32))
+    names = set(pq.read_table(Path(sae.path) / "metrics.parquet")["name"].to_pylist())
+    assert {"train/fvu", "train/l0", "train/dead_fraction", "eval/fvu", "eval/l0", "eval/spliced_loss_increase",
+            "eval/dead_fraction"} <= names
+    assert 0 <= summary["fvu"] < 1 and summary["l0"] <= 4
+
+
+def test_spliced_loss_equals_clean_loss_for_a_perfect_reconstruction(built):
+    tokens, reference, _, _, _, _, _ = built
+    model = load_model(Path(reference.path))
+    windows = TokenWindows.from_manifest(tokens, "val")
+    inputs_BT, targets_BT = windows.batch(np.arange(3))
+    h = model.residual_after(inputs_BT, 0)
+    clean = token_losses(model, windows, np.arange(3), 8, torch.device("cpu")).mean()
+    assert float(model.loss_from(h, 0, targets_BT).detach()) == pytest.approx(float(clean), rel=1e-5)
+
+
+def test_labels_cover_every_target_once_and_belong_to_the_position_before_it(built):
+    tokens, reference, sae_manifest, _, cfg, out, summary = built
+    for split in cfg.splits:
+        table = pq.read_table(sorted(out.glob(f"part-{split}-*.parquet"))).sort_by("token_index")
+        assert table.schema == TOKEN_CONCEPTS
+        windows = TokenWindows.from_manifest(tokens, split)
+        np.testing.assert_array_equal(table["token_index"].to_numpy(), np.arange(1, len(windows) * SEQ_LEN + 1))
+    # recompute window 2 of val by hand: the label row of token_index w*T + 1 + p is the hidden state at input p
+    model = load_model(Path(reference.path)).requires_grad_(False)
+    sae, meta = load_sae(Path(sae_manifest.path))
+    windows = TokenWindows.from_manifest(tokens, "val")
+    inputs_BT, targets_BT = windows.batch(np.array([2]))
+    ids_NT, scores_NT, _, _ = extract_concepts.window_concepts(model, sae, inputs_BT, targets_BT, meta["layer"], 3)
+    table = pq.read_table(sorted(out.glob("part-val-*.parquet"))).sort_by("token_index").to_pydict()
+    rows = slice(2 * SEQ_LEN, 3 * SEQ_LEN)  # token_index 2T+1 .. 3T
+    assert table["token_index"][rows][0] == 2 * SEQ_LEN + 1
+    np.testing.assert_array_equal(np.array(table["concept_ids"][rows]), ids_NT.numpy())
+    np.testing.assert_allclose(np.array(table["attribution"][rows]), scores_NT.numpy(), rtol=1e-5, atol=1e-7)
+    assert (np.diff(np.array(table["attribution"][rows]), axis=1) <= 0).all()  # descending per token
+    assert summary["rows"] == sum(len(TokenWindows.from_manifest(tokens, s)) * SEQ_LEN for s in cfg.splits)
+
+
+def test_concepts_table_describes_every_latent(built):
+    _, _, _, _, _, out, summary = built
+    table = pq.read_table(out / "concepts.parquet")
+    assert table.schema == CONCEPTS and table.num_rows == summary["num_latents"]
+    rows = [r for r in table.to_pylist() if r["num_active"] > 0]
+    assert rows and summary["concepts_active"] == len(rows)
+    assert all(r["top_tokens"] and r["top_contexts"] and "[[" in r["top_contexts"][0] for r in rows)
+    assert sum(r["num_labelled"] for r in table.to_pylist()) == 3 * pq.read_table(
+        sorted(out.glob("part-train-*.parquet")))["token_index"].length()
