@@ -11,18 +11,24 @@ default foreach implementation, as stages.training.optim on CPU).
    - ours:        stages.models.gpt.GPT (swiglu, mlp_ratio 8/3 -> hidden 344, RMSNorm, rotary, tied);
    - copy:        a copy of its classes below (`Variant`, all options off); its logits equal ours on ours' weights;
    - copy + X:    one change at a time (the same math: logits equal ours on ours' weights converted, checked):
+       rope_fn       rotary as ours in an autograd.Function whose backward is the inverse rotation (rotary by
+                     -angle) instead of autograd through slice, neg, cat, mul, add;
+       rms_fn        RMSNorm in an autograd.Function with a hand-written backward (CPU has no fused RMSNorm
+                     backward: nn.RMSNorm's backward is a graph of ~10 elementwise ops);
        rope_half     rotary as [x1*c - x2*s, x2*c + x1*s] on half-width tables (no negated copy, no full-width
                      muls);
+       rope_half_fn  rope_half in an autograd.Function: each half written in place into one output (mul + addcmul_,
+                     no cat, no negated copy), backward = the same with -sin;
        rope_complex  rotary as a complex multiply (view_as_complex on interleaved pairs: q/k projection rows
                      permuted once, the scores are unchanged; needs the permutation at HF export);
        qkv_fused     one Linear(d, 3d) for q, k, v (weight = cat of the three);
        gate_up_fused one Linear(d, 2 * hidden) for gate and up (weight = cat of the two);
        rms_manual    x * rsqrt(mean(x^2) + eps) * w written out, instead of nn.RMSNorm;
-       all           every change above but rope_complex;
+     and combinations (COMBOS);
    - gpt2:        a GPT-2-style model at the same FLOPs: GELU MLP x4 (hidden 512: 2*128*512 = 131k MACs per token
                   vs SwiGLU 3*128*344 = 132k), learned absolute positions, LayerNorm without bias, fused c_attn,
                   tied embeddings, no biases.
-   - ours / gpt2 + losses.token_loss: the same two models with the loss computed by stages.models.losses.token_loss
+   - ... + losses.token_loss: the same model objects with the loss computed by stages.models.losses.token_loss
                   (chunked cross-entropy) instead of F.cross_entropy;
    ratio = tokens/s / gpt2 tokens/s (median over repeats; `ratio best` from the fastest repeat of each).
 2. Components (--no-components skips): forward + backward of each block part at the real shapes, ms per call and
@@ -55,9 +61,14 @@ from stages.models.losses import token_loss  # noqa: E402
 VOCAB, SEQ_LEN = 4096, 128
 CFG = ModelConfig(num_layers=4, num_heads=4, d_model=128)
 HIDDEN = 8 * math.ceil(CFG.mlp_ratio * CFG.d_model / 8)  # 344, as stages.models.gpt.mlp_hidden_size
-OPTIONS = ("rope_half", "rope_complex", "qkv_fused", "gate_up_fused", "rms_manual")
+OPTIONS = ("rope_fn", "rope_half", "rope_half_fn", "rope_complex", "rms_fn", "rms_manual", "qkv_fused",
+           "gate_up_fused")
+COMBOS = {"rope_half_fn + rms_fn": {"rope_half_fn", "rms_fn"}, "rope_complex + rms_fn": {"rope_complex", "rms_fn"},
+          "rope_half_fn + rms_fn + qkv_fused + gate_up_fused": {"rope_half_fn", "rms_fn", "qkv_fused",
+                                                                "gate_up_fused"}}
 OURS, GPT2_NAME = "ours (stages.models.gpt)", "gpt2-style"
-TOKEN_LOSS_ROWS = {f"{OURS} + losses.token_loss": OURS, f"{GPT2_NAME} + losses.token_loss": GPT2_NAME}
+TOKEN_LOSS_ROWS = {f"{OURS} + losses.token_loss": OURS, f"{GPT2_NAME} + losses.token_loss": GPT2_NAME,
+                   "copy + rope_half_fn + rms_fn + losses.token_loss": "copy + rope_half_fn + rms_fn"}
 """Extra rows: the same model object, loss = losses.token_loss(...).mean() instead of F.cross_entropy."""
 
 
@@ -78,6 +89,46 @@ def rope_cat(x_BHTK, cos_TK, sin_TK):
     half = x_BHTK.shape[-1] // 2
     rotated = torch.cat([-x_BHTK[..., half:], x_BHTK[..., :half]], dim=-1)
     return x_BHTK * cos_TK + rotated * sin_TK
+
+
+class RopeFn(torch.autograd.Function):
+    """rope_cat with the analytic backward: the gradient of a rotation by +angle is the rotation by -angle."""
+
+    @staticmethod
+    def forward(ctx, x_BHTK, cos_TK, sin_TK):
+        ctx.save_for_backward(cos_TK, sin_TK)
+        return rope_cat(x_BHTK, cos_TK, sin_TK)
+
+    @staticmethod
+    def backward(ctx, grad_BHTK):
+        cos_TK, sin_TK = ctx.saved_tensors
+        return rope_cat(grad_BHTK, cos_TK, -sin_TK), None, None
+
+
+def rotate_into(x_BHTK, cos_TK2, sin_TK2):
+    """[x1*c - x2*s, x2*c + x1*s] written into one new tensor (no negated copy, no cat): 4 half-width kernels."""
+    half = x_BHTK.shape[-1] // 2
+    x1, x2 = x_BHTK[..., :half], x_BHTK[..., half:]
+    out = torch.empty(x_BHTK.shape, dtype=torch.promote_types(x_BHTK.dtype, cos_TK2.dtype), device=x_BHTK.device)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos_TK2, out=out1).addcmul_(x2, sin_TK2, value=-1.0)
+    torch.mul(x2, cos_TK2, out=out2).addcmul_(x1, sin_TK2)
+    return out
+
+
+class RopeHalfFn(torch.autograd.Function):
+    """rotate_into forward; backward = rotate_into by -angle (the inverse rotation)."""
+
+    @staticmethod
+    def forward(ctx, x_BHTK, cos_TK2, sin_TK2):
+        ctx.save_for_backward(cos_TK2, sin_TK2)
+        ctx.x_dtype = x_BHTK.dtype
+        return rotate_into(x_BHTK, cos_TK2, sin_TK2)
+
+    @staticmethod
+    def backward(ctx, grad_BHTK):
+        cos_TK2, sin_TK2 = ctx.saved_tensors
+        return rotate_into(grad_BHTK, cos_TK2, -sin_TK2).to(ctx.x_dtype), None, None
 
 
 def rope_half(x_BHTK, cos_TK2, sin_TK2):
@@ -108,9 +159,38 @@ class RMSNormManual(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class RMSNormFn(torch.autograd.Function):
+    """y = x * rstd * w, rstd = rsqrt(mean(x^2) + eps), with a hand-written backward (no autograd graph):
+    dx = rstd * (g*w - xhat * mean(g*w * xhat)), dw = sum over rows of g * xhat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        gw = grad * weight
+        dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1) / x.shape[-1]
+        grad_x = torch.addcmul(gw, xhat, dot, value=-1.0).mul_(rstd)
+        grad_w = (grad * xhat).reshape(-1, x.shape[-1]).sum(0)
+        return grad_x, grad_w, None
+
+
+class RMSNormAutogradFn(nn.RMSNorm):
+    """nn.RMSNorm (same parameter) computed by RMSNormFn."""
+
+    def forward(self, x):
+        return RMSNormFn.apply(x, self.weight, self.eps)
+
+
 def make_norm(opts: set) -> nn.Module:
-    return RMSNormManual(CFG.d_model, CFG.norm_eps) if "rms_manual" in opts else nn.RMSNorm(CFG.d_model,
-                                                                                             eps=CFG.norm_eps)
+    if "rms_manual" in opts:
+        return RMSNormManual(CFG.d_model, CFG.norm_eps)
+    return (RMSNormAutogradFn if "rms_fn" in opts else nn.RMSNorm)(CFG.d_model, eps=CFG.norm_eps)
 
 
 class VariantAttention(nn.Module):
@@ -192,6 +272,12 @@ class Variant(nn.Module):
         if "rope_complex" in self.opts:
             freqs = self.freqs[:T]
             return lambda x: rope_complex(x, freqs)
+        if "rope_fn" in self.opts:
+            cos, sin = self.cos[:T], self.sin[:T]
+            return lambda x: RopeFn.apply(x, cos, sin)
+        if "rope_half_fn" in self.opts:
+            cos, sin = self.cos2[:T], self.sin2[:T]
+            return lambda x: RopeHalfFn.apply(x, cos, sin)
         if "rope_half" in self.opts:
             cos, sin = self.cos2[:T], self.sin2[:T]
             return lambda x: rope_half(x, cos, sin)
@@ -278,7 +364,8 @@ def build_models() -> dict[str, nn.Module]:
     models = {OURS: ours, "copy": Variant(set()).load_from(ours)}
     for opt in OPTIONS:
         models[f"copy + {opt}"] = Variant({opt}).load_from(ours)
-    models["copy + all (not rope_complex)"] = Variant(set(OPTIONS) - {"rope_complex"}).load_from(ours)
+    for name, opts in COMBOS.items():
+        models[f"copy + {name}"] = Variant(opts).load_from(ours)
     models[GPT2_NAME] = GPT2()
     return models
 
@@ -375,6 +462,7 @@ def measure_components(batch: int, repeats: int, quiet_s: float) -> dict:
     cos2, sin2 = cos[:, : K // 2].contiguous(), sin[:, : K // 2].contiguous()
     freqs = torch.polar(torch.ones_like(cos2), torch.atan2(sin2, cos2))
     rms, rms_manual, ln = nn.RMSNorm(D, eps=CFG.norm_eps), RMSNormManual(D, CFG.norm_eps), nn.LayerNorm(D, bias=False)
+    rms_fn = RMSNormAutogradFn(D, eps=CFG.norm_eps)
     q, k, v = (nn.Linear(D, D, bias=False) for _ in range(3))
     qkv = nn.Linear(D, 3 * D, bias=False)
     swiglu, swiglu_fused = VariantMLP(set()), VariantMLP({"gate_up_fused"})
@@ -384,9 +472,12 @@ def measure_components(batch: int, repeats: int, quiet_s: float) -> dict:
         # name: (fn, inputs, calls per training step)
         "norm: nn.RMSNorm": (rms, [x_BTD], norms_per_step),
         "norm: manual rms": (rms_manual, [x_BTD], norms_per_step),
+        "norm: RMSNormFn (hand-written backward)": (rms_fn, [x_BTD], norms_per_step),
         "norm: nn.LayerNorm (gpt2)": (ln, [x_BTD], norms_per_step),
         "rotary: cat (ours), q or k": (lambda t: rope_cat(t, cos, sin), [q_BHTK], 2 * L),
+        "rotary: RopeFn (analytic backward), q or k": (lambda t: RopeFn.apply(t, cos, sin), [q_BHTK], 2 * L),
         "rotary: half tables, q or k": (lambda t: rope_half(t, cos2, sin2), [q_BHTK], 2 * L),
+        "rotary: RopeHalfFn (out=, analytic backward)": (lambda t: RopeHalfFn.apply(t, cos2, sin2), [q_BHTK], 2 * L),
         "rotary: complex, q or k": (lambda t: rope_complex(t, freqs), [q_BHTK], 2 * L),
         "rotary: cat on contiguous q": (lambda t: rope_cat(t, cos, sin), [q_contig], 2 * L),
         "qkv: 3 x Linear(d, d) (ours)": (lambda t: (q(t), k(t), v(t)), [x_BTD], L),
@@ -406,7 +497,8 @@ def measure_components(batch: int, repeats: int, quiet_s: float) -> dict:
     return rows
 
 
-def profile_models(models: dict[str, nn.Module], batch: int, names: tuple[str, ...], top: int = 18) -> dict:
+def profile_models(models: dict[str, nn.Module], batch: int, names: tuple[str, ...], quiet_s: float,
+                   top: int = 18) -> dict:
     """Self CPU ms per training step by op (top `top`) of the named models."""
     tokens = torch.randint(0, VOCAB, (batch, SEQ_LEN + 1), generator=torch.Generator().manual_seed(1))
     idx_BT, targets_BT = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -414,6 +506,8 @@ def profile_models(models: dict[str, nn.Module], batch: int, names: tuple[str, .
     for name in names:
         step = train_step_fn(models[name], idx_BT, targets_BT)
         step()
+        if quiet_s > 0:
+            wait_quiet(quiet_s)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(2):
                 step()
@@ -447,7 +541,7 @@ def main() -> None:
     rows, busy = measure_models(models, args.batch, args.repeats, args.steps, args.warmup, args.wait_quiet)
     components = {} if args.no_components else measure_components(args.batch, 3 if args.quick else 7,
                                                                     args.wait_quiet)
-    profile = {} if args.no_profile else profile_models(models, args.batch, (OURS, GPT2_NAME))
+    profile = {} if args.no_profile else profile_models(models, args.batch, (OURS, GPT2_NAME), args.wait_quiet)
     result = {
         "config": {**CFG.model_dump(), "mlp_hidden": HIDDEN, "vocab_size": VOCAB, "seq_len": SEQ_LEN,
                    "batch": args.batch, "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/sae_throughput.py [--quick] [--steps 10] [--warmup 2] [--device auto|cpu|cuda]
                                            [--d-model 128] [--num-latents 4096] [--k 32] [--batch 4096]
-                                           [--variants sparse,dense,plain,sparse_auxk] [--json-out PATH]
+                                           [--variants sparse,dense,plain,sparse_auxk] [--dead-fraction 0.5]
+                                           [--json-out PATH]
 
 Measured, one training step = forward + loss + backward + Adam step + decoder renormalisation, per variant:
 - `sparse`: the real loop: TopKSAE, `sae_loss` (FVU; nothing dead, so no AuxK decode), DeadLatentTracker.update,
@@ -10,8 +11,8 @@ Measured, one training step = forward + loss + backward + Adam step + decoder re
 - `dense`: the same with `decode_dense` (scatter into a dense (N, L) latent matrix, then a matmul with W_dec);
 - `plain`: a straightforward TopK SAE written below with no lmpipe import: nn.Linear encoder (x - b_pre) and
   decoder, topk, ReLU, scatter into dense latents, FVU, the same parallel-grad removal and renormalisation;
-- `sparse_auxk`: `sparse` with half of the latents forced dead, so every step also pays the AuxK top-k and decode
-  (k_aux = d_model / 2, coefficient 1/32).
+- `sparse_auxk`: `sparse` with a share of the latents (`--dead-fraction`, default 0.5: a stress case) forced dead,
+  so every step also pays the AuxK top-k over the dead columns and its decode (k_aux = d_model / 2, coef 1/32).
 All variants run fp32 (no autocast) and Adam(lr=1e-4) on the same fixed pool of layer-normalised Gaussian rows
 (throughput does not depend on the data). `--quick` shrinks everything for a few-second smoke run.
 
@@ -119,7 +120,7 @@ def build_step(spec: dict, device: torch.device, pool: list[torch.Tensor]):
     tracker = DeadLatentTracker(L, device=device)
     dead_L = torch.zeros(L, dtype=torch.bool, device=device)
     if spec["variant"] == "sparse_auxk":
-        dead_L[::2] = True
+        dead_L[torch.randperm(L, generator=torch.Generator().manual_seed(0))[: round(spec["dead_fraction"] * L)]] = True
 
     def step() -> None:
         x_ND = pool[count[0] % len(pool)]
@@ -216,7 +217,8 @@ def markdown_table(report: dict) -> str:
     lines.append("")
     lines.append(f"Device {report['device']} ({report['num_threads']} threads), fp32; d_model={cfg['d_model']}, "
                  f"num_latents={cfg['num_latents']}, k={cfg['k']}, batch={cfg['batch']} rows; "
-                 f"{report['steps']} timed steps after {report['warmup']} warmup. topk ms: sorted "
+                 f"{report['steps']} timed steps after {report['warmup']} warmup; sparse_auxk dead fraction "
+                 f"{report['dead_fraction']}. topk ms: sorted "
                  f"{topk['sorted']:.2f}, unsorted {topk['unsorted']:.2f}.")
     return "\n".join(lines)
 
@@ -231,6 +233,7 @@ def main() -> None:
     for name, value in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--dead-fraction", type=float, default=0.5, help="share of dead latents in sparse_auxk")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,16 +250,19 @@ def main() -> None:
         parser.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
     if steps < 1 or warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if not 0.0 < args.dead_fraction <= 1.0:
+        parser.error(f"--dead-fraction must be in (0, 1], got {args.dead_fraction}")
     if not 1 <= config["k"] <= config["num_latents"]:
         parser.error(f"--k must be in [1, num_latents={config['num_latents']}], got {config['k']}")
 
     report = {"device": device.type, "num_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "steps": steps, "warmup": warmup, "config": config,
+              "steps": steps, "warmup": warmup, "config": config, "dead_fraction": args.dead_fraction,
               "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "subprocess ru_maxrss (peak) and ru_maxrss - VmRSS before model build (delta)"),
               "load_average_1min": {"before": os.getloadavg()[0]}, "results": []}
     for variant in variants:
-        spec = {"variant": variant, "config": config, "device": str(device), "steps": steps, "warmup": warmup}
+        spec = {"variant": variant, "config": config, "device": str(device), "steps": steps, "warmup": warmup,
+                "dead_fraction": args.dead_fraction}
         row = spawn_worker(spec)
         report["results"].append(row)
         print(f"# {variant}: {row['rows_per_s']:,.0f} rows/s", file=sys.stderr)

@@ -140,11 +140,11 @@ def test_auxk_matches_hand_computation_and_only_dead_latents_get_its_gradient():
     dead[::2] = True
     out = sae(xn)
     # Cut the FVU path so the loss's gradient is the AuxK term's alone.
-    aux_only = SAEOutput(out.xhat_ND.detach(), out.vals_NK, out.idx_NK, out.pre_NL)
+    aux_only = SAEOutput(out.xhat_ND.detach(), out.vals_NK, out.idx_NK)
     loss, metrics = sae_loss(sae, xn, dead, k_aux=3, aux_coef=0.5, out=aux_only)
     # Hand computation: top-3 dead pre-activations, ReLU, dense decode WITHOUT pre_bias, target = residual.
     with torch.no_grad():
-        pre = out.pre_NL.masked_fill(~dead, float("-inf"))
+        pre = ((xn - sae.pre_bias) @ sae.W_enc.T + sae.latent_bias).masked_fill(~dead, float("-inf"))
         v, i = pre.topk(3, dim=-1)
         ehat = torch.zeros(40, 32).scatter(1, i, v.relu()) @ sae.W_dec
         err = xn - out.xhat_ND
