@@ -2,7 +2,8 @@
 
 Reads the tokenize_corpus artifact, the train_reference model and the train_sae SAE. For each window (the same
 windows training uses) the reference runs forward, L = the window's mean next-token loss (CoCoMix takes the
-batch mean, which only rescales the scores by the batch size), and g = dL/dh at the SAE site (the residual after block `layer`, via GPT.run_blocks). The SAE encodes LN(h); each
+batch mean, which only rescales the scores by the batch size), and g = dL/dh at the SAE site (the residual
+after block `layer`, via GPT.run_blocks). The SAE encodes LN(h); each
 active latent i gets the attribution score a_i * (g . W_dec[i]) and the top `concepts.top` latents by SIGNED
 score are the token's labels (stages/models/sae.py: attribution_scores, top_concepts).
 Position convention: the hidden state at input position p of window w predicts target token_index
