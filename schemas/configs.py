@@ -182,7 +182,18 @@ class TargetVariant(StrictModel):
     selection: SelectionConfig = SelectionConfig()
     """Token selection (all tokens, or Rho-1 top-k)."""
     num_future_tokens: int = Field(1, ge=1, le=8)
-    """Prediction heads: 1 is plain next-token prediction; n > 1 adds heads for tokens t+2..t+n."""
+    """Prediction heads: 1 is plain next-token prediction; n > 1 adds heads for tokens t+2..t+n. Compute-matched
+    (the MTP paper's layout): each head is one block taken from the model's num_layers, so the trunk has
+    num_layers - n blocks."""
+    head_weights: list[float] | None = None
+    """Per-head loss weights (length num_future_tokens); None: 1 each, the paper's unweighted sum."""
+    mtp_backward: Literal["sequential", "joint"] = "sequential"
+    """With n > 1 heads: `sequential` runs each head's forward, loss and backward in turn on the detached trunk
+    output, then one trunk backward (memory does not grow with n; MTP paper Fig. 2); `joint` backpropagates the
+    summed loss once. Gradients are equal to float tolerance."""
+    head_selection: Literal["own", "shifted"] = "own"
+    """With selection and n > 1 heads: `own` lets each head rank its own targets by their reference scores;
+    `shifted` trains head i on the targets head 1 selected (head 1's mask shifted by i)."""
     concepts: ConceptsConfig | None = None
     """CoCoMix concept prediction + mixing (needs train_sae and extract_concepts upstream). Selection, when on,
     masks only the next-token loss; the concept loss counts every position."""
@@ -193,6 +204,9 @@ class TargetVariant(StrictModel):
 
     @model_validator(mode="after")
     def _check_parts(self) -> "TargetVariant":
+        if self.head_weights is not None and len(self.head_weights) != self.num_future_tokens:
+            raise ValueError(f"target variant {self.name!r}: head_weights has {len(self.head_weights)} entries, "
+                             f"num_future_tokens is {self.num_future_tokens}")
         if self.concepts is not None and self.pause is not None:
             raise ValueError(f"target variant {self.name!r}: concepts and pause both insert slots; pick one")
         return self
@@ -202,10 +216,10 @@ class TargetVariant(StrictModel):
         # parts added after the first release are left out while unset (in dumps and in the repr that artifact
         # keys hash), so variants that do not use them keep their artifact keys
         data = handler(self)
-        return {k: v for k, v in data.items() if not (k in _LATER_PARTS and v is None)}
+        return {k: v for k, v in data.items() if not (k in _LATER_PARTS and v == _LATER_PARTS[k])}
 
     def __repr_args__(self):
-        return [(k, v) for k, v in super().__repr_args__() if not (k in _LATER_PARTS and v is None)]
+        return [(k, v) for k, v in super().__repr_args__() if not (k in _LATER_PARTS and v == _LATER_PARTS[k])]
 
     @property
     def needs_reference_scores(self) -> bool:
@@ -213,7 +227,9 @@ class TargetVariant(StrictModel):
         return self.selection.kind == "top_k"
 
 
-_LATER_PARTS = ("concepts", "pause", "distill")
+_LATER_PARTS = {"concepts": None, "pause": None, "distill": None, "head_weights": None,
+                "mtp_backward": "sequential", "head_selection": "own"}
+"""Fields added after the first release, and their defaults (left out of dumps and keys while at the default)."""
 
 
 class SAEConfig(StrictModel):

@@ -289,10 +289,16 @@ class GPT(nn.Module):
         out_BTD, _ = self.run_blocks(h_BTD, layer + 1, self.num_trunk_layers + 1)
         return F.cross_entropy(self.logits(out_BTD).float().flatten(0, 1), targets_BT.flatten())
 
-    def forward_heads(self, idx_BT: torch.Tensor) -> tuple[list[torch.Tensor], TrunkOutput]:
-        """Logits of every head (element i predicts token t+1+i) and the trunk output they share."""
-        trunk_out = self.trunk(idx_BT)
-        return [self.logits(self.head(trunk_out, i)) for i in range(self.num_future_tokens)], trunk_out
+    def forward_heads(self, idx_BT: torch.Tensor, cache: KVCache | None = None,
+                      num_heads: int | None = None) -> tuple[list[torch.Tensor], TrunkOutput]:
+        """Logits of the first `num_heads` heads (default all; element i predicts token t+1+i) and the trunk
+        output they share; advances the cache when one is given."""
+        trunk_out = self.trunk(idx_BT, cache)
+        heads = range(self.num_future_tokens if num_heads is None else num_heads)
+        logits = [self.logits(self.head(trunk_out, i, cache)) for i in heads]
+        if cache is not None:
+            cache.pos += idx_BT.shape[1]
+        return logits, trunk_out
 
 
 def per_token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

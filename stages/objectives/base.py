@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from stages.training.devices import autocast
+
 
 @dataclass(frozen=True)
 class TokenColumns:
@@ -81,6 +83,10 @@ class Objective(Protocol):
         """Loss of one micro-batch (already normalised) and its logged metrics."""
         ...
 
+    def step(self, model: nn.Module, batch: Batch, scale: float) -> LossOutput:
+        """Forward and backward of one micro-batch, gradients scaled by `scale` (the loop's only call)."""
+        ...
+
     def observe(self, batch: Batch, out: LossOutput) -> None:
         """Called after every training micro-batch (accumulate per-token statistics)."""
         ...
@@ -105,6 +111,13 @@ class ObjectiveBase:
 
     def attach(self, models: dict[str, nn.Module]) -> None:
         """No upstream models by default."""
+
+    def step(self, model: nn.Module, batch: Batch, scale: float) -> LossOutput:
+        """loss() under autocast, then one backward of scale * loss."""
+        with autocast(batch.inputs_BT.device):
+            out = self.loss(model, batch)
+        (out.loss * scale).backward()
+        return out
 
     def observe(self, batch: Batch, out: LossOutput) -> None:
         """Nothing to accumulate by default."""

@@ -29,12 +29,13 @@ from torch import nn
 from schemas.configs import ModelConfig, SelectionConfig, TargetVariant
 from schemas.manifest import Manifest
 from schemas.tables import TOKEN_SELECTION
-from stages.models.gpt import GPT
+from stages.models.gpt import GPT, TrunkOutput
 from stages.models.losses import token_loss
 from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumns, UpstreamModel
 from stages.objectives.concepts import CONCEPT_IDS, concept_loss
 from stages.objectives.distillation import distill_loss
 from stages.objectives.selection import SelectionCounter, select_tokens
+from stages.training.devices import autocast
 from storage.parquet import write_table
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,19 @@ _NUM_UNSELECTED = "_num_unselected"
 
 
 def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: SelectionConfig,
-              ref_loss_BT: torch.Tensor | None = None, ref_entropy_BT: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one head over its (already aligned) targets, and detached statistics for logging."""
+              ref_loss_BT: torch.Tensor | None = None, ref_entropy_BT: torch.Tensor | None = None,
+              mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one head over its (already aligned) targets, and detached statistics for logging.
+
+    `mask_BT` given: train on exactly those targets instead of ranking this head's own."""
     valid_BT = targets_BT.ne(IGNORE_INDEX)
     if selection.kind == "all":
         loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
         return loss, {"loss": loss.detach()}
     token_loss_BT = token_loss(logits_BTV, targets_BT, IGNORE_INDEX)  # fp32, 0 at ignored targets
-    mask_BT = select_tokens(selection.score, selection.keep_ratio, valid_BT, token_loss_BT,
-                            ref_loss_BT, ref_entropy_BT)
+    if mask_BT is None:
+        mask_BT = select_tokens(selection.score, selection.keep_ratio, valid_BT, token_loss_BT,
+                                ref_loss_BT, ref_entropy_BT)
     num_selected = mask_BT.sum()
     loss = (token_loss_BT * mask_BT).sum() / num_selected.clamp(min=1)
     detached_BT = token_loss_BT.detach()
@@ -83,9 +87,14 @@ def _selection_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     }
 
 
-def insert_block(block: int | None, num_layers: int) -> int:
-    """The block whose input gets an insert: the configured one, or the middle (num_layers // 2)."""
-    return block if block is not None else max(1, num_layers // 2)
+def insert_block(block: int | None, num_layers: int, num_heads: int = 1) -> int:
+    """The block whose input gets an insert: the configured one, or the middle (num_layers // 2) capped to the
+    trunk (an insert sits after a trunk block, before the prediction heads)."""
+    trunk = num_layers - num_heads
+    if trunk < 1:
+        raise ValueError(f"an insert needs a trunk block, but all {num_layers} blocks are prediction heads; "
+                         "use fewer num_future_tokens or more model.num_layers")
+    return block if block is not None else max(1, min(num_layers // 2, trunk))
 
 
 class TokenPrediction(ObjectiveBase):
@@ -103,20 +112,21 @@ class TokenPrediction(ObjectiveBase):
         self.needs = tuple(needs)
         self.counter = SelectionCounter() if variant.selection.kind != "all" else None
         self.teacher: nn.Module | None = None
+        self.head_weights = list(variant.head_weights or [1.0] * variant.num_future_tokens)
 
     def _inserts(self) -> dict[int, dict]:
         """Insert specs of the variant (after block `block - 1`)."""
-        v, layers = self.variant, self.model_cfg.num_layers
+        v, layers, heads = self.variant, self.model_cfg.num_layers, self.variant.num_future_tokens
         if v.concepts is not None:
             concepts = self.upstream.get("concepts")
             if concepts is None:
                 raise ValueError(f"variant {v.name!r} uses concepts but no extract_concepts artifact was given")
             num_latents, sae_k = int(concepts.summary["num_latents"]), int(concepts.summary["k"])
-            block = insert_block(v.concepts.block, layers)
+            block = insert_block(v.concepts.block, layers, heads)
             return {block - 1: {"kind": "concepts", "num_latents": num_latents,
                                 "num_active": v.concepts.num_active or sae_k, "mixing": v.concepts.mixing}}
         if v.pause is not None:
-            return {insert_block(v.pause.block, layers) - 1: {"kind": "pause"}}
+            return {insert_block(v.pause.block, layers, heads) - 1: {"kind": "pause"}}
         return {}
 
     def build_model(self, vocab_size: int, seq_len: int) -> GPT:
@@ -134,46 +144,91 @@ class TokenPrediction(ObjectiveBase):
             self.teacher.requires_grad_(False)
 
     def loss(self, model: GPT, batch: Batch) -> LossOutput:
-        """Sum over heads of each head's mean (selected) cross-entropy, plus the concept and distillation terms."""
-        logits_heads, trunk_out = model.forward_heads(batch.inputs_BT)
-        seq_len = batch.targets_BT.shape[1]
-        ref_loss_BT, ref_entropy_BT = batch.per_token.get(REF_LOSS), batch.per_token.get(REF_ENTROPY)
-        total = torch.zeros((), device=batch.targets_BT.device)
+        """Weighted sum over heads of each head's mean (selected) cross-entropy, plus the concept and distillation
+        terms (one graph: the joint backward)."""
+        trunk_out = model.trunk(batch.inputs_BT)
+        teacher_logits = self._teacher_logits(batch)
         metrics: dict[str, torch.Tensor] = {}
+        total, selected_BT = self._concept_term(trunk_out, batch, metrics), None
+        for i in range(model.num_future_tokens):
+            loss_i, mask_BT = self._head_term(model, trunk_out, batch, i, teacher_logits, selected_BT, metrics)
+            total = total + self.head_weights[i] * loss_i
+            selected_BT = mask_BT if i == 0 else selected_BT
+        return self._output(total, metrics, selected_BT)
+
+    def step(self, model: GPT, batch: Batch, scale: float) -> LossOutput:
+        """Forward and backward of one micro-batch. With several heads and mtp_backward='sequential' (the MTP
+        paper's Fig. 2): the trunk runs once, each head does forward, loss and backward in turn on the detached
+        trunk output (one head's logits alive at a time), then one backward through the trunk."""
+        if model.num_future_tokens == 1 or self.variant.mtp_backward == "joint":
+            return super().step(model, batch, scale)
+        with autocast(batch.inputs_BT.device):
+            trunk_out = model.trunk(batch.inputs_BT)
+            teacher_logits = self._teacher_logits(batch)
+        detached = TrunkOutput(trunk_out.h_BSD.detach().requires_grad_(True), trunk_out.slots)
+        metrics: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=batch.targets_BT.device)
         selected_BT = None
-        for i, logits_BTV in enumerate(logits_heads):
-            loss_i, stats = head_loss(logits_BTV[:, : seq_len - i], batch.targets_BT[:, i:], self.variant.selection,
-                                      ref_loss_BT[:, i:] if ref_loss_BT is not None else None,
-                                      ref_entropy_BT[:, i:] if ref_entropy_BT is not None else None)
-            if i == 0 and self.variant.distill is not None:
-                loss_i = self._distill(batch, logits_BTV, loss_i, metrics)
-            total = loss_i if i == 0 else total + loss_i
-            metrics[f"head{i + 1}/loss"] = stats["loss"]
-            if i == 0 and self.variant.selection.kind != "all":
-                metrics.update(_selection_metrics(stats))
-                selected_BT = stats["mask"]
-        if self.variant.concepts is not None:
-            loss_c, concept_metrics = concept_loss(trunk_out.extras["concept_logits_BTL"],
-                                                   batch.per_token[CONCEPT_IDS])
-            total = total + self.variant.concepts.weight * loss_c
-            metrics.update(concept_metrics)
+        for i in range(model.num_future_tokens):
+            with autocast(batch.inputs_BT.device):
+                loss_i, mask_BT = self._head_term(model, detached, batch, i, teacher_logits, selected_BT, metrics)
+            (self.head_weights[i] * scale * loss_i).backward()  # frees this head's logits and graph
+            total = total + self.head_weights[i] * loss_i.detach()
+            selected_BT = mask_BT if i == 0 else selected_BT
+        concept = self._concept_term(trunk_out, batch, metrics)
+        outputs, grads = [trunk_out.h_BSD], [detached.h_BSD.grad]
+        if concept.requires_grad:
+            outputs.append(concept * scale)
+            grads.append(None)
+        torch.autograd.backward(outputs, grads)  # one backward through the trunk (and the concept head)
+        return self._output(total + concept.detach(), metrics, selected_BT)
+
+    def _teacher_logits(self, batch: Batch) -> torch.Tensor | None:
+        """The distillation teacher's logits on the batch (no graph), when distilling."""
+        if self.variant.distill is None:
+            return None
+        if self.teacher is None:
+            raise ValueError(f"variant {self.variant.name!r} distills but no teacher model was attached")
+        with torch.no_grad():
+            return self.teacher(batch.inputs_BT)
+
+    def _head_term(self, model: GPT, trunk_out: TrunkOutput, batch: Batch, i: int,
+                   teacher_logits: torch.Tensor | None, head1_mask_BT: torch.Tensor | None,
+                   metrics: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head i's loss (its targets shifted by i; distillation mixed into head 1) and its selection mask."""
+        seq_len = batch.targets_BT.shape[1]
+        logits_BTV = model.logits(model.head(trunk_out, i))
+        ref_loss_BT, ref_entropy_BT = batch.per_token.get(REF_LOSS), batch.per_token.get(REF_ENTROPY)
+        shifted_mask = head1_mask_BT[:, i:] if (i > 0 and head1_mask_BT is not None
+                                                and self.variant.head_selection == "shifted") else None
+        loss_i, stats = head_loss(logits_BTV[:, : seq_len - i], batch.targets_BT[:, i:], self.variant.selection,
+                                  ref_loss_BT[:, i:] if ref_loss_BT is not None else None,
+                                  ref_entropy_BT[:, i:] if ref_entropy_BT is not None else None, shifted_mask)
+        if i == 0 and teacher_logits is not None:
+            kd = distill_loss(logits_BTV, teacher_logits, self.variant.distill.temperature)
+            metrics["distill_kl"] = kd.detach()
+            loss_i = (1 - self.variant.distill.weight) * loss_i + self.variant.distill.weight * kd
+        metrics[f"head{i + 1}/loss"] = stats["loss"]
+        if i == 0 and self.variant.selection.kind != "all":
+            metrics.update(_selection_metrics(stats))
+        return loss_i, stats.get("mask")
+
+    def _concept_term(self, trunk_out: TrunkOutput, batch: Batch, metrics: dict) -> torch.Tensor:
+        """weight * concept loss (0 without concepts)."""
+        if self.variant.concepts is None:
+            return torch.zeros((), device=batch.targets_BT.device)
+        loss_c, concept_metrics = concept_loss(trunk_out.extras["concept_logits_BTL"], batch.per_token[CONCEPT_IDS])
+        metrics.update(concept_metrics)
+        return self.variant.concepts.weight * loss_c
+
+    @staticmethod
+    def _output(total: torch.Tensor, metrics: dict, selected_BT: torch.Tensor | None) -> LossOutput:
         names = list(metrics)
         numbers = torch.stack([metrics[name].float() for name in names]).tolist()  # one device sync
         values = dict(zip(names, numbers, strict=True))
         if values.pop(_NUM_UNSELECTED, 1.0) == 0:  # every valid token selected: no unselected loss to report
             del values["loss_unselected"]
         return LossOutput(loss=total, metrics=values, selected_BT=selected_BT)
-
-    def _distill(self, batch: Batch, logits_BTV: torch.Tensor, ce: torch.Tensor, metrics: dict) -> torch.Tensor:
-        """(1 - w) * CE + w * KD against the teacher's logits on the same inputs."""
-        if self.teacher is None:
-            raise ValueError(f"variant {self.variant.name!r} distills but no teacher model was attached")
-        with torch.no_grad():
-            teacher_logits_BTV = self.teacher(batch.inputs_BT)
-        kd = distill_loss(logits_BTV, teacher_logits_BTV, self.variant.distill.temperature)
-        metrics["distill_kl"] = kd.detach()
-        weight = self.variant.distill.weight
-        return (1 - weight) * ce + weight * kd
 
     def observe(self, batch: Batch, out: LossOutput) -> None:
         """Count per-token selections (selecting variants)."""

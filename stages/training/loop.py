@@ -27,7 +27,7 @@ from schemas.tables import METRICS, PROBE_LOSSES
 from stages.objectives.base import Objective
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
 from stages.training.data import WindowOrder, make_batch
-from stages.training.devices import autocast, resolve_device
+from stages.training.devices import resolve_device
 from stages.training.optim import BatchSchedule, build_optimizer, lr_at
 from stages.training.progress import format_duration
 from stages.training.state import RunState
@@ -58,9 +58,7 @@ def train_step(objective: Objective, model: nn.Module, optimizer, order: WindowO
     counts: dict[str, int] = {}
     for _ in range(schedule.accum_steps):
         batch = make_batch(windows, order.take(cfg.micro_batch_size), device, lookups)
-        with autocast(device):
-            out = objective.loss(model, batch)
-        (out.loss / schedule.accum_steps).backward()
+        out = objective.step(model, batch, 1.0 / schedule.accum_steps)  # forward + backward
         objective.observe(batch, out)
         loss_sum += out.loss.detach().float()
         for name, value in out.metrics.items():
