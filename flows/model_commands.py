@@ -58,9 +58,39 @@ def cmd_generate(args) -> int:
     manifest = resolve_model(args.model, args)
     model = load_model(Path(manifest.path), "cpu")
     tokenizer = Tokenizer.from_file(str(tokenizer_path(manifest)))
+    if args.speculative:
+        return _generate_speculative(model, tokenizer, args)
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + text)
+    return 0
+
+
+def _generate_speculative(model, tokenizer, args) -> int:
+    """Greedy self-speculative decoding: the text, tokens/s and tokens per forward (vs plain greedy timing)."""
+    import time
+
+    from stages.inference.generate import generate
+    from stages.inference.speculative import generate_speculative
+
+    if args.temperature > 0:
+        raise ValueError("--speculative decodes greedily (its output equals plain greedy decoding); drop "
+                         "--temperature")
+    prompt_ids = tokenizer.encode(args.prompt).ids
+    if not prompt_ids:
+        raise ValueError("prompt encodes to no tokens")
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    start = time.perf_counter()
+    new_ids, stats = generate_speculative(model, prompt_ids, args.max_new_tokens, draft=args.draft, eos_id=eos_id)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    plain = generate(model, prompt_ids, args.max_new_tokens, eos_id=eos_id)
+    plain_seconds = time.perf_counter() - start
+    print(args.prompt + tokenizer.decode(new_ids))
+    print(f"\n{stats.new_tokens} tokens in {seconds:.3f}s ({stats.new_tokens / max(seconds, 1e-9):,.0f} tokens/s) "
+          f"with {stats.draft} draft(s): {stats.tokens_per_forward:.2f} tokens per forward after the prompt; "
+          f"plain greedy {plain_seconds:.3f}s ({plain_seconds / max(seconds, 1e-9):.2f}x), "
+          f"{'identical' if plain == new_ids else 'DIFFERENT'} output")
     return 0
 
 
@@ -153,6 +183,10 @@ def add_commands(sub, config_args) -> None:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--speculative", action="store_true",
+                          help="greedy self-speculative decoding with a multi-token model's extra heads")
+    generate.add_argument("--draft", type=int, default=None,
+                          help="tokens drafted per forward with --speculative (default: every extra head)")
     generate.set_defaults(fn=cmd_generate)
     steer = sub.add_parser("steer", help=cmd_steer.__doc__)
     config_args(steer)

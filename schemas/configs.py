@@ -345,6 +345,11 @@ class EvaluateConfig(StrictModel):
     """Extra evaluation text files (.txt, one document each), tokenized with the corpus tokenizer."""
     max_windows: int = Field(256, ge=1)
     """Windows per split evaluated for the final table."""
+    speculative_prompts: int = Field(8, ge=1)
+    """Multi-token models: validation prompts (the first 16 tokens of windows spread over `val`) decoded greedily
+    and self-speculatively to measure the speed-up."""
+    speculative_new_tokens: int = Field(48, ge=1)
+    """Multi-token models: tokens generated per prompt in the speed-up measurement."""
 
 
 class PipelineConfig(StrictModel):

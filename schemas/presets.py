@@ -34,12 +34,18 @@ COCOMIX_VARIANTS = [
 """The CoCoMix comparison (arXiv 2502.08524): concept prediction + interleaved mixing (lambda 0.1, the middle
 block), against knowledge distillation from the same reference and the pause-vector compute control."""
 
-DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS
+MTP_VARIANTS = [
+    TargetVariant(name="mtp2", num_future_tokens=2),
+    TargetVariant(name="mtp4", num_future_tokens=4),
+]
+"""Multi-token prediction (arXiv 2404.19737), compute-matched: n one-block heads taken from the model's layers."""
+
+DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS
 
 
 def tiny() -> PipelineConfig:
-    """Seconds-scale pipeline for tests: the addresses since 2014, a 2-layer d=32 model, a few thousand tokens."""
-    model = ModelConfig(num_layers=2, num_heads=2, d_model=32)
+    """Seconds-scale pipeline for tests: the addresses since 2014, a 4-layer d=32 model, a few thousand tokens."""
+    model = ModelConfig(num_layers=4, num_heads=2, d_model=32)
     train = TrainConfig(max_tokens=6144, batch_size_tokens=512, micro_batch_size=8, lr=1e-2, warmup_steps=2,
                         eval_every_steps=4, eval_max_windows=16, log_every_steps=4, checkpoint_every_steps=4)
     return PipelineConfig(
@@ -50,7 +56,7 @@ def tiny() -> PipelineConfig:
         sae=SAEConfig(max_tokens=16_384, batch_rows=1024, eval_every_steps=8, eval_windows=8, dead_tokens=4096),
         concepts=ExtractConfig(num_shards=2),
         target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
-        evaluate=EvaluateConfig(max_windows=32),
+        evaluate=EvaluateConfig(max_windows=32, speculative_prompts=4, speculative_new_tokens=24),
     )
 
 

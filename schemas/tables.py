@@ -170,3 +170,27 @@ COMPUTE = pa.schema([
 matmul FLOPs, interleaved blocks counted twice, a distillation teacher's forward added), its total, its
 training-time val loss interpolated at the baseline's total FLOPs, and the FLOPs it needed to reach the
 baseline's final val loss (null if never) with the ratio to the baseline's own."""
+
+HEAD_METRICS = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("head", pa.int32(), nullable=False),
+    pa.field("tokens", pa.int64(), nullable=False),
+    pa.field("loss", pa.float64(), nullable=False),
+    pa.field("accuracy", pa.float64(), nullable=False),
+])
+"""evaluate, per model and validation split: head i (1-based) predicting token t+i: mean cross-entropy (nats)
+and top-1 accuracy over `tokens` targets (the same windows as eval_losses)."""
+
+SPECULATIVE = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("draft", pa.int32(), nullable=False),
+    pa.field("new_tokens", pa.int64(), nullable=False),
+    pa.field("forwards", pa.int64(), nullable=False),
+    pa.field("tokens_per_forward", pa.float64(), nullable=False),
+    pa.field("seconds", pa.float64(), nullable=False),
+    pa.field("speedup", pa.float64(), nullable=False),
+])
+"""evaluate, per multi-token model: greedy decoding (draft 0) and self-speculative decoding with `draft` drafted
+tokens per forward on the same validation prompts in the same process (outputs checked identical); speedup =
+greedy seconds / these seconds."""

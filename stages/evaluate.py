@@ -11,6 +11,8 @@ Output files in `out`:
                            baseline's FLOPs, FLOPs to reach the baseline's final val loss
     report.md              the comparison as a Markdown table, plus the train split's unigram entropy
     val_loss.png           validation loss vs tokens seen per variant (one subplot per validation split)
+    head_metrics.parquet   schemas.tables.HEAD_METRICS: per multi-token model, split and head: loss, top-1 accuracy
+    speculative.parquet    schemas.tables.SPECULATIVE: greedy vs self-speculative decoding speed per draft count
     val_loss_flops.png     validation loss vs training FLOPs per variant
     train_loss.png         training loss vs tokens seen per variant
 """
@@ -26,17 +28,19 @@ from tokenizers import Tokenizer
 
 from schemas.configs import DynamicsConfig, EvaluateConfig, PipelineConfig
 from schemas.manifest import Manifest
-from schemas.tables import COMPARISON, COMPUTE, EVAL_LOSSES, TOKEN_DYNAMICS
+from schemas.tables import COMPARISON, COMPUTE, EVAL_LOSSES, HEAD_METRICS, SPECULATIVE, TOKEN_DYNAMICS
 from stages.corpus.packing import pack_stream
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
 from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
 from stages.evaluation.flops import compute_rows, training_flops_per_token
+from stages.evaluation.heads import head_metrics, speculative_rows
 from stages.evaluation.report import (
     REFERENCE,
     VAL_SPLITS,
     compute_markdown,
     concept_markdown,
+    heads_markdown,
     plot_curves,
     report_markdown,
 )
@@ -124,7 +128,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
             raise ValueError(f"evaluate.extra_files: two files are named {Path(path).name!r}; rename one")
         streams[split] = extra_file_stream(tokens, path)
 
-    eval_rows = []
+    eval_rows, head_rows, speculative = [], [], []
     for name, manifest in [(REFERENCE, reference)] + list(zip(names, targets, strict=True)):
         model = load_model(Path(manifest.path), device)
         for split, stream_N in streams.items():
@@ -132,8 +136,15 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
             eval_rows.append({"model": name, "split": split, "num_tokens": num_tokens, "loss": loss,
                               "perplexity": math.exp(min(loss, 700.0))})
             log.info("%s on %s: loss %.4f over %d tokens", name, split, loss, num_tokens)
+        if model.num_future_tokens > 1:
+            head_rows += multi_token_heads(model, name, streams, seq_len, cfg.max_windows, device)
+            speculative += [{"model": name, **row} for row in speculative_rows(
+                model.cpu(), speculative_prompts(streams["val"], seq_len, cfg.speculative_prompts),
+                cfg.speculative_new_tokens)]
         del model
     write_table(out / "eval_losses.parquet", pa.Table.from_pylist(eval_rows, EVAL_LOSSES), EVAL_LOSSES)
+    write_table(out / "head_metrics.parquet", pa.Table.from_pylist(head_rows, HEAD_METRICS), HEAD_METRICS)
+    write_table(out / "speculative.parquet", pa.Table.from_pylist(speculative, SPECULATIVE), SPECULATIVE)
     losses = {(r["model"], r["split"]): r["loss"] for r in eval_rows}
 
     reach = {split: tokens_to_reach(metrics, cfg.baseline, split) for split in VAL_SPLITS}
@@ -173,7 +184,8 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     write_table(out / "compute.parquet", pa.Table.from_pylist(compute, COMPUTE), COMPUTE)
     concept_rows = concept_summary(metrics)
     with open(out / "report.md", "a") as report:
-        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows))
+        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows)
+                     + heads_markdown(head_rows, speculative))
     flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}
     plots = plot_curves(metrics, losses, out, flops_per_token)
     summary = {
@@ -182,11 +194,31 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         "dynamics_fractions": fractions,
         "unigram_entropy_nats": entropy,
         "train_flops_per_token": flops_per_token,
+        "speculative_speedup": {r["model"]: max(x["speedup"] for x in speculative if x["model"] == r["model"])
+                                for r in speculative},
         "files": ["eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "compute.parquet",
-                  "report.md", *plots],
+                  "head_metrics.parquet", "speculative.parquet", "report.md", *plots],
     }
     log.info("evaluate: %s", summary)
     return summary
+
+
+def multi_token_heads(model, name: str, streams: dict, seq_len: int, max_windows: int, device) -> list[dict]:
+    """head_metrics.parquet rows of one multi-token model on the validation splits."""
+    rows = []
+    for split in VAL_SPLITS:
+        windows = TokenWindows.from_array(streams[split], seq_len, split)
+        ids = np.arange(min(len(windows), max_windows))
+        rows += [{"model": name, "split": split, **row}
+                 for row in head_metrics(model, windows, ids, EVAL_BATCH_WINDOWS, device)]
+    return rows
+
+
+def speculative_prompts(stream_N: np.ndarray, seq_len: int, count: int, length: int = 16) -> list[list[int]]:
+    """The first `length` tokens of `count` windows spread evenly over a split."""
+    num_windows = max(1, (len(stream_N) - 1) // seq_len)
+    starts = np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64)) * seq_len
+    return [np.asarray(stream_N[s:s + length]).astype(int).tolist() for s in starts]
 
 
 def compute_ledger(metrics: dict[str, pa.Table], reference: Manifest, targets: dict[str, Manifest],
@@ -226,6 +258,8 @@ STAGE = Stage(
     tables={"eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
             "comparison": TableSpec("evaluate", "comparison.parquet"),
             "compute": TableSpec("evaluate", "compute.parquet"),
+            "head_metrics": TableSpec("evaluate", "head_metrics.parquet"),
+            "speculative": TableSpec("evaluate", "speculative.parquet"),
             "token_dynamics": TableSpec("evaluate", "token_dynamics.parquet")},
     description="comparison tables, plots, token dynamics",
 )

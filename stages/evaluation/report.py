@@ -112,3 +112,19 @@ def concept_markdown(rows: list[dict]) -> str:
              "|---|---|---|"]
     lines += [f"| {r['model']} | {_fmt(r['concept_loss'], '.4f')} | {_fmt(r['top1_in_labels'], '.1%')} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def heads_markdown(head_rows: list[dict], speculative: list[dict]) -> str:
+    """Per-head accuracy and self-speculative decoding speed of the multi-token models."""
+    if not head_rows:
+        return ""
+    lines = ["", "Multi-token heads on val (head i predicts token t+i; head_metrics.parquet):", "",
+             "| model | head | loss | top-1 accuracy |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['head']} | {r['loss']:.4f} | {r['accuracy']:.1%} |"
+              for r in head_rows if r["split"] == "val"]
+    lines += ["", "Self-speculative greedy decoding (identical output; draft 0 = plain greedy; speculative.parquet):",
+              "", "| model | drafts | new tokens | forwards | tokens/forward | seconds | speed-up |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['draft']} | {r['new_tokens']} | {r['forwards']} | {r['tokens_per_forward']:.2f} | "
+              f"{r['seconds']:.2f} | {r['speedup']:.2f}x |" for r in speculative]
+    return "\n".join(lines) + "\n"

@@ -16,7 +16,9 @@ inv_freq = theta^(-2i/K) like `LlamaRotaryEmbedding`; attention is causal SDPA w
 biases; the MLP is down(silu(gate(x)) * up(x)); `nn.RMSNorm` on fp32 activations computes
 weight * x * rsqrt(mean(x^2) + eps) exactly as `LlamaRMSNorm` (which upcasts to fp32 first, a no-op in fp32).
 Layer order is trunk_blocks followed by head_blocks[0]; the extra multi-token heads (head_blocks[1:]) have
-no place in a Llama model and are dropped with a warning. GELU MLPs and concept-mixing inserts cannot be
+no place in a Llama model: they are written beside it as `mtp_heads.safetensors` (Llama layer names under
+`extra_heads.{j}` for head j + 2, applied to the hidden state entering the last layer, then `model.norm` and
+`lm_head`), with a warning. GELU MLPs and concept-mixing inserts cannot be
 expressed as Llama and raise ValueError.
 """
 
@@ -30,6 +32,10 @@ from safetensors.torch import save_file
 from stages.models.gpt import GPT, Block, mlp_hidden_size
 
 logger = logging.getLogger(__name__)
+
+EXTRA_HEADS = "mtp_heads.safetensors"
+EXTRA_HEADS_USAGE = ("extra_heads.{j} is a Llama decoder layer predicting token t+2+j: apply it to the hidden state "
+                     "entering the last layer (output_hidden_states[-2]), then model.norm and lm_head")
 
 
 def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dict:
@@ -64,21 +70,39 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
     return config
 
 
+def _block_weights(block: Block, prefix: str) -> dict[str, torch.Tensor]:
+    """One block's weights under the names of a Llama decoder layer at `prefix`."""
+    weights = {f"{prefix}.input_layernorm.weight": block.attn_norm.weight,
+               f"{prefix}.post_attention_layernorm.weight": block.mlp_norm.weight}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        weights[f"{prefix}.self_attn.{name}.weight"] = getattr(block.attn, name).weight
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        weights[f"{prefix}.mlp.{name}.weight"] = getattr(block.mlp, name).weight
+    return weights
+
+
+def _standalone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32, contiguous, each tensor its own storage (safetensors needs that)."""
+    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in weights.items()}
+
+
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under Llama names, fp32, contiguous, each tensor its own storage (safetensors needs that)."""
+    """Our weights under Llama names: the trunk blocks, then head 1 as the last layer."""
     blocks: list[Block] = [*model.trunk_blocks, model.head_blocks[0]]
     weights = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     for i, block in enumerate(blocks):
-        prefix = f"model.layers.{i}"
-        weights[f"{prefix}.input_layernorm.weight"] = block.attn_norm.weight
-        weights[f"{prefix}.post_attention_layernorm.weight"] = block.mlp_norm.weight
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            weights[f"{prefix}.self_attn.{name}.weight"] = getattr(block.attn, name).weight
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            weights[f"{prefix}.mlp.{name}.weight"] = getattr(block.mlp, name).weight
+        weights |= _block_weights(block, f"model.layers.{i}")
     if not model.cfg.tie_embeddings:
         weights["lm_head.weight"] = model.lm_head.weight
-    return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in weights.items()}
+    return _standalone(weights)
+
+
+def extra_heads_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """The multi-token heads 2..n as Llama decoder layers `extra_heads.{j}` (head j + 2)."""
+    weights = {}
+    for j, block in enumerate(model.head_blocks[1:]):
+        weights |= _block_weights(block, f"extra_heads.{j}")
+    return _standalone(weights)
 
 
 def check_exportable(model: GPT) -> None:
@@ -92,8 +116,8 @@ def check_exportable(model: GPT) -> None:
                          "(CoCoMix concept mixing or pause slots), which a stock Hugging Face Llama cannot express; "
                          "export a model without inserts (e.g. ntp or slm), or use it with `lmpipe generate`")
     if model.num_future_tokens > 1:
-        logger.warning("dropping %d extra multi-token prediction heads (head_blocks[1:]): a Llama model keeps "
-                       "only the next-token head", model.num_future_tokens - 1)
+        logger.warning("%d extra multi-token prediction heads have no place in a Llama model: they are saved "
+                       "beside it in %s", model.num_future_tokens - 1, EXTRA_HEADS)
 
 
 def model_card(model: GPT, config: dict) -> str:
@@ -151,6 +175,10 @@ def export_llama(model: GPT, tokenizer_json: Path, out_dir: Path, *, eos_token: 
     PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token=eos_token, bos_token=eos_token,
                             unk_token=eos_token, pad_token=eos_token,
                             model_max_length=model.max_seq_len).save_pretrained(out_dir)
+    if model.num_future_tokens > 1:
+        save_file(extra_heads_state_dict(model), str(out_dir / EXTRA_HEADS),
+                  metadata={"format": "pt", "num_future_tokens": str(model.num_future_tokens),
+                            "usage": EXTRA_HEADS_USAGE})
     (out_dir / "README.md").write_text(model_card(model, config))
     logger.info("exported %d-layer Llama (vocab %d) to %s", config["num_hidden_layers"], model.vocab_size, out_dir)
     return out_dir

@@ -74,27 +74,33 @@ def hidden_loss_and_entropy(h_BTD: torch.Tensor, unembed_VD: torch.Tensor, targe
     """`token_loss_and_entropy(h_BTD @ unembed_VD.T, targets_BT)` without materializing the (B, T, V) logits.
 
     `h_BTD` is what the unembedding reads (after the final norm). Rows go through the unembedding in blocks of
-    about `block_elements` logits (default 4M on CPU, 64M elsewhere: large enough for an efficient matmul),
-    each block then scored chunk by chunk. F.linear runs under the caller's autocast, as the model's lm_head.
+    about `block_elements` logits (default 4M on CPU, 64M elsewhere: large enough for an efficient matmul), each
+    block then scored chunk by chunk. Without grad or autocast the blocks reuse one buffer (a fresh multi-MiB
+    tensor per block costs page faults on CPU); otherwise F.linear runs as the model's lm_head would (autocast).
     """
     *lead, D = h_BTD.shape
     h_ND = h_BTD.reshape(-1, D)
     targets_N = targets_BT.reshape(-1)
-    if targets_N.shape[0] != h_ND.shape[0]:
+    N, V = h_ND.shape[0], unembed_VD.shape[0]
+    if targets_N.shape[0] != N:
         raise ValueError(f"targets of shape {tuple(targets_BT.shape)} do not match hidden {tuple(h_BTD.shape)}")
     if block_elements is None:
         block_elements = 1 << 22 if h_ND.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
-    rows = max(1, block_elements // unembed_VD.shape[0])
-    losses, entropies = [], []
-    for start in range(0, h_ND.shape[0], rows):
-        loss_R, entropy_R = token_loss_and_entropy(F.linear(h_ND[start:start + rows], unembed_VD),
-                                                   targets_N[start:start + rows], ignore_index, chunk_elements)
-        losses.append(loss_R)
-        entropies.append(entropy_R)
-    if not losses:
-        empty = h_ND.new_empty(lead, dtype=torch.float32)
-        return empty, empty.clone()
-    return torch.cat(losses).view(lead), torch.cat(entropies).view(lead)
+    rows = max(1, min(N, block_elements // V))
+    reuse = (h_ND.dtype == unembed_VD.dtype and not torch.is_autocast_enabled(h_ND.device.type)
+             and not (torch.is_grad_enabled() and (h_ND.requires_grad or unembed_VD.requires_grad)))
+    logits_RV = h_ND.new_empty(rows, V) if reuse and N else None
+    loss_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+    entropy_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        if logits_RV is not None:
+            logits = torch.matmul(h_ND[start:stop], unembed_VD.t(), out=logits_RV[: stop - start])
+        else:
+            logits = F.linear(h_ND[start:stop], unembed_VD)
+        loss_N[start:stop], entropy_N[start:stop] = token_loss_and_entropy(logits, targets_N[start:stop],
+                                                                           ignore_index, chunk_elements)
+    return loss_N.view(lead), entropy_N.view(lead)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -6,10 +6,11 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from schemas.configs import ModelConfig
-from stages.inference.export_hf import export_llama
+from stages.corpus.tokenizers import train_bpe
+from stages.inference.export_hf import EXTRA_HEADS, export_llama
 from stages.inference.generate import generate, generate_text
 from stages.models.gpt import GPT
 from stages.models.losses import token_loss
@@ -26,12 +27,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
     """A tiny byte-level BPE with the end-of-text special token, trained on the test sentences."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(SENTENCES * 4, trainer=trainer)
+    tok = train_bpe(SENTENCES * 4, 320)  # the project's own byte-level BPE trainer
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -107,18 +103,37 @@ def test_export_loads_as_llama_and_matches(tmp_path, tokenizer_path, tokenizer, 
     assert len(set(ours)) > 3, "greedy output should be a non-trivial continuation"
 
 
-def test_multi_token_heads_are_dropped_with_warning(tmp_path, tokenizer_path, tokenizer, caplog):
+def test_multi_token_heads_are_saved_beside_the_llama(tmp_path, tokenizer_path, tokenizer, caplog):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    model = tiny_model(tokenizer.get_vocab_size(), num_future_tokens=2, num_layers=3).eval()
+    model = tiny_model(tokenizer.get_vocab_size(), num_future_tokens=3, num_layers=4).eval()
     with caplog.at_level(logging.WARNING, logger="stages.inference.export_hf"):
         out = export_llama(model, tokenizer_path, tmp_path / "hf")
-    assert "multi-token" in caplog.text
+    assert "multi-token" in caplog.text and EXTRA_HEADS in caplog.text
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert hf.config.num_hidden_layers == 2  # one trunk block + head 0
     idx_BT = torch.randint(0, model.vocab_size, (1, 16))
     with torch.no_grad():
         assert (hf(idx_BT).logits - model(idx_BT)).abs().max().item() <= 1e-4
+    # the documented recipe: an extra head is a Llama layer on the hidden state entering the last layer
+    extra = load_file(out / EXTRA_HEADS)
+    assert {k.split(".")[1] for k in extra} == {"0", "1"}
+    with torch.no_grad():
+        hidden = hf(idx_BT, output_hidden_states=True).hidden_states[-2]
+        position_ids = torch.arange(16)[None]
+        rotary = hf.model.rotary_emb(hidden, position_ids)
+        ours, _ = model.forward_heads(idx_BT)
+        for j in range(2):
+            layer = LlamaDecoderLayer(hf.config, layer_idx=0).eval()
+            prefix = f"extra_heads.{j}."
+            layer.load_state_dict({k.removeprefix(prefix): v for k, v in extra.items() if k.startswith(prefix)})
+            mask = torch.full((16, 16), float("-inf")).triu(1)[None, None]
+            out_h = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary)
+            out_h = out_h[0] if isinstance(out_h, tuple) else out_h
+            logits = hf.lm_head(hf.model.norm(out_h))
+            assert (logits - ours[j + 1]).abs().max().item() <= 1e-4
 
 
 def test_gelu_export_raises(tmp_path, tokenizer_path, tokenizer):

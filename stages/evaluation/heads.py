@@ -1,0 +1,62 @@
+"""Per-head validation metrics of multi-token models and their self-speculative decoding speed.
+
+- head_metrics: for every head i (1-based), the mean cross-entropy and top-1 accuracy of its prediction of
+  token t+i over the given windows (head i's last i-1 positions have no target);
+- speculative_rows: greedy decoding with head 1 against self-speculative decoding with 1..n-1 drafts, on the
+  same prompts in the same process: new tokens, forwards, tokens per forward, seconds, speed-up.
+"""
+
+import time
+
+import numpy as np
+import torch
+
+from stages.inference.generate import generate
+from stages.inference.speculative import generate_speculative
+from stages.models.gpt import GPT
+from stages.training.devices import autocast
+from storage.windows import TokenWindows
+
+
+@torch.inference_mode()
+def head_metrics(model: GPT, windows: TokenWindows, window_ids: np.ndarray, batch_size: int,
+                 device: torch.device) -> list[dict]:
+    """[{head, tokens, loss, accuracy}] of every head over the windows."""
+    heads = model.num_future_tokens
+    loss_sum, correct, count = np.zeros(heads), np.zeros(heads), np.zeros(heads, np.int64)
+    model.eval()
+    for start in range(0, len(window_ids), batch_size):
+        inputs_BT, targets_BT = windows.batch(window_ids[start:start + batch_size], device)
+        T = targets_BT.shape[1]
+        with autocast(device):
+            logits, _ = model.forward_heads(inputs_BT)
+        for i, logits_BTV in enumerate(logits):
+            pred_BTV, target_BT = logits_BTV[:, : T - i].float(), targets_BT[:, i:]
+            loss_sum[i] += float(torch.nn.functional.cross_entropy(pred_BTV.flatten(0, 1), target_BT.flatten(),
+                                                                   reduction="sum"))
+            correct[i] += int((pred_BTV.argmax(-1) == target_BT).sum())
+            count[i] += target_BT.numel()
+    return [{"head": i + 1, "tokens": int(count[i]), "loss": loss_sum[i] / max(count[i], 1),
+             "accuracy": correct[i] / max(count[i], 1)} for i in range(heads)]
+
+
+def speculative_rows(model: GPT, prompts: list[list[int]], new_tokens: int) -> list[dict]:
+    """Plain greedy (draft 0 row) and self-speculative decoding with each draft count on the same prompts."""
+    start = time.perf_counter()
+    expected = [generate(model, prompt, new_tokens) for prompt in prompts]
+    plain_seconds = time.perf_counter() - start
+    total = sum(len(ids) for ids in expected)
+    rows = [{"draft": 0, "new_tokens": total, "forwards": total, "tokens_per_forward": 1.0,
+             "seconds": plain_seconds, "speedup": 1.0}]
+    for draft in range(1, model.num_future_tokens):
+        start, forwards, produced = time.perf_counter(), 0, 0
+        for prompt, reference in zip(prompts, expected, strict=True):
+            ids, stats = generate_speculative(model, prompt, new_tokens, draft=draft)
+            if ids != reference:
+                raise AssertionError(f"speculative decoding (draft {draft}) diverged from greedy decoding")
+            forwards, produced = forwards + stats.forwards + 1, produced + stats.new_tokens  # + the prompt pass
+        seconds = time.perf_counter() - start
+        rows.append({"draft": draft, "new_tokens": produced, "forwards": forwards,
+                     "tokens_per_forward": produced / max(forwards, 1), "seconds": seconds,
+                     "speedup": plain_seconds / max(seconds, 1e-9)})
+    return rows
