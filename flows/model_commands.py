@@ -73,6 +73,9 @@ def _generate_speculative(model, tokenizer, args) -> int:
     from stages.inference.generate import generate
     from stages.inference.speculative import generate_speculative
 
+    if model.num_future_tokens == 1:
+        raise ValueError(f"model {args.model!r} has one prediction head, so nothing can be drafted: --speculative "
+                         "needs a multi-token variant (num_future_tokens > 1, e.g. mtp2 or mtp4)")
     if args.temperature > 0:
         raise ValueError("--speculative decodes greedily (its output equals plain greedy decoding); drop "
                          "--temperature")

@@ -50,13 +50,16 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 100, tol: float = 1e-
 
 
 def sparse_decode(vals_NK: torch.Tensor, idx_NK: torch.Tensor, weight_LD: torch.Tensor) -> torch.Tensor:
-    """sum_k vals[..., k] * weight[idx[..., k]] for any leading shape, touching only the K selected rows of
-    weight (forward and backward): a gather of (N, K, D) rows and a batched (1, K) x (K, D) product. No bias.
-    On CPU this measured 2.5x faster than F.embedding_bag with per_sample_weights (whose backward is slow)."""
+    """sum_k vals[..., k] * weight[idx[..., k]], any leading shape, no bias; touches only the K rows (embedding_bag).
+
+    CPU, quiet machine: forward + backward (grads to the K weight rows and to vals) measured 5-10x faster than a
+    gather + bmm over (N, K, D) rows; both slow down when the cores are oversubscribed, embedding_bag's backward most.
+    """
     lead, K = idx_NK.shape[:-1], idx_NK.shape[-1]
-    rows_NKD = weight_LD[idx_NK.reshape(-1, K)]
-    out_ND = torch.bmm(vals_NK.reshape(-1, 1, K).to(weight_LD.dtype), rows_NKD).squeeze(1)
+    out_ND = F.embedding_bag(idx_NK.reshape(-1, K), weight_LD, mode="sum",
+                             per_sample_weights=vals_NK.reshape(-1, K).to(weight_LD.dtype))
     return out_ND.view(*lead, weight_LD.shape[1])
+
 
 @dataclass
 class SAEOutput:

@@ -127,6 +127,27 @@ def test_cli_report_generate_export_and_sql_prompt(first_run, root, capsys, monk
     assert main(["sql", "--preset", "tiny"]) == 0
     assert "512" in capsys.readouterr().out
     assert main(["generate", "--preset", "tiny", "--model", "nope", "--prompt", "x"]) == 2
+    speculative = ["generate", "--preset", "tiny", "--model", "mtp4", "--prompt", "My fellow", "--speculative",
+                   "--draft", "2", "--max-new-tokens", "12"]
+    assert main(speculative) == 0
+    out = capsys.readouterr().out
+    assert "tokens per forward" in out and "identical output" in out
+    assert main(["generate", "--preset", "tiny", "--model", "ntp", "--prompt", "x", "--speculative"]) == 2
+    assert "one prediction head" in capsys.readouterr().err
+
+
+def test_cli_steer_and_concept_export_refusal(first_run, root, capsys, tmp_path):
+    from flows.cli import main
+
+    steer = ["steer", "--preset", "tiny", "--model", "cocomix", "--concept", "3", "--scale", "4", "--prompt",
+             "The state of the union", "--max-new-tokens", "8"]
+    assert main(steer) == 0
+    out = capsys.readouterr().out
+    assert "concept 3:" in out and "scale 0" in out and "scale 4" in out
+    assert main(["steer", "--preset", "tiny", "--model", "ntp", "--concept", "3", "--prompt", "x"]) == 2
+    assert "no concept insert" in capsys.readouterr().err
+    assert main(["export", "--preset", "tiny", "cocomix", str(tmp_path / "hf")]) == 2
+    assert "cannot express" in capsys.readouterr().err
 
 
 def test_interrupted_scoring_redoes_only_unfinished_shards(first_run, root):
