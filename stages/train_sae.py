@@ -102,7 +102,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     log.info("train_sae: %d latents, k=%d, layer %d, %d steps x %d rows on %s", num_latents, k, layer,
              total_steps, windows_per_step * train_windows.seq_len, device)
     metrics: list[tuple] = []
-    rows_seen, started, interval = 0, time.perf_counter(), time.perf_counter()
+    rows_seen, started, interval, interval_rows = 0, time.perf_counter(), time.perf_counter(), 0
     final = {}
     for step in range(1, total_steps + 1):
         inputs_BT, _ = train_windows.batch(order.take(windows_per_step), device)
@@ -125,8 +125,8 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         for name, value in stats.items():
             metrics.append((step, rows_seen, f"train/{name}", float(value)))
         if step % 10 == 0 or step == total_steps:
-            rows_per_s = 10 * xn_ND.shape[0] / max(time.perf_counter() - interval, 1e-9) if step % 10 == 0 else 0.0
-            interval = time.perf_counter()
+            rows_per_s = (rows_seen - interval_rows) / max(time.perf_counter() - interval, 1e-9)
+            interval, interval_rows = time.perf_counter(), rows_seen
             metrics.append((step, rows_seen, "train/rows_per_s", rows_per_s))
             eta = (total_steps - step) * (time.perf_counter() - started) / step
             log.info("train_sae step %d/%d | fvu %.3f | l0 %.1f | dead %.1f%% | rows/s %s | eta %s", step, total_steps,
