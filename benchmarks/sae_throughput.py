@@ -24,6 +24,9 @@ Definitions:
   its ru_maxrss (torch libraries included), `delta MiB` that minus VmRSS just before the model was built.
 - `topk_ms`: one more measurement in the parent process: torch.topk(k) of a (batch, num_latents) fp32 matrix with
   sorted=True vs sorted=False (best of 10), the choice `encode` makes (sorted=False).
+- `decode_ms`: forward + backward (grads to the decoder and to the values) of the decode alone, best of 10, in the
+  parent process: `embedding_bag` (F.embedding_bag with per_sample_weights, what `sparse_decode` uses),
+  `gather_bmm` (gather the (N, K, D) rows, then a batched (1, K) x (K, D) product) and `dense` (scatter + matmul).
 """
 
 import argparse
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -197,6 +201,31 @@ def topk_ms(device: torch.device, batch: int, num_latents: int, k: int) -> dict:
     return result
 
 
+def decode_ms(device: torch.device, batch: int, num_latents: int, k: int, d_model: int) -> dict:
+    """Best-of-10 milliseconds of forward + backward of three ways to decode k active latents per row."""
+    torch.manual_seed(0)
+    W_LD = torch.randn(num_latents, d_model, device=device, requires_grad=True)
+    vals_NK = torch.rand(batch, k, device=device, requires_grad=True)
+    idx_NK = torch.rand(batch, num_latents, device=device).topk(k, dim=-1, sorted=False).indices
+    grad_ND = torch.randn(batch, d_model, device=device)
+    ways = {
+        "embedding_bag": lambda: F.embedding_bag(idx_NK, W_LD, per_sample_weights=vals_NK, mode="sum"),
+        "gather_bmm": lambda: torch.bmm(vals_NK[:, None, :], W_LD[idx_NK]).squeeze(1),
+        "dense": lambda: torch.zeros(batch, num_latents, device=device).scatter(1, idx_NK, vals_NK) @ W_LD,
+    }
+    result = {}
+    for name, decode in ways.items():
+        best = float("inf")
+        for _ in range(11):  # the first is a warmup
+            sync(device)
+            tick = time.perf_counter()
+            torch.autograd.grad(decode(), (W_LD, vals_NK), grad_ND)
+            sync(device)
+            best = min(best, time.perf_counter() - tick)
+        result[name] = 1e3 * best
+    return result
+
+
 def markdown_table(report: dict) -> str:
     """The results as a Markdown table."""
     rows = report["results"]
@@ -219,7 +248,8 @@ def markdown_table(report: dict) -> str:
                  f"num_latents={cfg['num_latents']}, k={cfg['k']}, batch={cfg['batch']} rows; "
                  f"{report['steps']} timed steps after {report['warmup']} warmup; sparse_auxk dead fraction "
                  f"{report['dead_fraction']}. topk ms: sorted "
-                 f"{topk['sorted']:.2f}, unsorted {topk['unsorted']:.2f}.")
+                 f"{topk['sorted']:.2f}, unsorted {topk['unsorted']:.2f}. Decode fwd+bwd ms: "
+                 + ", ".join(f"{name} {ms:.1f}" for name, ms in report["decode_ms"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -267,6 +297,7 @@ def main() -> None:
         report["results"].append(row)
         print(f"# {variant}: {row['rows_per_s']:,.0f} rows/s", file=sys.stderr)
     report["topk_ms"] = topk_ms(device, config["batch"], config["num_latents"], config["k"])
+    report["decode_ms"] = decode_ms(device, config["batch"], config["num_latents"], config["k"], config["d_model"])
     report["load_average_1min"]["after"] = os.getloadavg()[0]
     text = json.dumps(report, indent=2)
     print(text)

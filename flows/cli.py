@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from schemas.loading import ConfigError, load_config
+from storage.artifacts import CorruptArtifactError
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,10 @@ def cmd_verify(args) -> int:
 
     bad = 0
     for manifest in iter_manifests():
+        if isinstance(manifest, Exception):
+            bad += 1
+            print(f"CORRUPT {manifest}")
+            continue
         problems = verify(manifest)
         bad += bool(problems)
         print(f"{'OK     ' if not problems else 'CORRUPT'} {manifest.stage}/{manifest.key}")
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.fn(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, CorruptArtifactError) as err:
         print(f"lmpipe: error: {err}", file=sys.stderr)
         return 2
 

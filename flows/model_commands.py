@@ -42,6 +42,13 @@ def cmd_export(args) -> int:
     from stages.models.saved import load_model
 
     manifest = resolve_model(args.model, args)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
+        what = "is a file" if not out_dir.is_dir() else "is not empty"
+        raise ValueError(f"{out_dir} {what}: export into a new or empty folder, or pass --overwrite to replace "
+                         "the files it writes")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file: give a folder path")
     out = export_llama(load_model(Path(manifest.path), "cpu"), tokenizer_path(manifest), Path(args.out_dir))
     print(f"exported {manifest.stage}/{manifest.key} to {out}\n"
           f"load with: AutoModelForCausalLM.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
@@ -176,7 +183,8 @@ def add_commands(sub, config_args) -> None:
     export = sub.add_parser("export", help=cmd_export.__doc__)
     config_args(export)
     export.add_argument("model", help="variant name (ntp, slm), 'reference', artifact key or directory")
-    export.add_argument("out_dir", help="output folder")
+    export.add_argument("out_dir", help="output folder (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty folder, replacing files")
     export.set_defaults(fn=cmd_export)
     generate = sub.add_parser("generate", help=cmd_generate.__doc__)
     config_args(generate)

@@ -3,7 +3,7 @@
 from schemas.configs import PipelineConfig
 from stages.dag import plan
 from stages.registry import stages
-from storage.artifacts import load_manifest
+from storage.artifacts import CorruptArtifactError, load_manifest
 from storage.catalog import connect
 
 
@@ -27,9 +27,13 @@ def status_rows(cfg: PipelineConfig) -> list[dict]:
     for name, node in plan(cfg).items():
         row = {"node": name, "key": node.key, "built": node.is_built(), "size": "", "created": "", "summary": ""}
         if row["built"]:
-            manifest = load_manifest(node.path())
-            row |= {"size": _human_bytes(sum(f.size_bytes for f in manifest.files)),
-                    "created": manifest.created_at, "summary": headline(manifest.summary)}
+            try:
+                manifest = load_manifest(node.path())
+            except CorruptArtifactError as err:
+                row |= {"built": "CORRUPT", "summary": str(err)}
+            else:
+                row |= {"size": _human_bytes(sum(f.size_bytes for f in manifest.files)),
+                        "created": manifest.created_at, "summary": headline(manifest.summary)}
         rows.append(row)
     return rows
 

@@ -9,14 +9,19 @@ from pathlib import Path
 from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
-from storage.artifacts import build_dir, materialize
+from storage.artifacts import artifact_dir, build_dir, load_manifest, materialize
 
 log = logging.getLogger(__name__)
 
 
+def current(inputs: dict[str, Manifest], root: Path | None = None) -> dict[str, Manifest]:
+    """The upstream manifests re-read from disk (a cached task result may carry the path of a moved root)."""
+    return {role: load_manifest(artifact_dir(m.stage, m.key, root)) for role, m in inputs.items()}
+
+
 def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, root: Path | None = None) -> Manifest:
     """Return the node's artifact, building it (or rebuilding it when forced) from its upstream manifests."""
-    run = stage(node.stage).run
+    run, inputs = stage(node.stage).run, current(inputs, root)
     return materialize(node.stage, node.code_version, node.config, inputs, lambda out: run(node.config, inputs, out),
                        root=root, force=force)
 
@@ -39,4 +44,4 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         return str(node.path(root))
     work = build_dir(node.stage, node.key, root)
     work.mkdir(parents=True, exist_ok=True)
-    return str(stage(node.stage).shards.build(node.config, inputs, shard, work))
+    return str(stage(node.stage).shards.build(node.config, current(inputs, root), shard, work))

@@ -69,10 +69,17 @@ def is_built(stage: str, key: str, root: Path | None = None) -> bool:
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read the manifest of a finished artifact directory; error if it is not finished."""
+    """Read the manifest of a finished artifact directory; error if it is not finished or the manifest is
+    unreadable. Its `path` is where the directory is now (so a copied or moved root keeps working)."""
+    path = Path(path)
     if not (path / SUCCESS).exists():
         raise MissingArtifactError(f"{path} is not a finished artifact (no {SUCCESS})")
-    return Manifest.model_validate_json((path / MANIFEST).read_text())
+    try:
+        manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptArtifactError(f"{path / MANIFEST} is missing or unreadable ({type(err).__name__}); "
+                                   f"rebuild the artifact with `lmpipe run --force {path.parent.name}`") from None
+    return manifest.model_copy(update={"path": str(path.resolve())})
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -160,7 +167,12 @@ def materialize(
         work.mkdir(parents=True, exist_ok=True)
         log.info("building %s/%s in %s", stage, key, work)
         started = time.perf_counter()
-        summary = build(work) or {}
+        try:
+            summary = build(work) or {}
+        except BaseException:
+            if work.is_dir() and not any(work.iterdir()):
+                work.rmdir()  # nothing to resume from: leave no empty build dir behind
+            raise
         manifest = Manifest(
             stage=stage,
             key=key,
@@ -203,13 +215,19 @@ def require(stage: str, key: str, *, built_by: str, root: Path | None = None) ->
     return load_manifest(path)
 
 
-def iter_manifests(root: Path | None = None, stage: str | None = None) -> Iterator[Manifest]:
-    """Every finished artifact under the root (optionally of one stage)."""
+def iter_manifests(root: Path | None = None, stage: str | None = None) -> Iterator[Manifest | CorruptArtifactError]:
+    """Every finished artifact under the root (optionally of one stage); an unreadable manifest is yielded as
+    the error, so callers report it and go on with the rest."""
     root = root or artifact_root()
+    if not root.is_dir():
+        raise MissingArtifactError(f"artifact root {root} does not exist (set LMPIPE_ROOT or run `lmpipe run`)")
     stage_dirs = [root / stage] if stage else [p for p in sorted(root.iterdir()) if not p.name.startswith("_")]
     for stage_dir in stage_dirs:
         if not stage_dir.is_dir():
             continue
         for path in sorted(stage_dir.iterdir()):
             if (path / SUCCESS).exists():
-                yield load_manifest(path)
+                try:
+                    yield load_manifest(path)
+                except CorruptArtifactError as err:
+                    yield err

@@ -9,14 +9,15 @@
   at a time, so the (B, T, V) logits are never materialized (their allocation alone, page faults included,
   costs on CPU as much as the unembedding matmul).
 - `token_loss`: unreduced cross-entropy (0 at ignored targets), differentiable: the same chunking in an autograd
-  Function that keeps one logsumexp per row for backward (F.cross_entropy keeps the whole fp32 log-softmax) and
-  writes the gradient softmax - onehot in one pass.
+  Function that keeps two floats per row for backward (F.cross_entropy keeps the whole fp32 log-softmax) and
+  writes the gradient (softmax - onehot) * grad in one chunked pass.
 
 Shapes: B batch, T time, V vocab, N = B * T rows.
 """
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 CPU_CHUNK_ELEMENTS = 1 << 18
 """Logits per chunk on CPU: 256k fp32 = 1 MiB per work buffer, the two buffers split over the cores' L2 caches.
@@ -129,6 +130,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return loss_N.masked_fill_(~valid_N, 0.0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_N):
         logits_NV, safe_N1, valid_N, max_N1, logsum_N1 = ctx.saved_tensors
         N, V = logits_NV.shape

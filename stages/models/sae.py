@@ -210,9 +210,10 @@ class DeadLatentTracker:
         self.fire_threshold = float(state.get("fire_threshold", self.fire_threshold))
 
 
+@torch.no_grad()
 def attribution_scores(grad_ND: torch.Tensor, vals_NK: torch.Tensor, idx_NK: torch.Tensor,
                        W_dec_LD: torch.Tensor) -> torch.Tensor:
-    """CoCoMix attribution at the active latents: scores[n, k] = vals[n, k] * (grad[n] . W_dec[idx[n, k]]).
+    """CoCoMix attribution at the active latents (no autograd graph): vals[n, k] * (grad[n] . W_dec[idx[n, k]]).
 
     With xhat = sum_k vals_k W_dec[idx_k] + b and grad = dLoss/dxhat, this is a_i * dLoss/da_i per active latent:
     ((grad @ W_dec.T) * a) of the CoCoMix code gathered at idx, without the dense (N, L) matmul. If grad is taken

@@ -125,3 +125,51 @@ def test_concurrent_builders_do_not_clobber(tmp_path):
     assert log_path.read_text() == "start\nend\n"
     (manifest,) = list(iter_manifests(tmp_path))
     assert verify(manifest) == []
+
+
+def test_a_copied_or_moved_root_keeps_working(tmp_path):
+    import shutil
+
+    manifest = materialize("s", "1", ScoreConfig(), {}, _write, root=tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    (tmp_path / "copy" / "s" / manifest.key / "data.txt").write_text("HELLO")  # edit only the copy
+    copied = load_manifest(tmp_path / "copy" / "s" / manifest.key)
+    assert copied.path == str((tmp_path / "copy" / "s" / manifest.key).resolve())
+    assert verify(copied) and not verify(load_manifest(Path(manifest.path)))  # each checks its own files
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    moved = next(iter_manifests(tmp_path / "moved"))
+    assert verify(moved) == [] and Path(moved.path).parent.parent == (tmp_path / "moved").resolve()
+
+
+def test_a_missing_manifest_is_reported_and_the_rest_still_checked(tmp_path):
+    from storage.artifacts import CorruptArtifactError
+
+    first = materialize("s", "1", ScoreConfig(), {}, _write, root=tmp_path)
+    materialize("s", "2", ScoreConfig(), {}, _write, root=tmp_path)
+    (Path(first.path) / "manifest.json").unlink()
+    found = list(iter_manifests(tmp_path))
+    assert len(found) == 2 and sum(isinstance(f, CorruptArtifactError) for f in found) == 1
+    with pytest.raises(MissingArtifactError, match="does not exist"):
+        list(iter_manifests(tmp_path / "nope"))
+
+
+def test_verify_and_export_cli_errors(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path / "nope"))
+    assert main(["verify"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    model = materialize("train_target", "1", ScoreConfig(), {}, _write, root=tmp_path / "nope")
+    assert main(["export", model.path, str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+def test_a_failed_build_with_nothing_written_leaves_no_build_dir(tmp_path):
+    def fail(out: Path):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        materialize("s", "1", ScoreConfig(), {}, fail, root=tmp_path)
+    assert list((tmp_path / "_tmp").iterdir()) == []
