@@ -202,7 +202,7 @@ def shard_ids(cfg: ExtractConfig, inputs: dict[str, Manifest]) -> list[str]:
 
 
 STAGE = Stage(
-    name="extract_concepts", code_version="1", config_type=ExtractConfig,
+    name="extract_concepts", code_version="2", config_type=ExtractConfig,
     nodes=lambda cfg: [NodeDecl("extract_concepts", cfg.concepts, {
         "tokens": "tokenize_corpus", "reference": "train_reference", "sae": "train_sae"})],
     run=run,

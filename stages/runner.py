@@ -9,14 +9,16 @@ from pathlib import Path
 from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
-from storage.artifacts import artifact_dir, build_dir, load_manifest, materialize
+from storage.artifacts import artifact_dir, build_dir, is_built, load_manifest, materialize
 
 log = logging.getLogger(__name__)
 
 
 def current(inputs: dict[str, Manifest], root: Path | None = None) -> dict[str, Manifest]:
-    """The upstream manifests re-read from disk (a cached task result may carry the path of a moved root)."""
-    return {role: load_manifest(artifact_dir(m.stage, m.key, root)) for role, m in inputs.items()}
+    """The upstream manifests re-read from the store (a cached task result may carry the path of a moved root);
+    a manifest of an artifact outside the store (tests, scripts) is used as given."""
+    return {role: load_manifest(artifact_dir(m.stage, m.key, root)) if is_built(m.stage, m.key, root) else m
+            for role, m in inputs.items()}
 
 
 def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, root: Path | None = None) -> Manifest:

@@ -143,7 +143,7 @@ def build_shard(cfg: ScoreConfig, inputs: dict[str, Manifest], shard: str, work_
 
 
 STAGE = Stage(
-    name="score_reference", code_version="1", config_type=ScoreConfig,
+    name="score_reference", code_version="2", config_type=ScoreConfig,
     nodes=lambda cfg: [NodeDecl("score_reference", cfg.score,
                                 {"tokens": "tokenize_corpus", "reference": "train_reference"})],
     run=run,

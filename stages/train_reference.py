@@ -37,7 +37,7 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 
 STAGE = Stage(
-    name="train_reference", code_version="1", config_type=ReferenceConfig,
+    name="train_reference", code_version="2", config_type=ReferenceConfig,
     nodes=lambda cfg: [NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"})],
     run=run,
     tables={"reference_metrics": TableSpec("train_reference", "metrics.parquet")},

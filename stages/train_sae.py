@@ -145,7 +145,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 
 STAGE = Stage(
-    name="train_sae", code_version="1", config_type=SAEConfig,
+    name="train_sae", code_version="2", config_type=SAEConfig,
     nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_reference"})],
     run=run,
     tables={"sae_metrics": TableSpec("train_sae", "metrics.parquet")},

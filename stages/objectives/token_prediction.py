@@ -8,7 +8,8 @@ Nothing is written; the train loop (stages/training.py) calls `loss(model, batch
   the targets, so a head scores token x_{t+1+i} with the reference's loss/entropy for that same token
   (computed by the reference in its next-token context). Each head's loss is normalised by its own number
   of selected tokens (selection.py: top k% over the pooled micro-batch).
-- With one head and selection kind `all` the loss is exactly F.cross_entropy(logits, targets) (mean).
+- With one head and selection kind `all` the loss is F.cross_entropy(logits, targets) (mean; computed by the
+  faster losses.token_loss, equal to float rounding).
 Logged metrics: `head<i>/loss` (mean CE over ALL valid targets of head i, 1-based, comparable across
 variants); when selecting, `selected_fraction`, `loss_selected`, `loss_unselected` of head 1.
 - Concepts (CoCoMix): a `concepts` insert before block `concepts.block`; + weight * concept loss
@@ -23,7 +24,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from schemas.configs import ModelConfig, SelectionConfig, TargetVariant
@@ -52,8 +52,8 @@ def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: Sel
 
     `mask_BT` given: train on exactly those targets instead of ranking this head's own."""
     valid_BT = targets_BT.ne(IGNORE_INDEX)
-    if selection.kind == "all":
-        loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE_INDEX)
+    if selection.kind == "all":  # mean over valid targets (F.cross_entropy's value; token_loss is faster on CPU)
+        loss = token_loss(logits_BTV, targets_BT, IGNORE_INDEX).sum() / valid_BT.sum().clamp(min=1)
         return loss, {"loss": loss.detach()}
     token_loss_BT = token_loss(logits_BTV, targets_BT, IGNORE_INDEX)  # fp32, 0 at ignored targets
     if mask_BT is None:

@@ -137,7 +137,7 @@ def test_batching_with_a_batch_size_not_dividing_the_shard(artifacts, monkeypatc
     monkeypatch.setattr(score_reference, "ROW_GROUP_ROWS", 5 * SEQ_LEN)  # 5 windows per written row group
     model = score_reference.load_reference(reference, torch.device("cpu"))
     batch_windows = []
-    model.register_forward_pre_hook(lambda module, args: batch_windows.append(args[0].shape[0]))
+    model.embed.register_forward_pre_hook(lambda module, args: batch_windows.append(args[0].shape[0]))  # once a batch
     path = score_shard(ScoreConfig(batch_size=3, num_shards=1, device="cpu"), tokens, reference, "train", 0, out,
                        model=model)
     num_windows = (STREAM_TOKENS["train"] - 1) // SEQ_LEN  # 23: groups of 5, batches 3+2
