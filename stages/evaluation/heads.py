@@ -42,6 +42,8 @@ def head_metrics(model: GPT, windows: TokenWindows, window_ids: np.ndarray, batc
 
 def speculative_rows(model: GPT, prompts: list[list[int]], new_tokens: int) -> list[dict]:
     """Plain greedy (draft 0 row) and self-speculative decoding with each draft count on the same prompts."""
+    generate(model, prompts[0], new_tokens)  # warm-up: one-time allocations and kernel selection are not timed
+    generate_speculative(model, prompts[0], new_tokens)
     start = time.perf_counter()
     expected = [generate(model, prompt, new_tokens) for prompt in prompts]
     plain_seconds = time.perf_counter() - start
