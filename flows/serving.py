@@ -21,8 +21,11 @@ def cmd_server(args) -> int:
           f"lmpipe runs from this artifact root use it automatically (recorded in {record});\n"
           f"elsewhere: export PREFECT_API_URL={api_url}", flush=True)
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    # the UI asks the server where its API is: without this it points at the default port 4200 ("Oops.
+    # Something went wrong" in the browser) whenever --port or --host differ
+    child_env = dict(os.environ, PREFECT_UI_API_URL=api_url)
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=child_env)
     except KeyboardInterrupt:
         return 0
     finally:
