@@ -184,7 +184,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     write_table(out / "compute.parquet", pa.Table.from_pylist(compute, COMPUTE), COMPUTE)
     concept_rows = concept_summary(metrics)
     with open(out / "report.md", "a") as report:
-        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows)
+        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows, inputs.get("sae"))
                      + heads_markdown(head_rows, speculative))
     flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}
     plots = plot_curves(metrics, losses, out, flops_per_token)
@@ -250,6 +250,8 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     """One evaluation of the reference and every target variant."""
     upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
     upstream |= {f"target.{v.name}": f"train_target.{v.name}" for v in cfg.target.variants}
+    if any(v.concepts is not None for v in cfg.target.variants):
+        upstream["sae"] = "train_sae"  # its final quality goes into the report
     return [NodeDecl("evaluate", cfg.evaluate, upstream)]
 
 

@@ -103,15 +103,26 @@ def compute_markdown(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def concept_markdown(rows: list[dict]) -> str:
-    """Concept prediction of the CoCoMix variants (last 10% of steps)."""
-    if not rows:
-        return ""
-    lines = ["", "Concept prediction during training (mean over the last 10% of steps):", "",
-             "| model | concept loss (CE over the K labels) | top-1 predicted concept among the labels |",
-             "|---|---|---|"]
-    lines += [f"| {r['model']} | {_fmt(r['concept_loss'], '.4f')} | {_fmt(r['top1_in_labels'], '.1%')} |" for r in rows]
-    return "\n".join(lines) + "\n"
+def concept_markdown(rows: list[dict], sae=None) -> str:
+    """The SAE's final quality (a train_sae manifest, when given) and concept prediction of the CoCoMix variants."""
+    lines = []
+    if sae is not None:
+        m = sae.summary
+        lines += ["", f"Sparse autoencoder (train_sae, layer {m.get('layer')}, {m.get('num_latents')} latents, "
+                  f"k = {m.get('k')}, on `val`):", "",
+                  "| FVU | L0 | dead latents | reference loss | with the reconstruction spliced in | increase |",
+                  "|---|---|---|---|---|---|",
+                  f"| {_fmt(m.get('fvu'), '.4f')} | {_fmt(m.get('l0'), '.1f')} | "
+                  f"{_fmt(m.get('dead_fraction'), '.1%')} | "
+                  f"{_fmt(m.get('clean_loss'), '.4f')} | {_fmt(m.get('spliced_loss'), '.4f')} | "
+                  f"{_fmt(m.get('spliced_loss_increase'), '.4f')} |"]
+    if rows:
+        lines += ["", "Concept prediction during training (mean over the last 10% of steps):", "",
+                  "| model | concept loss (CE over the K labels) | top-1 predicted concept among the labels |",
+                  "|---|---|---|"]
+        lines += [f"| {r['model']} | {_fmt(r['concept_loss'], '.4f')} | {_fmt(r['top1_in_labels'], '.1%')} |"
+                  for r in rows]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def heads_markdown(head_rows: list[dict], speculative: list[dict]) -> str:
