@@ -57,12 +57,19 @@ def cmd_status(args) -> int:
 
 def cmd_sql(args) -> int:
     """Run SQL over the DuckDB catalog (no query: an interactive prompt)."""
+    import duckdb
+
     from flows.status import catalog_for
+    from storage.catalog import check_read_only
 
     con = catalog_for(_load(args))
     if not args.query:
         return _sql_prompt(con)
-    result = con.execute(args.query)
+    check_read_only(con, args.query)
+    try:
+        result = con.execute(args.query)
+    except duckdb.Error as err:
+        raise ValueError(f"SQL error: {err}") from None
     columns = [d[0] for d in result.description]
     rows = [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
     if args.json:
@@ -79,7 +86,7 @@ def cmd_sql(args) -> int:
 
 
 def _sql_prompt(con) -> int:
-    from storage.catalog import list_views
+    from storage.catalog import check_read_only, list_views
 
     print("views: " + ", ".join(list_views(con)) + "\nend a query with ';'; Ctrl-D quits")
     buffer = ""
@@ -92,6 +99,7 @@ def _sql_prompt(con) -> int:
         buffer += line + "\n"
         if buffer.strip().endswith(";"):
             try:
+                check_read_only(con, buffer)
                 result = con.execute(buffer)
                 columns = [d[0] for d in result.description] if result.description else []
                 print(_format_table([dict(zip(columns, r, strict=True)) for r in result.fetchall()], columns))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.artifacts import SUCCESS, artifact_root
 
@@ -61,29 +63,71 @@ def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: d
     return con
 
 
+def _unreadable(files: list[Path]) -> Path | None:
+    """The first file whose Parquet footer cannot be read (cheap: metadata only), or None."""
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowException):
+            return path
+    return None
+
+
+def _create_view(con, name: str, selects: list[str], files: list[Path]) -> None:
+    """The union view, or, when one of its files is unreadable, a view whose every query fails naming the file
+    (so one damaged file breaks only the views that read it)."""
+    bad = _unreadable(files)
+    if bad is None:
+        con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
+        return
+    message = (f"view {name} reads {bad}, which is not readable Parquet; rebuild that artifact "
+               f"(lmpipe verify names it; lmpipe run --force STAGE)").replace("'", "''")
+    con.execute(f"CREATE VIEW {name} AS SELECT error('{message}') AS error")
+
+
 def _register_all(con, root: Path, table: str, spec: TableSpec) -> bool:
-    selects = []
+    selects, all_files = [], []
     for directory in _finished_dirs(root, spec.stage):
         files = sorted(directory.glob(spec.pattern))
         if files:
+            all_files += files
             selects.append(f"SELECT '{directory.name}' AS artifact_key, * FROM read_parquet({_sql_list(files)})")
     if selects:
-        con.execute(f"CREATE VIEW {table}_all AS " + " UNION ALL BY NAME ".join(selects))
+        _create_view(con, f"{table}_all", selects, all_files)
     return bool(selects)
 
 
 def _register_current(con, current: dict[str, Path], table: str, spec: TableSpec) -> bool:
-    selects = []
+    selects, all_files = [], []
     for node, directory in current.items():
         if node.split(".")[0] != spec.stage or not (directory / SUCCESS).exists():
             continue
         files = sorted(directory.glob(spec.pattern))
         if files:
+            all_files += files
             label = f"'{node}' AS model, " if spec.per_model else ""
             selects.append(f"SELECT {label}* FROM read_parquet({_sql_list(files)})")
     if selects:
-        con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(selects))
+        _create_view(con, table, selects, all_files)
     return bool(selects)
+
+
+WRITING_STATEMENTS = ("COPY", "COPY_DATABASE", "EXPORT", "ATTACH", "DETACH", "LOAD", "EXTENSION")
+"""DuckDB statement types that write or open files; `lmpipe sql` refuses them (the catalog is in memory, so
+CREATE/INSERT only touch that)."""
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """ValueError when the SQL contains a statement that could write files (e.g. COPY ... TO an artifact)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as err:
+        raise ValueError(f"SQL error: {err}") from None
+    for statement in statements:
+        kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind in WRITING_STATEMENTS:
+            raise ValueError(f"lmpipe sql is read-only: {kind} statements are refused so that artifacts cannot be "
+                             "overwritten; run the SELECT and redirect its --csv/--json output instead")
 
 
 def list_views(con: duckdb.DuckDBPyConnection) -> list[str]:
