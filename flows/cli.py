@@ -183,8 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    from stages.training.interrupt import Interrupted, install_handlers
+
+    install_handlers()
     try:
         return args.fn(args)
+    except Interrupted as err:
+        print(f"lmpipe: {err}", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("lmpipe: interrupted (finished artifacts are intact; training resumes from its last checkpoint)",
+              file=sys.stderr)
+        return 130
     except (ConfigError, ValueError, FileNotFoundError, CorruptArtifactError) as err:
         print(f"lmpipe: error: {err}", file=sys.stderr)
         return 2

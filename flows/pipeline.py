@@ -18,6 +18,7 @@ from schemas.presets import default
 from stages import runner
 from stages.dag import Node, plan, select_nodes, upstream_closure
 from stages.registry import stages
+from stages.training import interrupt
 from storage.artifacts import require
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ MAX_PARALLEL_TASKS = 2
 
 def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: list[str] | None = None) -> dict:
     """Build the selected nodes (default: all) in DAG order; `only` nodes need their upstream already built."""
+    interrupt.install_handlers()  # over Prefect's: SIGTERM/Ctrl-C stop stages at a safe point, with a checkpoint
     nodes = plan(config)
     forced = {name for stage in (force or []) for name in select_nodes(nodes, stage)}
     wanted = {name for stage in only for name in select_nodes(nodes, stage)} if only else set(nodes)
@@ -51,7 +53,11 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
 
 
 def _resolve(value: Manifest | PrefectFuture) -> Manifest:
-    return value.result() if isinstance(value, PrefectFuture) else value
+    if isinstance(value, PrefectFuture):
+        while value.state.is_pending() or value.state.is_running():
+            value.wait(timeout=0.5)  # short waits, so signal handlers run promptly in this (main) thread
+        return value.result()
+    return value
 
 
 def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
+from stages.training import interrupt
 from storage.artifacts import artifact_dir, build_dir, is_built, load_manifest, materialize
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
     """Build one shard into the node's build dir (skipped when the artifact is already finished)."""
     if node.is_built(root):
         return str(node.path(root))
+    interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
     work = build_dir(node.stage, node.key, root)
     work.mkdir(parents=True, exist_ok=True)
     return str(stage(node.stage).shards.build(node.config, current(inputs, root), shard, work))

@@ -72,9 +72,13 @@ class Checkpointer:
     def maybe_save(self, state: RunState, model: nn.Module, optimizer, total_steps: int) -> None:
         """Checkpoint after this step when due."""
         if state.step % self.every == 0 and state.step < total_steps:
-            checkpoints.save_checkpoint(self.directory, state.step, {
-                "run": state.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_state()})
+            self.save(state, model, optimizer)
+
+    def save(self, state: RunState, model: nn.Module, optimizer) -> None:
+        """Checkpoint now (after the current step)."""
+        checkpoints.save_checkpoint(self.directory, state.step, {
+            "run": state.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_state()})
 
     def restore(self, state: RunState, model: nn.Module, optimizer) -> bool:
         """Load the newest checkpoint into state, model, optimizer and RNGs; False when there is none."""

@@ -25,6 +25,7 @@ from torch import nn
 from schemas.configs import TrainConfig
 from schemas.tables import METRICS, PROBE_LOSSES
 from stages.objectives.base import Objective
+from stages.training import interrupt
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
 from stages.training.data import WindowOrder, make_batch
 from stages.training.devices import resolve_device
@@ -154,6 +155,10 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
         checkpointer.maybe_save(state, model, optimizer, schedule.total_steps)
         if on_step is not None:
             on_step(state.step)
+        if interrupt.STOP.is_set() and state.step < schedule.total_steps:
+            checkpointer.save(state, model, optimizer)
+            interrupt.check(f"{label} saved a checkpoint at step {state.step}/{schedule.total_steps}; run the same "
+                            "command again to resume from it")
     checkpoints.save_model(work_dir, model, meta or {})
     _write_tables(work_dir, state)
     objective.write_tables(work_dir, train_windows.split)

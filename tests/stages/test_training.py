@@ -178,3 +178,42 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tokens, tmp_path, un
 def test_batch_size_must_be_a_multiple_of_the_micro_batch(tokens, tmp_path):
     with pytest.raises(ValueError, match="batch_size_tokens"):
         tiny_run(tokens, tmp_path, tiny_train_config(batch_size_tokens=100))
+
+
+SIGNAL_CHILD = """
+import sys, time
+from pathlib import Path
+from stages.training.interrupt import Interrupted, install_handlers
+from tests.helpers import make_token_artifact, tiny_run
+install_handlers()
+tokens = make_token_artifact(Path(sys.argv[1]))
+def slow(step):
+    if step == 2:
+        Path(sys.argv[3]).write_text("ready")
+    time.sleep(0.5)
+try:
+    tiny_run(tokens, Path(sys.argv[2]), on_step=slow)
+except Interrupted as err:
+    print(err)
+    sys.exit(143)
+"""
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes(uninterrupted, tmp_path):
+    marker, work = tmp_path / "marker", tmp_path / "work"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, "-c", SIGNAL_CHILD, str(tmp_path / "tokens"), str(work), str(marker)],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=30)
+    assert child.returncode == 143 and time.monotonic() - sent < 5
+    assert "run the same command again to resume" in out
+    saved = [s for s, _ in list_checkpoints(work / "checkpoints")]
+    assert saved and 2 <= saved[-1] < 8
+    tokens = make_token_artifact(tmp_path / "tokens")
+    assert tiny_run(tokens, work)["resumed_from_step"] == saved[-1]
+    _assert_same_run(uninterrupted[0], work)
