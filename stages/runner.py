@@ -10,7 +10,7 @@ from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
 from stages.training import interrupt
-from storage.artifacts import artifact_dir, build_dir, is_built, load_manifest, materialize
+from storage.artifacts import artifact_dir, artifact_root, build_dir, build_lock, is_built, load_manifest, materialize
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,13 @@ def shard_done(node: Node, shard: str, root: Path | None = None) -> bool:
 
 def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Path | None = None) -> str:
     """Build one shard into the node's build dir (skipped when the artifact is already finished)."""
-    if node.is_built(root):
-        return str(node.path(root))
-    interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
-    work = build_dir(node.stage, node.key, root)
-    work.mkdir(parents=True, exist_ok=True)
-    return str(stage(node.stage).shards.build(node.config, current(inputs, root), shard, work))
+    root = root or artifact_root()
+    # shared lock: shards of one key are written side by side (also by two runs at once), but never while a run
+    # publishes the artifact (exclusive lock in materialize), which moves the build dir away
+    with build_lock(node.stage, node.key, root, shared=True):
+        if node.is_built(root):
+            return str(node.path(root))
+        interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
+        work = build_dir(node.stage, node.key, root)
+        work.mkdir(parents=True, exist_ok=True)
+        return str(stage(node.stage).shards.build(node.config, current(inputs, root), shard, work))

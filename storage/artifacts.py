@@ -118,16 +118,18 @@ def verify(manifest: Manifest) -> list[str]:
 
 
 @contextmanager
-def build_lock(stage: str, key: str, root: Path) -> Iterator[None]:
-    """Hold an exclusive flock for (stage, key); a second builder waits until the first is done."""
+def build_lock(stage: str, key: str, root: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold an flock for (stage, key): exclusive for a build (a second builder waits until the first is done),
+    shared for shard writers (many at once, but never while the artifact is being published)."""
     lock_dir = root / "_locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{stage}-{key}.lock", "w") as handle:
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    with open(lock_dir / f"{stage}-{key}.lock", "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("%s/%s is being built by another process; waiting for it", stage, key)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, mode)
         try:
             yield
         finally:
