@@ -13,19 +13,27 @@ MODEL_STAGES = ("train_target", "train_reference")
 def resolve_model(spec: str, args) -> Manifest:
     """A model artifact from a variant name (`ntp`), `reference`, an artifact key, or an artifact directory."""
     if Path(spec).is_dir():
-        return load_manifest(Path(spec))
+        return checked(load_manifest(Path(spec)))
     nodes = plan(load_config(args.preset, args.config, args.overrides))
     node = nodes.get(f"train_target.{spec}") or (nodes["train_reference"] if spec == "reference" else None)
     if node is not None:
         if not node.is_built():
             raise MissingArtifactError(f"{node.name} is not built yet; build it with: lmpipe run --only {node.stage}")
-        return load_manifest(node.path())
+        return checked(load_manifest(node.path()))
     for stage in MODEL_STAGES:
         if is_built(stage, spec):
-            return load_manifest(artifact_dir(stage, spec))
+            return checked(load_manifest(artifact_dir(stage, spec)))
     variants = [n.split(".", 1)[1] for n in nodes if n.startswith("train_target.")]
     raise ValueError(f"unknown model {spec!r}: give a variant ({', '.join(variants)}), 'reference', "
                      f"an artifact key or an artifact directory")
+
+
+def checked(manifest: Manifest) -> Manifest:
+    """The model artifact after re-hashing its files (a corrupt model is refused, not used)."""
+    from storage.artifacts import check_inputs
+
+    check_inputs({"model": manifest})
+    return manifest
 
 
 def tokenizer_path(model: Manifest) -> Path:

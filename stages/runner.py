@@ -10,7 +10,16 @@ from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
 from stages.training import interrupt
-from storage.artifacts import artifact_dir, artifact_root, build_dir, build_lock, is_built, load_manifest, materialize
+from storage.artifacts import (
+    artifact_dir,
+    artifact_root,
+    build_dir,
+    build_lock,
+    check_inputs,
+    is_built,
+    load_manifest,
+    materialize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,8 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         if node.is_built(root):
             return str(node.path(root))
         interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
+        inputs = current(inputs, root)
+        check_inputs(inputs)
         work = build_dir(node.stage, node.key, root)
         work.mkdir(parents=True, exist_ok=True)
-        return str(stage(node.stage).shards.build(node.config, current(inputs, root), shard, work))
+        return str(stage(node.stage).shards.build(node.config, inputs, shard, work))

@@ -117,6 +117,18 @@ def verify(manifest: Manifest) -> list[str]:
     return problems
 
 
+def check_inputs(upstream: dict[str, Manifest]) -> None:
+    """Re-hash every upstream artifact's files before a build uses them; CorruptArtifactError naming the first
+    problem and the rebuild command (a corrupt input is never used silently)."""
+    for role, manifest in upstream.items():
+        problems = verify(manifest)
+        if problems:
+            raise CorruptArtifactError(
+                f"upstream {role} ({manifest.stage}/{manifest.key}) is corrupt: {problems[0]}"
+                f"{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}; rebuild it with "
+                f"`lmpipe run --force {manifest.stage}` (finished downstream artifacts are left as they are)")
+
+
 @contextmanager
 def build_lock(stage: str, key: str, root: Path, *, shared: bool = False) -> Iterator[None]:
     """Hold an flock for (stage, key): exclusive for a build (a second builder waits until the first is done),
@@ -165,6 +177,7 @@ def materialize(
     with build_lock(stage, key, root):
         if is_built(stage, key, root) and not force:  # another process finished it while we waited
             return load_manifest(final)
+        check_inputs(upstream)
         work = build_dir(stage, key, root)
         work.mkdir(parents=True, exist_ok=True)
         log.info("building %s/%s in %s", stage, key, work)

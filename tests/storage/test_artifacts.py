@@ -173,3 +173,37 @@ def test_a_failed_build_with_nothing_written_leaves_no_build_dir(tmp_path):
     with pytest.raises(ValueError):
         materialize("s", "1", ScoreConfig(), {}, fail, root=tmp_path)
     assert list((tmp_path / "_tmp").iterdir()) == []
+
+
+def test_a_corrupt_upstream_is_refused_before_a_build_uses_it(tmp_path):
+    from storage.artifacts import CorruptArtifactError
+
+    up = materialize("up", "1", ScoreConfig(), {}, _write, root=tmp_path)
+    data = Path(up.path) / "data.txt"
+    data.write_text("jello")  # same size, different bytes
+    used = []
+    with pytest.raises(CorruptArtifactError, match=r"upstream tokens \(up/.*sha256.*lmpipe run --force up"):
+        materialize("down", "1", ScoreConfig(), {"tokens": up}, lambda out: used.append(out), root=tmp_path)
+    assert not used and list((tmp_path / "_tmp").iterdir()) == []
+    data.write_text("hello")
+    materialize("down", "1", ScoreConfig(), {"tokens": up}, _write, root=tmp_path)  # intact again: builds
+
+
+def test_generate_refuses_a_corrupt_model(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+    from schemas.configs import ModelConfig
+    from stages.models.gpt import GPT
+    from storage.checkpoints import save_model
+
+    def build(out: Path):
+        save_model(out, GPT(ModelConfig(num_layers=1, num_heads=2, d_model=16), 32, 8), {})
+        return {}
+
+    model = materialize("train_target", "1", ScoreConfig(), {}, build, root=tmp_path)
+    weights = Path(model.path) / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    assert main(["generate", "--model", model.path, "--prompt", "x"]) == 2
+    assert "is corrupt" in capsys.readouterr().err
