@@ -34,7 +34,9 @@ def cmd_run(args) -> int:
     logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe server` "
                                      "in another shell to skip its ~10 s start-up and keep run history)")
     from flows.pipeline import pipeline
+    from stages.training.interrupt import install_handlers
 
+    install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
     started = time.perf_counter()
     result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     print(f"done in {time.perf_counter() - started:.1f}s")
@@ -183,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from stages.training.interrupt import Interrupted, install_handlers
+    from stages.training.interrupt import Interrupted
 
-    install_handlers()
     try:
         return args.fn(args)
     except Interrupted as err:
