@@ -28,8 +28,12 @@ def _load(args):
 def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
     from flows import env
+    from stages.dag import plan, select_nodes
 
     cfg = _load(args)
+    nodes = plan(cfg)
+    for name in (args.only or []) + (args.force or []):
+        select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
     api_url = env.configure()
     logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe server` "
                                      "in another shell to skip its ~10 s start-up and keep run history)")
