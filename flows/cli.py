@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from schemas.loading import ConfigError, load_config
-from storage.artifacts import CorruptArtifactError
+from storage.artifacts import CorruptArtifactError, load_manifest
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,28 +28,45 @@ def _load(args):
 def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
     from flows import env
-    from stages.dag import plan, select_nodes
+    from stages.dag import plan, select_nodes, upstream_closure
 
     cfg = _load(args)
     nodes = plan(cfg)
     for name in (args.only or []) + (args.force or []):
         select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
-    api_url = env.configure()
-    logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe server` "
-                                     "in another shell to skip its ~10 s start-up and keep run history)")
-    from flows.pipeline import pipeline
-    from stages.training.interrupt import install_handlers
-
-    install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
+    wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
+    before = {name: _finished_stamp(node) for name, node in nodes.items()}
     started = time.perf_counter()
-    result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
-    print(f"done in {time.perf_counter() - started:.1f}s")
-    for name, manifest in result.items():
-        print(f"  {name:28s} {manifest['key']}  {manifest['path']}")
+    if not args.force and all(before[name] for name in upstream_closure(nodes, wanted)):
+        # nothing to build: no Prefect server, no flow run (a couple of seconds instead of 10-30)
+        result = {name: load_manifest(nodes[name].path()).model_dump(mode="json") for name in wanted}
+    else:
+        api_url = env.configure()
+        logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
+                                         "server` in another shell to skip its ~10 s start-up and keep run history)")
+        from flows.pipeline import pipeline
+        from stages.training.interrupt import install_handlers
+
+        install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
+        result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
+    rows = [{"node": name, "status": "cached" if before[name] == _finished_stamp(nodes[name]) else "built",
+             "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}
+            for name in nodes if name in result]
+    print(f"done in {time.perf_counter() - started:.1f}s "
+          f"({sum(r['status'] == 'built' for r in rows)} built, {sum(r['status'] == 'cached' for r in rows)} cached)")
+    print(_format_table(rows, ["node", "status", "build s", "key", "path"], max_width=200))
     if "evaluate" in result:
         report = Path(result["evaluate"]["path"]) / "report.md"
         print(f"\n{report.read_text()}\nreport: {report} (plots beside it; `lmpipe report` prints it again)")
     return 0
+
+
+def _finished_stamp(node) -> str | None:
+    """The node's _SUCCESS content (its finish time) or None when it is not built."""
+    from storage.artifacts import SUCCESS
+
+    marker = node.path() / SUCCESS
+    return marker.read_text() if marker.exists() else None
 
 
 def cmd_status(args) -> int:
