@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
     for name in (args.only or []) + (args.force or []):
         select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
     wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
-    before = {name: _finished_stamp(node) for name, node in nodes.items()}
+    before = {name: node.finished_stamp() for name, node in nodes.items()}
     started = time.perf_counter()
     if not args.force and all(before[name] for name in upstream_closure(nodes, wanted)):
         # nothing to build: no Prefect server, no flow run (a couple of seconds instead of 10-30)
@@ -49,7 +49,7 @@ def cmd_run(args) -> int:
 
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
         result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
-    rows = [{"node": name, "status": "cached" if before[name] == _finished_stamp(nodes[name]) else "built",
+    rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
              "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}
             for name in nodes if name in result]
     print(f"done in {time.perf_counter() - started:.1f}s "
@@ -59,14 +59,6 @@ def cmd_run(args) -> int:
         report = Path(result["evaluate"]["path"]) / "report.md"
         print(f"\n{report.read_text()}\nreport: {report} (plots beside it; `lmpipe report` prints it again)")
     return 0
-
-
-def _finished_stamp(node) -> str | None:
-    """The node's _SUCCESS content (its finish time) or None when it is not built."""
-    from storage.artifacts import SUCCESS
-
-    marker = node.path() / SUCCESS
-    return marker.read_text() if marker.exists() else None
 
 
 def cmd_status(args) -> int:

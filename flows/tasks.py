@@ -13,12 +13,6 @@ from prefect.cache_policies import CachePolicy
 from schemas.manifest import Manifest
 from stages import runner
 from stages.dag import Node
-from storage.artifacts import SUCCESS
-
-
-def _finished_stamp(node: Node) -> str | None:
-    marker = node.path() / SUCCESS
-    return marker.read_text().strip() if marker.exists() else None
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -28,7 +22,7 @@ class ArtifactCachePolicy(CachePolicy):
         node: Node = inputs["node"]
         if inputs.get("force"):
             return None
-        stamp = _finished_stamp(node)
+        stamp = node.finished_stamp()
         if stamp is None:
             return None
         return f"{node.stage}-{node.key}-{stamp}".replace(":", "").replace("+", "")

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from schemas.configs import PipelineConfig
 from stages.registry import Stage, stages
-from storage.artifacts import artifact_dir, artifact_key, is_built
+from storage.artifacts import SUCCESS, artifact_dir, artifact_key, is_built
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,11 @@ class Node:
     def is_built(self, root: Path | None = None) -> bool:
         """True when the artifact exists with _SUCCESS."""
         return is_built(self.stage, self.key, root)
+
+    def finished_stamp(self, root: Path | None = None) -> str | None:
+        """The artifact's finish time (the _SUCCESS content), None when it is not built: it changes on a rebuild."""
+        marker = self.path(root) / SUCCESS
+        return marker.read_text().strip() if marker.exists() else None
 
 
 def plan(cfg: PipelineConfig, registry: dict[str, Stage] | None = None) -> dict[str, Node]:

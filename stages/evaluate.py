@@ -51,7 +51,7 @@ from stages.training.windowed import token_losses
 from storage.catalog import TableSpec
 from storage.checkpoints import read_model_meta
 from storage.parquet import read_table, write_table
-from storage.windows import TokenWindows, stream_file
+from storage.windows import TokenWindows, spread_window_ids, stream_file
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def multi_token_heads(model, name: str, streams: dict, seq_len: int, max_windows
 def speculative_prompts(stream_N: np.ndarray, seq_len: int, count: int, length: int = 16) -> list[list[int]]:
     """The first `length` tokens of `count` windows spread evenly over a split."""
     num_windows = max(1, (len(stream_N) - 1) // seq_len)
-    starts = np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64)) * seq_len
+    starts = spread_window_ids(num_windows, count) * seq_len
     return [np.asarray(stream_N[s:s + length]).astype(int).tolist() for s in starts]
 
 

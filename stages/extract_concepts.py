@@ -33,7 +33,17 @@ from schemas.manifest import Manifest
 from schemas.tables import CONCEPT_ACTIVE, CONCEPT_PEAKS, CONCEPTS, TOKEN_CONCEPTS
 from stages.models.sae import attribution_scores, layer_norm_stats, top_concepts
 from stages.models.saved import load_model, load_sae
-from stages.registry import NodeDecl, Shards, Stage, TokenTable, parse_shard_id, shard_ranges, window_shard_ids
+from stages.registry import (
+    NodeDecl,
+    Shards,
+    Stage,
+    TokenTable,
+    parse_shard_id,
+    part_file,
+    shard_ranges,
+    split_parts,
+    window_shard_ids,
+)
 from stages.training.devices import resolve_device
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
@@ -66,7 +76,7 @@ def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tenso
 def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, work_dir: Path) -> Path:
     """Label one `<split>-<shard>` range of windows (skipped when its part file exists)."""
     split, index = parse_shard_id(shard)
-    path = Path(work_dir) / f"part-{shard}.parquet"
+    path = Path(work_dir) / part_file(shard)
     if path.exists():
         return path
     device = resolve_device(cfg.device)
@@ -190,7 +200,7 @@ def run(cfg: ExtractConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     table = concept_table(out, inputs["tokens"], int(meta["num_latents"]), cfg)
     write_table(out / "concepts.parquet", table, CONCEPTS)
     labelled = pc.sum(pc.greater(table["num_labelled"], 0)).as_py()
-    rows = sum(pq.ParquetFile(out / f"part-{s}.parquet").metadata.num_rows for s in shards)
+    rows = sum(pq.ParquetFile(out / part_file(s)).metadata.num_rows for s in shards)
     return {"num_latents": int(meta["num_latents"]), "k": int(meta["k"]), "top": cfg.top, "layer": int(meta["layer"]),
             "rows": rows, "concepts_used_as_labels": labelled,
             "concepts_active": pc.sum(pc.greater(table["num_active"], 0)).as_py()}
@@ -215,8 +225,8 @@ STAGE = Stage(
                         unnest(range(1, len(concept_ids) + 1)) AS rank FROM token_concepts) l
            JOIN tokens t ON t.split = l.split AND t.token_index = l.token_index - 1
            JOIN vocab v USING (token_id)""")},
-    shards=Shards(list=shard_ids, file=lambda shard: f"part-{shard}.parquet", build=extract_shard),
-    token_table=TokenTable(files=lambda manifest, split: sorted(Path(manifest.path).glob(f"part-{split}-*.parquet"))),
+    shards=Shards(list=shard_ids, file=part_file, build=extract_shard),
+    token_table=TokenTable(files=split_parts),
     on_demand=True,
     description="attribution-selected concept labels per token, concept descriptions",
 )

@@ -43,9 +43,24 @@ class Shards:
     """(config, upstream manifests, shard id, build dir) -> the written file."""
 
 
+def shard_id(split: str, index: int) -> str:
+    """The id `<split>-<index:03d>` of one window-range shard."""
+    return f"{split}-{index:03d}"
+
+
+def part_file(shard: str) -> str:
+    """File name of one shard's per-token rows: `part-<shard id>.parquet`."""
+    return f"part-{shard}.parquet"
+
+
+def split_parts(manifest: Manifest, split: str) -> list[Path]:
+    """The part files of one split in an artifact (the per-token table of a sharded stage)."""
+    return sorted(Path(manifest.path).glob(f"part-{split}-*.parquet"))
+
+
 def window_shard_ids(num_windows: dict[str, int], splits, num_shards: int) -> list[str]:
-    """Shard ids `<split>-<shard:03d>` of the given splits (shards that would get no window are left out)."""
-    return [f"{split}-{shard:03d}" for split in splits
+    """Shard ids of the given splits (shards that would get no window are left out)."""
+    return [shard_id(split, shard) for split in splits
             for shard, (start, stop) in enumerate(shard_ranges(num_windows[split], num_shards)) if stop > start]
 
 

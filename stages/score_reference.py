@@ -24,7 +24,18 @@ from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKEN_SCORES
 from stages.models.saved import load_model
-from stages.registry import NodeDecl, Shards, Stage, TokenTable, parse_shard_id, shard_ranges, window_shard_ids
+from stages.registry import (
+    NodeDecl,
+    Shards,
+    Stage,
+    TokenTable,
+    parse_shard_id,
+    part_file,
+    shard_id,
+    shard_ranges,
+    split_parts,
+    window_shard_ids,
+)
 from stages.training.devices import resolve_device
 from stages.training.windowed import iter_window_losses
 from storage.atomic import write_text_atomic
@@ -42,7 +53,7 @@ def load_reference(reference: Manifest, device: torch.device) -> torch.nn.Module
 
 def shard_name(split: str, shard: int) -> str:
     """File name of one shard's scores."""
-    return f"part-{split}-{shard:03d}.parquet"
+    return part_file(shard_id(split, shard))
 
 
 def _token_columns(tokens: Manifest, split: str, first: int, last: int) -> tuple[np.ndarray, ...]:
@@ -154,8 +165,8 @@ STAGE = Stage(
            FROM token_scores s JOIN vocab v USING (token_id) JOIN documents d USING (doc_id)""")},
     shards=Shards(
         list=lambda cfg, inputs: window_shard_ids(inputs["tokens"].summary["num_windows"], SPLITS, cfg.num_shards),
-        file=lambda shard: f"part-{shard}.parquet",
+        file=part_file,
         build=build_shard),
-    token_table=TokenTable(files=lambda manifest, split: sorted(Path(manifest.path).glob(f"part-{split}-*.parquet"))),
+    token_table=TokenTable(files=split_parts),
     description="per-token reference loss and entropy (Parquet, sharded)",
 )

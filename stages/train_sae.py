@@ -33,7 +33,7 @@ from stages.training.devices import resolve_device
 from stages.training.progress import format_duration
 from storage.catalog import TableSpec
 from storage.parquet import write_table
-from storage.windows import TokenWindows
+from storage.windows import TokenWindows, spread_window_ids
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,6 @@ def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np
             "spliced_loss_increase": spliced - clean}
 
 
-def spread_ids(num_windows: int, count: int) -> np.ndarray:
-    """`count` window ids spread evenly over the whole split (all of them when there are fewer)."""
-    return np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64))
-
-
 def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train the SAE on the reference's residual stream over `train`; returns its final metrics."""
     tokens, reference = inputs["tokens"], inputs["reference"]
@@ -97,7 +92,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
     tracker = DeadLatentTracker(num_latents, device)
     order = WindowOrder(len(train_windows), cfg.seed)
-    eval_ids = spread_ids(len(val_windows), cfg.eval_windows)
+    eval_ids = spread_window_ids(len(val_windows), cfg.eval_windows)
     aux_k = cfg.aux_k or max(1, model.cfg.d_model // 2)
     log.info("train_sae: %d latents, k=%d, layer %d, %d steps x %d rows on %s", num_latents, k, layer,
              total_steps, windows_per_step * train_windows.seq_len, device)

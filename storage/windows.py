@@ -18,6 +18,11 @@ def stream_file(split: str) -> str:
     return f"stream-{split}.npy"
 
 
+def spread_window_ids(num_windows: int, count: int) -> np.ndarray:
+    """`count` window ids spread evenly over a split, first and last included (all of them when there are fewer)."""
+    return np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64))
+
+
 class TokenWindows:
     """Read-only windows of seq_len (+1) tokens over one split's token stream."""
 
