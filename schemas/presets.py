@@ -1,8 +1,10 @@
-"""Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `gpt2_small` (GPU scale)."""
+"""Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `compare` (default x 3 seeds),
+`continual` (default from a shared base model), `gpt2_small` (GPU scale)."""
 
 from collections.abc import Callable
 
 from schemas.configs import (
+    BaseConfig,
     ConceptsConfig,
     DistillConfig,
     EvaluateConfig,
@@ -61,9 +63,10 @@ def tiny() -> PipelineConfig:
 
 
 def default() -> PipelineConfig:
-    """The README main job on 2 CPU cores (~10 min): ~1.3M-parameter models, 1.2M training tokens each.
+    """The README main job on 2 CPU cores (~20 min): ~1.3M-parameter models, 1.2M training tokens per target.
 
-    Sized from measurements here: this model trains at ~11k tokens/s and scores at ~15k tokens/s on 2 cores.
+    The reference trains 600k tokens (about 2 epochs of its ~270k-token `ref_train`); every target variant
+    trains once (seed 0). Sized from measurements here: ntp trains at ~16k tokens/s on 2 cores.
     """
     model = ModelConfig(num_layers=4, num_heads=4, d_model=128)
     train = TrainConfig(max_tokens=1_200_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
@@ -71,12 +74,12 @@ def default() -> PipelineConfig:
                         checkpoint_every_steps=50)
     return PipelineConfig(
         tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
-        reference=ReferenceConfig(model=model, train=train),
+        reference=ReferenceConfig(model=model, train=train.model_copy(update={"max_tokens": 600_000})),
         score=ScoreConfig(batch_size=32, num_shards=4),
         sae=SAEConfig(max_tokens=1_000_000, batch_rows=4096),
         concepts=ExtractConfig(num_shards=2),
         target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
-        evaluate=EvaluateConfig(max_windows=256),
+        evaluate=EvaluateConfig(max_windows=None),
     )
 
 
@@ -94,11 +97,32 @@ def gpt2_small() -> PipelineConfig:
         reference=ReferenceConfig(model=model, train=train.model_copy(update={"max_tokens": 500_000_000})),
         score=ScoreConfig(batch_size=64, num_shards=16),
         target=TargetConfig(model=model, train=train, variants=RHO1_VARIANTS),
-        evaluate=EvaluateConfig(max_windows=512),
+        evaluate=EvaluateConfig(max_windows=2048),
     )
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "default": default, "gpt2_small": gpt2_small}
+def compare() -> PipelineConfig:
+    """`default` with 3 seed runs per target variant: the README's comparison with its spread. Its seed-0 runs
+    are the default run's artifacts (same keys), so after `lmpipe run` only the seed 1 and 2 runs are trained."""
+    cfg = default()
+    return cfg.model_copy(update={"target": cfg.target.model_copy(update={"seeds": 3})})
+
+
+def continual() -> PipelineConfig:
+    """`default` as continual pretraining (Rho-1 Sec. 3.1): a base model pretrained on `train` for 1.2M tokens,
+    the reference fine-tuned from it on `ref_train` for 300k tokens at a third of the learning rate, and every
+    target continuing from it for the default's 1.2M tokens."""
+    cfg = default()
+    reference_train = cfg.reference.train.model_copy(update={"max_tokens": 300_000, "lr": 1e-3, "warmup_steps": 5})
+    continual_cfg = cfg.model_copy(update={
+        "base": BaseConfig(model=cfg.target.model, train=cfg.target.train),
+        "reference": cfg.reference.model_copy(update={"train": reference_train}),
+    })
+    return PipelineConfig.model_validate(continual_cfg.model_dump())  # model_copy skips the cross-stage checks
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "default": default, "compare": compare,
+                                                    "continual": continual, "gpt2_small": gpt2_small}
 
 
 def preset(name: str) -> PipelineConfig:

@@ -8,7 +8,8 @@ targets its last T, so every token with token_index >= 1 is a target exactly onc
 import pyarrow as pa
 
 SPLITS = ("train", "val", "ref_train", "ref_val")
-"""train/val: all documents; ref_train/ref_val: the reference subset's documents of each side."""
+"""train: the targets' documents; ref_train: reference-subset documents only the reference trains on (disjoint from
+train); val: every held-out document; ref_val: the reference subset of val."""
 
 DOCUMENT_BASE_FIELDS = [
     pa.field("doc_id", pa.int64(), nullable=False),
@@ -165,11 +166,48 @@ COMPUTE = pa.schema([
     pa.field("val_loss_at_baseline_flops", pa.float64()),
     pa.field("flops_to_baseline_val", pa.float64()),
     pa.field("flops_ratio_to_baseline_val", pa.float64()),
+    pa.field("upstream_flops", pa.float64(), nullable=False),
+    pa.field("flops_to_baseline_val_with_upstream", pa.float64()),
+    pa.field("flops_ratio_with_upstream", pa.float64()),
 ])
 """The compute ledger (evaluate): training FLOPs per token of each target (stages/evaluation/flops.py: 3 x forward
 matmul FLOPs, interleaved blocks counted twice, a distillation teacher's forward added), its total, its
-training-time val loss interpolated at the baseline's total FLOPs, and the FLOPs it needed to reach the
-baseline's final val loss (null if never) with the ratio to the baseline's own."""
+training-time val loss interpolated at the baseline's mean total FLOPs, and the FLOPs it needed to reach the
+baseline's mean final val loss (null if never) with the ratio to the baseline's total. upstream_flops: what the
+variant's inputs cost once (the reference's training, scoring every split, the SAE and concept extraction:
+whichever it depends on); the `_with_upstream` columns add it (Rho-1 Sec. 3.4 discusses both views)."""
+
+SEED_SUMMARY = pa.schema([
+    pa.field("variant", pa.string(), nullable=False),
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("models", pa.int32(), nullable=False),
+    pa.field("runs", pa.int32(), nullable=False),
+    pa.field("mean", pa.float64()),
+    pa.field("std", pa.float64()),
+    pa.field("min", pa.float64()),
+    pa.field("max", pa.float64()),
+    pa.field("diff_to_baseline", pa.float64()),
+    pa.field("diff_spread", pa.float64()),
+    pa.field("within_spread", pa.bool_()),
+])
+"""evaluate, per variant and metric over its seed runs (stages/evaluation/seeds.py): models = runs trained,
+runs = runs with a value (e.g. that reached the baseline), mean, sample std, min, max; diff_to_baseline = mean -
+the baseline's mean, diff_spread = sqrt(std^2 + std_baseline^2), within_spread = |diff| < diff_spread."""
+
+SELECTION_BY_DOMAIN = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("in_reference_subset", pa.bool_(), nullable=False),
+    pa.field("documents", pa.int64(), nullable=False),
+    pa.field("tokens", pa.int64(), nullable=False),
+    pa.field("selection_rate", pa.float64()),
+    pa.field("mean_ref_loss", pa.float64()),
+    pa.field("mean_target_loss", pa.float64()),
+    pa.field("mean_excess_loss", pa.float64()),
+])
+"""evaluate, per selecting target and side of the reference subset (documents.is_reference) over the `train`
+split it trained on: the share of its token visits that were selected (token_selection), and on a sample of
+train windows spread over the split the reference's loss, the final target's loss and their difference (the
+excess loss Rho-1 ranks by). None of these documents trained the reference (tokenize.reference_share)."""
 
 HEAD_METRICS = pa.schema([
     pa.field("model", pa.string(), nullable=False),

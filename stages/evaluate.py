@@ -1,20 +1,25 @@
-"""Stage evaluate: compare the reference and every target variant on the same held-out tokens.
+"""Stage evaluate: compare the reference and every target model (each variant's seed runs) on the same tokens.
 
+Models: `reference` and every target run, `<variant>` or `<variant>.seed<r>` (TargetConfig.seeds).
 Output files in `out`:
     eval_losses.parquet    schemas.tables.EVAL_LOSSES (model, split, num_tokens, loss, perplexity): each model on
-                           the first evaluate.max_windows windows of `val` and `ref_val` and of each extra file
-                           (split `file:<name>`, tokenized with the corpus tokenizer and packed with <|endoftext|>)
+                           every window (or evaluate.max_windows spread over the split) of `val`, `ref_val` and
+                           each extra file (split `file:<name>`, read like the corpus, tokenized with its tokenizer)
     comparison.parquet     schemas.tables.COMPARISON: one row per model with final losses, tokens seen to reach the
-                           baseline's final validation loss (and the ratio to the baseline's), dynamics fractions
+                           baseline runs' mean final validation loss (and over the baseline's budget), dynamics
+    seed_summary.parquet   schemas.tables.SEED_SUMMARY: per variant and number, mean and spread over its seed runs
     token_dynamics.parquet schemas.tables.TOKEN_DYNAMICS of every target that recorded >= 2 probe checkpoints
     compute.parquet        schemas.tables.COMPUTE: training FLOPs per token and in total, val loss at the
-                           baseline's FLOPs, FLOPs to reach the baseline's final val loss
-    report.md              the comparison as a Markdown table, plus the train split's unigram entropy
-    val_loss.png           validation loss vs tokens seen per variant (one subplot per validation split)
+                           baseline's FLOPs, FLOPs to reach the baseline's final val loss, with and without the
+                           upstream artifacts' cost (reference training, scoring, SAE, concept labels)
+    selection_by_domain.parquet  schemas.tables.SELECTION_BY_DOMAIN: selecting targets' selection rate and excess
+                           loss on `train`, inside vs outside the reference subset
+    report.md              all of the above as Markdown tables, plus the train split's unigram entropy
+    val_loss.png           validation loss vs tokens seen per model (one subplot per validation split)
     head_metrics.parquet   schemas.tables.HEAD_METRICS: per multi-token model, split and head: loss, top-1 accuracy
     speculative.parquet    schemas.tables.SPECULATIVE: greedy vs self-speculative decoding speed per draft count
-    val_loss_flops.png     validation loss vs training FLOPs per variant
-    train_loss.png         training loss vs tokens seen per variant
+    val_loss_flops.png     validation loss vs training FLOPs per model
+    train_loss.png         training loss vs tokens seen per model
 """
 
 import logging
@@ -26,23 +31,37 @@ import pyarrow as pa
 import torch
 from tokenizers import Tokenizer
 
-from schemas.configs import DynamicsConfig, EvaluateConfig, PipelineConfig
+from schemas.configs import DynamicsConfig, EvaluateConfig, PipelineConfig, replica_name, variant_of
 from schemas.manifest import Manifest
-from schemas.tables import COMPARISON, COMPUTE, EVAL_LOSSES, HEAD_METRICS, SPECULATIVE, TOKEN_DYNAMICS
+from schemas.tables import (
+    COMPARISON,
+    COMPUTE,
+    EVAL_LOSSES,
+    HEAD_METRICS,
+    SEED_SUMMARY,
+    SELECTION_BY_DOMAIN,
+    SPECULATIVE,
+    TOKEN_DYNAMICS,
+)
 from stages.corpus.packing import pack_stream
+from stages.corpus.sources import FileSettings, read_documents
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
 from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
-from stages.evaluation.flops import compute_rows, training_flops_per_token
+from stages.evaluation.domains import selection_by_domain
+from stages.evaluation.flops import compute_rows, training_flops_per_token, upstream_flops
+from stages.evaluation.seeds import seed_rows
 from stages.evaluation.heads import head_metrics, speculative_rows
 from stages.evaluation.report import (
     REFERENCE,
     VAL_SPLITS,
     compute_markdown,
     concept_markdown,
+    domains_markdown,
     heads_markdown,
     plot_curves,
     report_markdown,
+    seeds_markdown,
 )
 from stages.models.saved import load_model
 from stages.registry import NodeDecl, Stage
@@ -65,25 +84,27 @@ def variant_name(target: Manifest) -> str:
     return str(target.config["variant"]["name"])
 
 
-def extra_file_stream(tokens: Manifest, path: str) -> np.ndarray:
-    """A text file tokenized with the corpus tokenizer and packed like a corpus document (tokens + EOT)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"evaluate.extra_files: {path!r} does not exist; give paths of existing .txt files")
+def extra_file_stream(tokens: Manifest, path: str, cfg: EvaluateConfig) -> np.ndarray:
+    """The documents of one evaluate.extra_files entry, read as tokenize reads files (.txt cut by
+    cfg.extra_text_unit, .jsonl/.parquet by cfg.extra_text_column), tokenized with the corpus tokenizer and
+    packed like the corpus: each document's tokens then <|endoftext|>, in file order. ValueError naming the
+    file for a missing or empty file or an unsupported extension."""
+    settings = FileSettings(text_column=cfg.extra_text_column, text_unit=cfg.extra_text_unit,
+                            paths_field="evaluate.extra_files", text_column_field="evaluate.extra_text_column")
+    texts = read_documents([path], settings).texts
     tokenizer = Tokenizer.from_file(tokens.file("tokenizer.json"))
-    flat_ids, lengths, _ = encode_documents(tokenizer, [file.read_text(encoding="utf-8")])
-    stream, _, _ = pack_stream(flat_ids, np.zeros(1, np.int64), lengths, np.zeros(1, np.int64),
-                               tokenizer.token_to_id(EOT))
-    if len(stream) < 2:
-        raise ValueError(f"evaluate.extra_files: {path!r} has no text to evaluate")
+    flat_ids, lengths, _ = encode_documents(tokenizer, texts)
+    offsets = np.cumsum(lengths) - lengths
+    stream, _, _ = pack_stream(flat_ids, offsets, lengths, np.arange(len(texts)), tokenizer.token_to_id(EOT))
     return stream
 
 
-def mean_window_loss(model, stream_N: np.ndarray, seq_len: int, max_windows: int,
+def mean_window_loss(model, stream_N: np.ndarray, seq_len: int, max_windows: int | None,
                      device: torch.device) -> tuple[int, float]:
-    """(targets, mean loss in nats) over the first max_windows windows (one short window if none is full)."""
+    """(targets, mean loss in nats) over every window, or max_windows spread over the stream (one short window
+    if none is full)."""
     windows = TokenWindows.from_array(stream_N, min(seq_len, len(stream_N) - 1), "eval")
-    loss_NT = token_losses(model, windows, np.arange(min(len(windows), max_windows)), EVAL_BATCH_WINDOWS, device)
+    loss_NT = token_losses(model, windows, spread_window_ids(len(windows), max_windows), EVAL_BATCH_WINDOWS, device)
     return loss_NT.size, float(loss_NT.astype(np.float64).mean())
 
 
@@ -105,15 +126,19 @@ def dynamics_threshold(target: Manifest) -> float:
 def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Evaluate every model, compare training curves and token dynamics; write tables, report and plots."""
     tokens, reference = inputs["tokens"], inputs["reference"]
-    targets = [manifest for role, manifest in inputs.items() if role.startswith("target.")]
+    by_name = {role.removeprefix("target."): m for role, m in inputs.items() if role.startswith("target.")}
+    names, targets = list(by_name), list(by_name.values())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device("auto")
     seq_len = int(tokens.config["seq_len"])
-    names = [variant_name(t) for t in targets]
-    if REFERENCE in names or len(set(names)) != len(names):
-        raise ValueError(f"target variant names must be unique and not {REFERENCE!r}, got {names}")
-    if cfg.baseline not in names:
+    for name, target in by_name.items():
+        if variant_of(name) != variant_name(target):
+            raise ValueError(f"evaluate: model {name!r} is an artifact of variant {variant_name(target)!r}")
+    if REFERENCE in names:
+        raise ValueError(f"target variant names must not be {REFERENCE!r}")
+    baseline_models = [name for name in names if variant_of(name) == cfg.baseline]
+    if not baseline_models:
         raise ValueError(f"evaluate.baseline: {cfg.baseline!r} is not among the target variants {names}")
     metrics = {}  # read first: a broken target fails before any model is evaluated
     for name, target in zip(names, targets, strict=True):
@@ -126,11 +151,14 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         split = f"file:{Path(path).name}"
         if split in streams:
             raise ValueError(f"evaluate.extra_files: two files are named {Path(path).name!r}; rename one")
-        streams[split] = extra_file_stream(tokens, path)
+        streams[split] = extra_file_stream(tokens, path, cfg)
 
-    eval_rows, head_rows, speculative = [], [], []
+    eval_rows, head_rows, speculative, domain_rows = [], [], [], []
     for name, manifest in [(REFERENCE, reference)] + list(zip(names, targets, strict=True)):
         model = load_model(Path(manifest.path), device)
+        if "scores" in inputs:
+            domain_rows += selection_by_domain(name, model, manifest, tokens, inputs["scores"],
+                                               cfg.domain_windows, EVAL_BATCH_WINDOWS, device)
         for split, stream_N in streams.items():
             num_tokens, loss = mean_window_loss(model, stream_N, seq_len, cfg.max_windows, device)
             eval_rows.append({"model": name, "split": split, "num_tokens": num_tokens, "loss": loss,
@@ -145,9 +173,11 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     write_table(out / "eval_losses.parquet", pa.Table.from_pylist(eval_rows, EVAL_LOSSES), EVAL_LOSSES)
     write_table(out / "head_metrics.parquet", pa.Table.from_pylist(head_rows, HEAD_METRICS), HEAD_METRICS)
     write_table(out / "speculative.parquet", pa.Table.from_pylist(speculative, SPECULATIVE), SPECULATIVE)
+    write_table(out / "selection_by_domain.parquet", pa.Table.from_pylist(domain_rows, SELECTION_BY_DOMAIN),
+                SELECTION_BY_DOMAIN)
     losses = {(r["model"], r["split"]): r["loss"] for r in eval_rows}
 
-    reach = {split: tokens_to_reach(metrics, cfg.baseline, split) for split in VAL_SPLITS}
+    reach = {split: tokens_to_reach(metrics, baseline_models, split) for split in VAL_SPLITS}
 
     dynamics_tables, fractions = [], {}
     for name, target in zip(names, targets, strict=True):
@@ -179,13 +209,18 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     vocab_size = int(tokens.summary.get("vocab_size") or int(train_stream.max()) + 1)
     entropy = unigram_entropy(train_stream, vocab_size)
     extra = [r for r in eval_rows if r["split"].startswith("file:")]
-    (out / "report.md").write_text(report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)))
-    compute = compute_ledger(metrics, reference, dict(zip(names, targets, strict=True)), cfg.baseline)
+    compute = compute_ledger(metrics, inputs, by_name, baseline_models)
     write_table(out / "compute.parquet", pa.Table.from_pylist(compute, COMPUTE), COMPUTE)
+    per_model = {row["model"]: dict(row) for row in rows if row["model"] != REFERENCE}
+    for row in compute:
+        per_model[row["model"]] |= row
+    seeds = seed_rows(per_model, cfg.baseline)
+    write_table(out / "seed_summary.parquet", pa.Table.from_pylist(seeds, SEED_SUMMARY), SEED_SUMMARY)
     concept_rows = concept_summary(metrics)
-    with open(out / "report.md", "a") as report:
-        report.write(compute_markdown(compute, cfg.baseline) + concept_markdown(concept_rows, inputs.get("sae"))
-                     + heads_markdown(head_rows, speculative))
+    (out / "report.md").write_text(
+        report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)) + seeds_markdown(seeds)
+        + compute_markdown(compute, cfg.baseline) + domains_markdown(domain_rows)
+        + concept_markdown(concept_rows, inputs.get("sae")) + heads_markdown(head_rows, speculative))
     flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}
     plots = plot_curves(metrics, losses, out, flops_per_token)
     summary = {
@@ -197,18 +232,20 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         "speculative_speedup": {r["model"]: max(x["speedup"] for x in speculative if x["model"] == r["model"])
                                 for r in speculative},
         "files": ["eval_losses.parquet", "comparison.parquet", "token_dynamics.parquet", "compute.parquet",
-                  "head_metrics.parquet", "speculative.parquet", "report.md", *plots],
+                  "seed_summary.parquet", "selection_by_domain.parquet", "head_metrics.parquet",
+                  "speculative.parquet", "report.md", *plots],
     }
     log.info("evaluate: %s", summary)
     return summary
 
 
-def multi_token_heads(model, name: str, streams: dict, seq_len: int, max_windows: int, device) -> list[dict]:
+def multi_token_heads(model, name: str, streams: dict, seq_len: int, max_windows: int | None,
+                      device) -> list[dict]:
     """head_metrics.parquet rows of one multi-token model on the validation splits."""
     rows = []
     for split in VAL_SPLITS:
         windows = TokenWindows.from_array(streams[split], seq_len, split)
-        ids = np.arange(min(len(windows), max_windows))
+        ids = spread_window_ids(len(windows), max_windows)
         rows += [{"model": name, "split": split, **row}
                  for row in head_metrics(model, windows, ids, EVAL_BATCH_WINDOWS, device)]
     return rows
@@ -221,18 +258,25 @@ def speculative_prompts(stream_N: np.ndarray, seq_len: int, count: int, length: 
     return [np.asarray(stream_N[s:s + length]).astype(int).tolist() for s in starts]
 
 
-def compute_ledger(metrics: dict[str, pa.Table], reference: Manifest, targets: dict[str, Manifest],
-                   baseline: str) -> list[dict]:
-    """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when distilling)."""
+def compute_ledger(metrics: dict[str, pa.Table], inputs: dict[str, Manifest], targets: dict[str, Manifest],
+                   baseline_models: list[str]) -> list[dict]:
+    """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when distilling),
+    and the one-off FLOPs of the upstream artifacts each target reads (flops.upstream_flops)."""
+    reference = inputs["reference"]
     reference_spec = read_model_meta(Path(reference.path))
-    fpt, params = {}, {}
+    reference_cost = {"spec": reference_spec, "tokens_seen": int(reference.summary.get("tokens_seen", 0))}
+    scored = sum((inputs["scores"].summary.get("num_rows") or {}).values()) if "scores" in inputs else 0
+    sae = inputs["sae"].summary if "sae" in inputs else None
+    labelled = int(inputs["concepts"].summary.get("rows", 0)) if "concepts" in inputs else 0
+    fpt, params, upstream = {}, {}, {}
     for name, target in targets.items():
         spec = read_model_meta(Path(target.path))
         teacher = reference_spec if target.config["variant"].get("distill") else None
         fpt[name] = training_flops_per_token(spec, teacher)
         params[name] = int(target.summary.get("num_params", 0))
+        upstream[name] = upstream_flops(set(target.upstream), reference_cost, scored, sae, labelled)
     curves = {name: metric_curve(table, "val/val/loss") for name, table in metrics.items()}
-    return compute_rows(curves, fpt, params, baseline)
+    return compute_rows(curves, fpt, params, baseline_models, upstream)
 
 
 def concept_summary(metrics: dict[str, pa.Table]) -> list[dict]:
@@ -249,17 +293,23 @@ def concept_summary(metrics: dict[str, pa.Table]) -> list[dict]:
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     """One evaluation of the reference and every target variant."""
     upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
-    upstream |= {f"target.{v.name}": f"train_target.{v.name}" for v in cfg.target.variants}
+    upstream |= {f"target.{name}": f"train_target.{name}"
+                 for v in cfg.target.variants for name in (replica_name(v.name, r) for r in range(cfg.target.seeds))}
+    if any(v.needs_reference_scores for v in cfg.target.variants):
+        upstream["scores"] = "score_reference"  # selection by reference-subset side, scoring cost
     if any(v.concepts is not None for v in cfg.target.variants):
         upstream["sae"] = "train_sae"  # its final quality goes into the report
+        upstream["concepts"] = "extract_concepts"  # labelling cost
     return [NodeDecl("evaluate", cfg.evaluate, upstream)]
 
 
 STAGE = Stage(
-    name="evaluate", code_version="2", config_type=EvaluateConfig, nodes=nodes, run=run,
+    name="evaluate", code_version="3", config_type=EvaluateConfig, nodes=nodes, run=run,
     tables={"eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
             "comparison": TableSpec("evaluate", "comparison.parquet"),
             "compute": TableSpec("evaluate", "compute.parquet"),
+            "seed_summary": TableSpec("evaluate", "seed_summary.parquet"),
+            "selection_by_domain": TableSpec("evaluate", "selection_by_domain.parquet"),
             "head_metrics": TableSpec("evaluate", "head_metrics.parquet"),
             "speculative": TableSpec("evaluate", "speculative.parquet"),
             "token_dynamics": TableSpec("evaluate", "token_dynamics.parquet")},

@@ -2,13 +2,16 @@
 
 Output files in `out`:
     documents.parquet   schemas.tables.documents_schema(source metadata): one row per kept document, doc_id
-                        0..n-1 in corpus order, its split (train/val), is_reference, num_chars, num_tokens, text
+                        0..n-1 in corpus order, its split (train/ref_train/val), is_reference, num_chars, num_tokens, text
     vocab.parquet       schemas.tables.VOCAB
     tokenizer.json      the Hugging Face tokenizer (trained, GPT-2's, or copied from a file)
     stream-<split>.npy  int32 token stream of each split in schemas.tables.SPLITS (storage.windows.stream_file):
                         the split's documents in doc_id order, each followed by <|endoftext|>
     tokens.parquet      schemas.tables.TOKENS: one row per stream token, sorted by (split, token_index)
-train/val hold all documents of each side; ref_train/ref_val only the reference subset (tokenize.reference_where).
+Documents: val (a val_fraction hash), ref_train (tokenize.reference_share of the reference subset's other
+documents: they train the reference model and nothing else) and train (the rest: the target's data). The
+reference never trains on a document whose tokens it scores for selection. Streams: train, val, ref_train,
+and ref_val = the reference subset (tokenize.reference_where) of val.
 """
 
 import hashlib
@@ -50,13 +53,22 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     is_val = assign_splits(docs["source"].to_pylist(), cfg.split_seed, cfg.val_fraction)
     docs = docs.append_column("split", pa.array(np.where(is_val, "val", "train"), pa.string()))
     reference_where = cfg.reference_where or default_reference_where(cfg.source)
-    is_reference = select_where(docs, reference_where, "tokenize.reference_where")
+    is_reference = select_where(docs, reference_where, "tokenize.reference_where")  # may read split train/val
     for side, side_mask in (("train", ~is_val), ("val", is_val)):
         if not (is_reference & side_mask).any():
             raise ValueError(
                 f"tokenize.reference_where: {reference_where!r} selects no {side} document "
                 f"({int(side_mask.sum())} {side} documents); broaden it or change tokenize.split_seed"
             )
+    reference_only = assign_reference_training(docs["source"].to_pylist(), is_reference & ~is_val,
+                                               cfg.split_seed, cfg.reference_share)
+    if not (~is_val & ~reference_only).any():
+        raise ValueError(
+            f"tokenize.reference_share: {cfg.reference_share} gives every non-validation document to the reference "
+            f"(reference_where {reference_where!r} selects all of them), so the targets have nothing to train on; "
+            "lower tokenize.reference_share or narrow tokenize.reference_where")
+    split_column = np.where(is_val, "val", np.where(reference_only, "ref_train", "train"))
+    docs = docs.set_column(docs.column_names.index("split"), "split", pa.array(split_column, pa.string()))
     docs = docs.append_column("is_reference", pa.array(is_reference))
 
     texts = docs["text"].to_pylist()
@@ -67,7 +79,7 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     docs = docs.append_column("num_tokens", pa.array(lengths))
 
     split_docs = {
-        "train": ~is_val, "val": is_val, "ref_train": is_reference & ~is_val, "ref_val": is_reference & is_val,
+        "train": split_column == "train", "val": is_val, "ref_train": reference_only, "ref_val": is_reference & is_val,
     }
     offsets = np.cumsum(lengths) - lengths
     streams = {}
@@ -154,6 +166,16 @@ def assign_splits(sources: list[str], seed: int, val_fraction: float) -> np.ndar
     if is_val.all():
         is_val[np.argmax(hashes)] = False
     return is_val
+
+
+def assign_reference_training(sources: list[str], candidates: np.ndarray, seed: int, share: float) -> np.ndarray:
+    """Which candidate documents (reference subset, not validation) train the reference only: a hash below
+    `share` (salted apart from the val split), at least one; with share < 1 at least one candidate stays."""
+    hashes = np.array([split_hash(seed, f"reference:{source}") for source in sources])
+    chosen = candidates & (hashes < share)
+    if candidates.any() and not chosen.any():
+        chosen[np.flatnonzero(candidates)[np.argmin(hashes[candidates])]] = True
+    return chosen
 
 
 def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):

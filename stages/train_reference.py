@@ -5,19 +5,18 @@ Files written into the artifact directory:
     model.safetensors, model.json   the reference model (stages/models/saved.load_model reads it back)
     metrics.parquet                 schemas.tables.METRICS (train/*, val/ref_val/*, val/val/*)
 It is trained with the same objective code as the targets (variant "reference": one head, all tokens), and
-resumes from its checkpoints when an interrupted build is re-run.
+resumes from its checkpoints when an interrupted build is re-run. With a base (PipelineConfig.base, continual
+pretraining) it is fine-tuned from the train_base model (upstream role `init`) instead of a random init.
 """
 
 import logging
 from pathlib import Path
 
-from schemas.configs import ReferenceConfig, TargetVariant
+from schemas.configs import PipelineConfig, ReferenceConfig
 from schemas.manifest import Manifest
-from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage
-from stages.training.loop import train
+from stages.training.next_token_run import init_upstream, train_next_token
 from storage.catalog import TableSpec
-from storage.windows import TokenWindows
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +25,19 @@ EVAL_SPLITS = ("ref_val", "val")
 
 
 def run(cfg: ReferenceConfig, inputs: dict[str, Manifest], out: Path) -> dict:
-    """Train the reference model on ref_train into `out`; returns the training summary."""
-    tokens = inputs["tokens"]
-    variant = TargetVariant(name="reference")
-    train_windows = TokenWindows.from_manifest(tokens, TRAIN_SPLIT)
-    val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in EVAL_SPLITS}
-    meta = {"stage": "train_reference", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key}
-    return train(build_objective(cfg.model, variant), train_windows, val_windows, cfg.train, Path(out),
-                 vocab_size=int(tokens.summary["vocab_size"]), label="reference", meta=meta)
+    """Train the reference model on ref_train into `out` (from the base's weights when the config has a base);
+    returns the training summary."""
+    return train_next_token(cfg.model, cfg.train, inputs, out, stage="train_reference", name="reference",
+                            train_split=TRAIN_SPLIT, eval_splits=EVAL_SPLITS)
+
+
+def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
+    """The reference node: reads the tokens, and starts from the base model when the config has one."""
+    return [NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"} | init_upstream(cfg))]
 
 
 STAGE = Stage(
-    name="train_reference", code_version="2", config_type=ReferenceConfig,
-    nodes=lambda cfg: [NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"})],
-    run=run,
+    name="train_reference", code_version="2", config_type=ReferenceConfig, nodes=nodes, run=run,
     tables={"reference_metrics": TableSpec("train_reference", "metrics.parquet")},
     description="reference model on the reference subset",
 )

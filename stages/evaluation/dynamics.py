@@ -2,8 +2,10 @@
 
 Input: schemas.tables.PROBE_LOSSES rows (step, split, token_index, loss) of one variant, every probe token
 measured at every checkpoint. Output: schemas.tables.TOKEN_DYNAMICS, one row per (split, token_index):
-    a least-squares line l ~ a*x + b over the checkpoints x = 0..n (in step order, evenly spaced as in the paper),
-    loss_start = b, loss_end = a*n + b, delta = loss_end - loss_start, loss_last = measured loss at checkpoint n;
+    a least-squares line l ~ a*x + b over the checkpoints, x = tokens seen at each (the training loop evaluates
+    at step 0 too, and the last interval may be shorter than the others, so x is tokens, not checkpoint index),
+    loss_start = the line at the first checkpoint, loss_end = at the last, delta = loss_end - loss_start,
+    loss_last = measured loss at the last checkpoint;
     category: delta < -threshold -> H->L, delta > threshold -> L->H, otherwise L->L when loss_last <= L_mean
     else H->H, with L_mean the mean loss over the split's probe tokens at the last checkpoint.
 """
@@ -17,8 +19,9 @@ CATEGORIES = ("H->H", "L->H", "H->L", "L->L")
 """Rho-1's four token classes (loss high/low at the start -> high/low at the end)."""
 
 
-def loss_matrix(probe: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(split per token, token_index per token, losses of shape (num_tokens, num_checkpoints) in step order)."""
+def loss_matrix(probe: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(split per token, token_index per token, losses of shape (num_tokens, num_checkpoints) in step order,
+    tokens seen at each checkpoint)."""
     steps = probe["step"].to_numpy()
     split_codes = probe["split"].combine_chunks().dictionary_encode()
     split_names = np.asarray(split_codes.dictionary.to_pylist(), dtype=object)
@@ -44,17 +47,20 @@ def loss_matrix(probe: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     losses_NC[row, step_col] = probe["loss"].to_numpy().astype(np.float64)
     first_row = np.zeros(len(unique_keys), np.int64)
     first_row[row] = np.arange(len(row))
-    return split_names[split_ids[first_row]], token_index[first_row], losses_NC
+    tokens_C = np.zeros(num_checkpoints, np.float64)
+    tokens_C[step_col] = probe["tokens_seen"].to_numpy()
+    return split_names[split_ids[first_row]], token_index[first_row], losses_NC, tokens_C
 
 
-def fit_lines(losses_NC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares line per row over x = 0..C-1: (fitted loss at x=0, fitted loss at x=C-1)."""
-    num_checkpoints = losses_NC.shape[1]
-    x_C = np.arange(num_checkpoints, dtype=np.float64)
+def fit_lines(losses_NC: np.ndarray, x_C: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares line per row over x (default 0..C-1): (fitted loss at the first x, at the last x)."""
+    x_C = np.arange(losses_NC.shape[1], dtype=np.float64) if x_C is None else np.asarray(x_C, np.float64)
     x_centered_C = x_C - x_C.mean()
+    if not (x_centered_C @ x_centered_C) > 0:
+        raise ValueError(f"token dynamics need checkpoints at >= 2 different x values, got {x_C.tolist()}")
     slope_N = (losses_NC - losses_NC.mean(axis=1, keepdims=True)) @ x_centered_C / (x_centered_C @ x_centered_C)
     intercept_N = losses_NC.mean(axis=1) - slope_N * x_C.mean()
-    return intercept_N, intercept_N + slope_N * (num_checkpoints - 1)
+    return intercept_N + slope_N * x_C[0], intercept_N + slope_N * x_C[-1]
 
 
 def categorize(delta_N: np.ndarray, last_N: np.ndarray, mean_last: np.ndarray | float,
@@ -70,8 +76,8 @@ def classify(probe: pa.Table, threshold: float = 0.2, variant: str = "") -> pa.T
         raise ValueError(f"delta threshold must be > 0, got {threshold}")
     if probe.num_rows == 0:
         raise ValueError("probe table is empty; train with dynamics.probe_windows >= 1")
-    split_N, token_index_N, losses_NC = loss_matrix(probe)
-    start_N, end_N = fit_lines(losses_NC)
+    split_N, token_index_N, losses_NC, tokens_C = loss_matrix(probe)
+    start_N, end_N = fit_lines(losses_NC, tokens_C)
     delta_N = end_N - start_N
     last_N = losses_NC[:, -1]
     mean_last_N = np.empty_like(last_N)

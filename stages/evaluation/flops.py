@@ -6,6 +6,11 @@ causality):
 - a block after an interleaving insert runs 2 positions per token over a context twice as long;
 - every head's unembedding 2 * d * V; a concept insert 2 * d * L (prediction) + 2 * k * d (sparse compression);
 training = 3 x forward (backward = 2 x forward). A distillation teacher adds its forward pass per token.
+
+Upstream cost (paid once, shared by every variant that uses it): the reference's training (3 x forward per token
+seen); scoring (one forward per scored token); the SAE (a reference forward per activation row plus 3 x the
+encoder's dense 2 d L and the decoder's sparse 2 k d); concept extraction (a reference forward and backward,
+3 x forward, plus the SAE encoder, per labelled token).
 """
 
 import math
@@ -43,28 +48,49 @@ def training_flops_per_token(spec: dict, teacher_spec: dict | None = None) -> fl
     return 3 * forward_flops_per_token(spec) + (forward_flops_per_token(teacher_spec) if teacher_spec else 0.0)
 
 
-def compute_rows(curves: dict[str, tuple], flops_per_token: dict[str, float], params: dict[str, int],
-                 baseline: str) -> list[dict]:
-    """Per model: FLOPs per token, total training FLOPs, val loss at the baseline's total FLOPs, and the FLOPs
-    to reach the baseline's final val loss (and that over the baseline's own). `curves`: name -> (tokens_seen,
-    val loss)."""
-    from stages.evaluation.curves import first_reach, value_at
+def upstream_flops(roles: set[str], reference: dict | None, scored_tokens: int = 0, sae: dict | None = None,
+                   labelled_tokens: int = 0) -> float:
+    """One-off FLOPs of the upstream artifacts a target depends on, from its upstream roles (`scores`, `concepts`,
+    `teacher`). `reference`: {"spec": model.json, "tokens_seen": int}; `sae`: train_sae summary (rows,
+    num_latents, k)."""
+    if reference is None or not roles & {"scores", "concepts", "teacher"}:
+        return 0.0
+    forward = forward_flops_per_token(reference["spec"])
+    d = int(reference["spec"]["model"]["d_model"])
+    total = 3 * forward * float(reference["tokens_seen"])
+    if "scores" in roles:
+        total += forward * scored_tokens
+    if "concepts" in roles and sae is not None:
+        encoder, decoder = 2 * d * int(sae["num_latents"]), 2 * int(sae["k"]) * d
+        total += float(sae["rows"]) * (forward + 3 * (encoder + decoder))
+        total += labelled_tokens * (3 * forward + encoder)
+    return total
 
-    base_tokens, base_loss = curves[baseline]
-    base_flops = float(base_tokens[-1]) * flops_per_token[baseline] if len(base_tokens) else None
-    level = float(base_loss[-1]) if len(base_loss) else None
-    base_reach = first_reach(base_tokens, base_loss, level) if level is not None else None
+
+def compute_rows(curves: dict[str, tuple], flops_per_token: dict[str, float], params: dict[str, int],
+                 baseline_models: list[str], upstream: dict[str, float] | None = None) -> list[dict]:
+    """Per model: FLOPs per token, total training FLOPs, val loss at the baseline's mean total FLOPs, and the
+    FLOPs to reach the baseline's mean final val loss (and that over the baseline's mean total), without and with
+    the model's upstream FLOPs. `curves`: name -> (tokens_seen, val loss); `baseline_models`: the baseline
+    variant's seed runs."""
+    from stages.evaluation.curves import baseline_level, first_reach, value_at
+
+    flops_curves = {name: (tokens.astype(float) * flops_per_token[name], loss) for name, (tokens, loss) in curves.items()}
+    level, base_flops = baseline_level(flops_curves, baseline_models)
+    upstream = upstream or {}
     rows = []
-    for name, (tokens_seen, loss) in curves.items():
-        fpt = flops_per_token[name]
-        flops = tokens_seen.astype(float) * fpt
+    for name, (flops, loss) in flops_curves.items():
         reached = first_reach(flops, loss, level) if level is not None and len(loss) else None
+        extra = float(upstream.get(name, 0.0))
         rows.append({
-            "model": name, "num_params": params[name], "train_flops_per_token": fpt,
+            "model": name, "num_params": params[name], "train_flops_per_token": flops_per_token[name],
             "train_flops": float(flops[-1]) if len(flops) else None,
             "val_loss_at_baseline_flops": value_at(flops, loss, base_flops) if base_flops else None,
             "flops_to_baseline_val": reached,
-            "flops_ratio_to_baseline_val": reached / (base_reach * flops_per_token[baseline])
-            if reached is not None and base_reach else None,
+            "flops_ratio_to_baseline_val": reached / base_flops if reached is not None and base_flops else None,
+            "upstream_flops": extra,
+            "flops_to_baseline_val_with_upstream": reached + extra if reached is not None else None,
+            "flops_ratio_with_upstream": (reached + extra) / base_flops
+            if reached is not None and base_flops else None,
         })
     return rows

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.tables import COMPARISON
+from schemas.configs import variant_of
 from stages.evaluation.curves import metric_curve
 
 VAL_SPLITS = ("val", "ref_val")
@@ -21,10 +22,11 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    style = _line_styles(list(metrics))
     fig, axes = plt.subplots(1, len(VAL_SPLITS), figsize=(6 * len(VAL_SPLITS), 4), squeeze=False)
     for ax, split in zip(axes[0], VAL_SPLITS, strict=True):
         for name, table in metrics.items():
-            ax.plot(*metric_curve(table, f"val/{split}/loss"), marker=".", label=name)
+            ax.plot(*metric_curve(table, f"val/{split}/loss"), marker=".", **style[name])
         if (REFERENCE, split) in eval_losses:
             ax.axhline(eval_losses[REFERENCE, split], color="grey", linestyle="--", label="reference (final)")
         ax.set(title=f"validation loss: {split}", xlabel="tokens seen", ylabel="loss (nats/token)")
@@ -34,7 +36,7 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, table in metrics.items():
-        ax.plot(*metric_curve(table, "train/head1/loss"), label=name)
+        ax.plot(*metric_curve(table, "train/head1/loss"), **style[name])
     # head1/loss is the next-token loss over ALL tokens; train/loss is what each objective optimises (selected
     # tokens only, or a sum over heads), which is not comparable between variants
     ax.set(title="training next-token loss (all tokens)", xlabel="tokens seen", ylabel="loss (nats/token)")
@@ -47,7 +49,7 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, table in metrics.items():
             tokens_seen, values = metric_curve(table, "val/val/loss")
-            ax.plot(tokens_seen * flops_per_token[name], values, marker=".", label=name)
+            ax.plot(tokens_seen * flops_per_token[name], values, marker=".", **style[name])
         ax.set(title="validation loss (val) at equal training compute", xlabel="training FLOPs",
                ylabel="loss (nats/token)", xscale="log")
         ax.legend()
@@ -56,6 +58,18 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
         plt.close(fig)
         files.append("val_loss_flops.png")
     return files
+
+
+def _line_styles(names: list[str]) -> dict[str, dict]:
+    """One colour per variant; its seed runs share it and only the first is in the legend."""
+    variants = list(dict.fromkeys(variant_of(name) for name in names))
+    styles, labelled = {}, set()
+    for name in names:
+        variant = variant_of(name)
+        styles[name] = {"color": f"C{variants.index(variant) % 10}", "linewidth": 1.2,
+                        "label": None if variant in labelled else variant}
+        labelled.add(variant)
+    return styles
 
 
 def _fmt(value, spec: str) -> str:
@@ -92,14 +106,66 @@ def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list
 
 def compute_markdown(rows: list[dict], baseline: str) -> str:
     """The compute-ledger section of report.md."""
-    lines = ["", "Training compute (val split; FLOPs = 3 x forward matmul FLOPs, stages/evaluation/flops.py):", "",
+    lines = ["", "Training compute (val split; FLOPs = 3 x forward matmul FLOPs, stages/evaluation/flops.py; "
+             "upstream = the reference's training, scoring, SAE and concept labels the model reads, paid once):", "",
              f"| model | params | train FLOPs/token | train FLOPs | val loss at {baseline}'s FLOPs | "
-             f"FLOPs to {baseline} val | ratio |", "|---|---|---|---|---|---|---|"]
+             f"FLOPs to {baseline} val | ratio | upstream FLOPs | FLOPs to {baseline} val with upstream | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['num_params']:,} | {r['train_flops_per_token']:.4g} | "
                      f"{_fmt(r['train_flops'], '.3g')} | "
                      f"{_fmt(r['val_loss_at_baseline_flops'], '.4f')} | {_fmt(r['flops_to_baseline_val'], '.3g')} | "
-                     f"{_fmt(r['flops_ratio_to_baseline_val'], '.3f')} |")
+                     f"{_fmt(r['flops_ratio_to_baseline_val'], '.3f')} | {_fmt(r['upstream_flops'], '.3g')} | "
+                     f"{_fmt(r['flops_to_baseline_val_with_upstream'], '.3g')} | "
+                     f"{_fmt(r['flops_ratio_with_upstream'], '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+SEED_LABELS = {"val_loss": ("val loss", ".4f"), "ref_val_loss": ("ref_val loss", ".4f"),
+               "tokens_to_baseline_val": ("tokens to baseline val", ",.0f"),
+               "tokens_to_baseline_ref_val": ("tokens to baseline ref_val", ",.0f"),
+               "val_loss_at_baseline_flops": ("val loss at baseline FLOPs", ".4f"),
+               "flops_to_baseline_val": ("FLOPs to baseline val", ".3g"), "frac_h_to_l": ("H->L share", ".3f")}
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """Mean ± sample std over seed runs per variant (only when some variant has several runs); a `~` marks a
+    difference to the baseline smaller than its spread, `k/n` how many of n runs have a value."""
+    if not any(r["models"] > 1 for r in rows):
+        return ""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    metrics = [m for m in SEED_LABELS if any(r["metric"] == m for r in rows)]
+    cell = {(r["variant"], r["metric"]): r for r in rows}
+    lines = ["", "Across seed runs (mean ± sample std; `~` = the difference to the baseline is smaller than its "
+             "spread sqrt(std² + std_baseline²), i.e. not distinguishable from seed noise; seed_summary.parquet):", "",
+             "| variant | runs | " + " | ".join(SEED_LABELS[m][0] for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for variant in variants:
+        cells = []
+        for metric in metrics:
+            r, spec = cell.get((variant, metric)), SEED_LABELS[metric][1]
+            if r is None or r["mean"] is None:
+                cells.append("never" if r is not None and r["models"] else "-")
+                continue
+            text = format(r["mean"], spec) + (f" ± {format(r['std'], spec)}" if r["std"] is not None else "")
+            text += f" ({r['runs']}/{r['models']})" if r["runs"] < r["models"] else ""
+            cells.append(text + (" ~" if r["within_spread"] else ""))
+        lines.append(f"| {variant} | {max(r['models'] for r in rows if r['variant'] == variant)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def domains_markdown(rows: list[dict]) -> str:
+    """Selection and excess loss inside vs outside the reference subset (selection_by_domain.parquet)."""
+    if not rows:
+        return ""
+    lines = ["", "Selection on `train` by side of the reference subset (documents the reference never trained on; "
+             "losses on windows spread over `train`):", "",
+             "| model | reference subset | documents | tokens | selected | reference loss | target loss | "
+             "excess loss |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {'in' if r['in_reference_subset'] else 'out'} | {r['documents']} | {r['tokens']:,} | "
+              f"{_fmt(r['selection_rate'], '.1%')} | {_fmt(r['mean_ref_loss'], '.4f')} | "
+              f"{_fmt(r['mean_target_loss'], '.4f')} | {_fmt(r['mean_excess_loss'], '.4f')} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,7 @@
 An objective declares what it needs from upstream artifacts as data (`needs`): per-token columns of a table
 (reference scores, concept labels), or a trained model (a distillation teacher). The stage resolves them; the
 loop hands every batch the per-token columns as named tensors aligned with its targets and calls the
-objective's hooks (observe, state_dict, write_tables) without knowing what they do.
+objective's hooks (begin_step, observe, state_dict, write_tables) without knowing what they do.
 Shapes: B windows, T seq_len.
 """
 
@@ -57,7 +57,9 @@ class Batch:
 
 @dataclass
 class LossOutput:
-    """The scalar to backpropagate (mean over the micro-batch's counted tokens) and numbers to log."""
+    """The scalar to backpropagate and numbers to log. Both are normalised so that their mean over the step's
+    micro-batches is the step's value: usually means over the micro-batch's counted tokens; an objective that
+    normalises over the whole step (begin_step) scales the micro-batch's sums by the number of micro-batches."""
 
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
@@ -83,8 +85,15 @@ class Objective(Protocol):
         """Loss of one micro-batch (already normalised) and its logged metrics."""
         ...
 
+    def begin_step(self, model: nn.Module, batches: list[Batch]) -> None:
+        """Called once per optimiser step with all of its micro-batches (in training order) before their step()
+        calls: prepare whatever spans the whole step (e.g. token selection ranked over all of them)."""
+        ...
+
     def step(self, model: nn.Module, batch: Batch, scale: float) -> LossOutput:
-        """Forward and backward of one micro-batch, gradients scaled by `scale` (the loop's only call)."""
+        """Forward and backward of one micro-batch, gradients scaled by `scale` (1 / micro-batches per step).
+
+        The loop logs the mean over the step's micro-batches of `loss` as the step's loss."""
         ...
 
     def observe(self, batch: Batch, out: LossOutput) -> None:
@@ -111,6 +120,9 @@ class ObjectiveBase:
 
     def attach(self, models: dict[str, nn.Module]) -> None:
         """No upstream models by default."""
+
+    def begin_step(self, model: nn.Module, batches: list[Batch]) -> None:
+        """Nothing spans the step by default: each micro-batch stands alone."""
 
     def step(self, model: nn.Module, batch: Batch, scale: float) -> LossOutput:
         """loss() under autocast, then one backward of scale * loss."""

@@ -7,10 +7,13 @@ Pure functions on (B, T) tensors; nothing is written. A score is "higher = keep"
 - `reference_loss_and_entropy`: the INTERSECTION of the `reference_loss` and `reference_entropy` top-k masks
   (Rho-1 App. H). It keeps between max(0, 2k - N) and k tokens, so the loss is normalised by the number
   actually kept, not by k.
-The top k% is taken over all valid tokens of the micro-batch pooled together (the paper ranks per batch,
-not per sequence); padding / ignored targets are never selected. With gradient accumulation every
-micro-batch has the same number of valid tokens, so per-micro-batch normalisation equals the global one.
+The top k% is taken over all valid tokens of a pool ranked together, never per sequence; padding / ignored
+targets are never selected. The pool is the micro-batch (`top_k_mask`, `select_tokens`; SelectionConfig
+rank_over="micro_batch") or, as the paper ranks per batch, every micro-batch of the optimiser step
+(`select_tokens_pooled`; rank_over="step"): then the k kept tokens are spread unevenly over the micro-batches.
 """
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +49,7 @@ def selection_scores(kind: str, token_loss_BT: torch.Tensor | None, ref_loss_BT:
 
 
 def top_k_mask(score_BT: torch.Tensor, valid_BT: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Bool mask of exactly k valid positions with the highest scores, ranked over the whole micro-batch."""
+    """Bool mask of exactly k valid positions with the highest scores, ranked over the whole (B, T) pool."""
     if score_BT.shape != valid_BT.shape:
         raise ValueError(f"score shape {tuple(score_BT.shape)} != valid shape {tuple(valid_BT.shape)}")
     k = num_to_keep(int(valid_BT.sum()), keep_ratio)
@@ -69,6 +72,23 @@ def select_tokens(kind: str, keep_ratio: float, valid_BT: torch.Tensor, token_lo
         return by_loss_BT & by_entropy_BT
     score_BT = selection_scores(kind, token_loss_BT, ref_loss_BT, ref_entropy_BT)
     return top_k_mask(score_BT, valid_BT, keep_ratio)
+
+
+def select_tokens_pooled(kind: str, keep_ratio: float, valid_BTs: Sequence[torch.Tensor],
+                         token_loss_BTs: Sequence[torch.Tensor] | None, ref_loss_BTs: Sequence[torch.Tensor] | None,
+                         ref_entropy_BTs: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """select_tokens over several micro-batches ranked as ONE pool (the optimiser step): exactly
+    k = num_to_keep(total valid, keep_ratio) kept over all of them (at most k for the intersection kind).
+
+    Every argument is a list with one (B, T) tensor per micro-batch (or None, as select_tokens allows); returns
+    one bool mask per micro-batch, shaped like its valid mask."""
+    def pooled_1N(parts_BT: Sequence[torch.Tensor] | None) -> torch.Tensor | None:
+        return None if parts_BT is None else torch.cat([part_BT.reshape(-1) for part_BT in parts_BT]).unsqueeze(0)
+
+    mask_1N = select_tokens(kind, keep_ratio, pooled_1N(valid_BTs), pooled_1N(token_loss_BTs),
+                            pooled_1N(ref_loss_BTs), pooled_1N(ref_entropy_BTs))
+    masks_N = mask_1N[0].split([valid_BT.numel() for valid_BT in valid_BTs])
+    return [mask_N.view(valid_BT.shape) for mask_N, valid_BT in zip(masks_N, valid_BTs, strict=True)]
 
 
 class SelectionCounter:

@@ -7,7 +7,10 @@ Nothing is written; the train loop (stages/training.py) calls `loss(model, batch
 - Selection (Rho-1): each head ranks its own valid targets; the reference scores are shifted exactly like
   the targets, so a head scores token x_{t+1+i} with the reference's loss/entropy for that same token
   (computed by the reference in its next-token context). Each head's loss is normalised by its own number
-  of selected tokens (selection.py: top k% over the pooled micro-batch).
+  of selected tokens (selection.py: top k% over the pooled micro-batch). With `rank_over = "step"` the pool is
+  the whole optimiser step: `begin_step` fixes every head's masks over all of the step's micro-batches first
+  (after a no-grad forward for excess_loss scores) and each micro-batch's loss is the sum of its selected losses
+  times the number of micro-batches over the step's selected count (the loop's 1/accum_steps brings it back).
 - With one head and selection kind `all` the loss is F.cross_entropy(logits, targets) (mean; computed by the
   faster losses.token_loss, equal to float rounding).
 Logged metrics: `head<i>/loss` (mean CE over ALL valid targets of head i, 1-based, comparable across
@@ -21,6 +24,7 @@ which avoids holding every head's (B, T, V) logits and their gradients at once.
 """
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +38,7 @@ from stages.models.losses import token_loss
 from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumns, UpstreamModel
 from stages.objectives.concepts import CONCEPT_IDS, concept_loss
 from stages.objectives.distillation import distill_loss
-from stages.objectives.selection import SelectionCounter, select_tokens
+from stages.objectives.selection import SelectionCounter, select_tokens, select_tokens_pooled
 from stages.training.devices import autocast
 from storage.parquet import write_table
 
@@ -45,12 +49,46 @@ REF_LOSS, REF_ENTROPY = "ref_loss", "ref_entropy"
 _NUM_UNSELECTED = "_num_unselected"
 
 
+@dataclass(frozen=True)
+class RankingPool:
+    """One head's counts over the pool its mask was ranked in, when that pool is the whole optimiser step
+    (SelectionConfig.rank_over="step") instead of the micro-batch."""
+
+    num_valid: torch.Tensor
+    """Valid targets of this head over all of the step's micro-batches (int64 scalar)."""
+    num_selected: torch.Tensor
+    """Selected targets of this head over the step (int64 scalar)."""
+    num_micro_batches: int
+    """Micro-batches in the step. A micro-batch's sums are multiplied by it: the loop's mean over the
+    micro-batches (and its gradient scale 1 / num_micro_batches) then gives the step's sums over its counts."""
+
+
+@dataclass(frozen=True)
+class StepSelection:
+    """Every head's selection mask for every micro-batch of one optimiser step, fixed before their forwards."""
+
+    batches: list[Batch]
+    """The step's micro-batches, in the order begin_step got them."""
+    masks_BT: list[list[torch.Tensor]]
+    """[micro-batch][head]: bool mask over that head's targets (targets_BT[:, i:])."""
+    pools: list[RankingPool]
+    """[head]: the step's counts."""
+
+    def masks_for(self, batch: Batch) -> list[torch.Tensor] | None:
+        """The per-head masks of `batch` (the same object begin_step got), or None when it is not in this step."""
+        return next((masks for candidate, masks in zip(self.batches, self.masks_BT, strict=True)
+                     if candidate is batch), None)
+
+
 def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: SelectionConfig,
               ref_loss_BT: torch.Tensor | None = None, ref_entropy_BT: torch.Tensor | None = None,
-              mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              mask_BT: torch.Tensor | None = None,
+              pool: RankingPool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one head over its (already aligned) targets, and detached statistics for logging.
 
-    `mask_BT` given: train on exactly those targets instead of ranking this head's own."""
+    `mask_BT` given: train on exactly those targets instead of ranking this head's own. `pool` given (the mask
+    was ranked over the whole optimiser step): the loss and the statistics divide by the step's counts and scale
+    the micro-batch's sums by the number of micro-batches, so their mean over the step is the step's value."""
     valid_BT = targets_BT.ne(IGNORE_INDEX)
     if selection.kind == "all":  # mean over valid targets (F.cross_entropy's value; token_loss is faster on CPU)
         loss = token_loss(logits_BTV, targets_BT, IGNORE_INDEX).sum() / valid_BT.sum().clamp(min=1)
@@ -59,20 +97,34 @@ def head_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, selection: Sel
     if mask_BT is None:
         mask_BT = select_tokens(selection.score, selection.keep_ratio, valid_BT, token_loss_BT,
                                 ref_loss_BT, ref_entropy_BT)
-    num_selected = mask_BT.sum()
-    loss = (token_loss_BT * mask_BT).sum() / num_selected.clamp(min=1)
+    if pool is None:
+        num_valid, num_selected, shares = valid_BT.sum(), mask_BT.sum(), 1
+    else:
+        num_valid, num_selected, shares = pool.num_valid, pool.num_selected, pool.num_micro_batches
+    loss = shares * (token_loss_BT * mask_BT).sum() / num_selected.clamp(min=1)
     detached_BT = token_loss_BT.detach()
-    num_valid = valid_BT.sum()
-    selected_sum = (detached_BT * mask_BT).sum()
+    selected_sum = shares * (detached_BT * mask_BT).sum()
     stats = {
-        "loss": detached_BT.sum() / num_valid.clamp(min=1),
+        "loss": shares * detached_BT.sum() / num_valid.clamp(min=1),
         "num_valid": num_valid,
         "num_selected": num_selected,
         "selected_sum": selected_sum,
-        "unselected_sum": (detached_BT * valid_BT).sum() - selected_sum,
+        "unselected_sum": shares * (detached_BT * valid_BT).sum() - selected_sum,
         "mask": mask_BT,
     }
     return loss, stats
+
+
+def _head_column(batch: Batch, name: str, i: int) -> torch.Tensor | None:
+    """Per-token column `name` aligned with head i's targets (shifted left by i); None when the batch has none."""
+    column_BT = batch.per_token.get(name)
+    return None if column_BT is None else column_BT[:, i:]
+
+
+def _head_columns(batches: list[Batch], name: str, i: int) -> list[torch.Tensor] | None:
+    """_head_column of every micro-batch; None when any lacks the column."""
+    columns_BT = [_head_column(batch, name, i) for batch in batches]
+    return None if any(column_BT is None for column_BT in columns_BT) else columns_BT
 
 
 def _selection_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,6 +163,7 @@ class TokenPrediction(ObjectiveBase):
             needs.append(UpstreamModel("teacher", "train_reference"))
         self.needs = tuple(needs)
         self.counter = SelectionCounter() if variant.selection.kind != "all" else None
+        self.step_selection: StepSelection | None = None  # masks begin_step fixed over the current step
         self.teacher: nn.Module | None = None
         self.head_weights = list(variant.head_weights or [1.0] * variant.num_future_tokens)
 
@@ -156,6 +209,56 @@ class TokenPrediction(ObjectiveBase):
             selected_BT = mask_BT if i == 0 else selected_BT
         return self._output(total, metrics, selected_BT)
 
+    def begin_step(self, model: GPT, batches: list[Batch]) -> None:
+        """With selection rank_over="step" and several micro-batches: fix every head's masks over the whole step
+        (step() and loss() train on them). Otherwise, and for a micro-batch this did not get, each micro-batch
+        ranks its own targets in its forward (a step of one micro-batch is the same either way)."""
+        selection = self.variant.selection
+        over_step = selection.kind == "top_k" and selection.rank_over == "step" and len(batches) > 1
+        self.step_selection = self._select_over_step(model, batches) if over_step else None
+
+    def _select_over_step(self, model: GPT, batches: list[Batch]) -> StepSelection:
+        """Each head ranks its targets over all of the step's micro-batches (with head_selection="shifted", heads
+        2..n take head 1's step-level masks shifted); excess_loss scores come from a no-grad forward first."""
+        selection, num_heads = self.variant.selection, model.num_future_tokens
+        ranked = range(1 if self.variant.head_selection == "shifted" else num_heads)
+        token_losses = ([self._target_token_losses(model, batch, ranked) for batch in batches]
+                        if selection.score == "excess_loss" else None)  # [micro-batch][head], fp32 (B, T - i)
+        valid_BTs = [[batch.targets_BT[:, i:].ne(IGNORE_INDEX) for batch in batches] for i in range(num_heads)]
+        masks_BTs: list[list[torch.Tensor]] = []  # [head][micro-batch]
+        for i in range(num_heads):
+            if i not in ranked:
+                masks_BTs.append([mask_BT[:, i:] for mask_BT in masks_BTs[0]])
+                continue
+            masks_BTs.append(select_tokens_pooled(
+                selection.score, selection.keep_ratio, valid_BTs[i],
+                None if token_losses is None else [losses_BT[i] for losses_BT in token_losses],
+                _head_columns(batches, REF_LOSS, i), _head_columns(batches, REF_ENTROPY, i)))
+        pools = [RankingPool(torch.stack([v.sum() for v in valid_BTs[i]]).sum(),
+                             torch.stack([m.sum() for m in masks_BTs[i]]).sum(), len(batches))
+                 for i in range(num_heads)]
+        return StepSelection(list(batches), [list(masks) for masks in zip(*masks_BTs, strict=True)], pools)
+
+    @torch.no_grad()
+    def _target_token_losses(self, model: GPT, batch: Batch, heads: range) -> list[torch.Tensor]:
+        """The target's fp32 per-target loss of each head in `heads` (no graph; one head's logits at a time)."""
+        seq_len = batch.targets_BT.shape[1]
+        with autocast(batch.inputs_BT.device):
+            trunk_out = model.trunk(batch.inputs_BT)
+            return [token_loss(model.logits(model.head(trunk_out, i))[:, : seq_len - i], batch.targets_BT[:, i:],
+                               IGNORE_INDEX) for i in heads]
+
+    def _fixed_selection(self, batch: Batch, i: int, head1_mask_BT: torch.Tensor | None
+                         ) -> tuple[torch.Tensor | None, RankingPool | None]:
+        """Head i's mask when fixed before its forward: by begin_step over the step (with the step's counts), or
+        head 1's shifted (head_selection="shifted"). (None, None): head_loss ranks the micro-batch itself."""
+        masks_BT = self.step_selection.masks_for(batch) if self.step_selection is not None else None
+        if masks_BT is not None:
+            return masks_BT[i], self.step_selection.pools[i]
+        if i > 0 and head1_mask_BT is not None and self.variant.head_selection == "shifted":
+            return head1_mask_BT[:, i:], None
+        return None, None
+
     def step(self, model: GPT, batch: Batch, scale: float) -> LossOutput:
         """Forward and backward of one micro-batch. With several heads and mtp_backward='sequential' (the MTP
         paper's Fig. 2): the trunk runs once, each head does forward, loss and backward in turn on the detached
@@ -198,12 +301,10 @@ class TokenPrediction(ObjectiveBase):
         """Head i's loss (its targets shifted by i; distillation mixed into head 1) and its selection mask."""
         seq_len = batch.targets_BT.shape[1]
         logits_BTV = model.logits(model.head(trunk_out, i))
-        ref_loss_BT, ref_entropy_BT = batch.per_token.get(REF_LOSS), batch.per_token.get(REF_ENTROPY)
-        shifted_mask = head1_mask_BT[:, i:] if (i > 0 and head1_mask_BT is not None
-                                                and self.variant.head_selection == "shifted") else None
+        mask_BT, pool = self._fixed_selection(batch, i, head1_mask_BT)
         loss_i, stats = head_loss(logits_BTV[:, : seq_len - i], batch.targets_BT[:, i:], self.variant.selection,
-                                  ref_loss_BT[:, i:] if ref_loss_BT is not None else None,
-                                  ref_entropy_BT[:, i:] if ref_entropy_BT is not None else None, shifted_mask)
+                                  _head_column(batch, REF_LOSS, i), _head_column(batch, REF_ENTROPY, i), mask_BT,
+                                  pool)
         if i == 0 and teacher_logits is not None:
             kd = distill_loss(logits_BTV, teacher_logits, self.variant.distill.temperature)
             metrics["distill_kl"] = kd.detach()

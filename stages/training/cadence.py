@@ -13,7 +13,7 @@ from stages.training.rng import rng_state, set_rng_state
 from stages.training.state import RunState
 from stages.training.windowed import token_losses
 from storage import checkpoints
-from storage.windows import TokenWindows
+from storage.windows import TokenWindows, spread_window_ids
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Evaluator:
     def __call__(self, model: nn.Module, state: RunState) -> dict[str, float]:
         """Evaluate now; appends metric rows and probe losses to the state; returns split -> loss."""
         for split, windows in self.val_windows.items():
-            ids = np.arange(min(self.max_windows, len(windows)))
+            ids = spread_window_ids(len(windows), self.max_windows)
             loss = float(token_losses(model, windows, ids, self.batch_size, self.device).astype(np.float64).mean())
             self.last[split] = loss
             state.log(f"val/{split}/loss", loss)

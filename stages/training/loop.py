@@ -29,6 +29,7 @@ from stages.training import interrupt
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
 from stages.training.data import WindowOrder, make_batch
 from stages.training.devices import resolve_device
+from stages.training.init_weights import init_from_base
 from stages.training.optim import BatchSchedule, build_optimizer, lr_at
 from stages.training.progress import format_duration
 from stages.training.state import RunState
@@ -52,13 +53,18 @@ def compile_blocks(model: nn.Module) -> None:
 def train_step(objective: Objective, model: nn.Module, optimizer, order: WindowOrder, windows: TokenWindows,
                cfg: TrainConfig, schedule: BatchSchedule, device: torch.device,
                lookups: dict[str, np.ndarray] | None, label: str, step: int) -> tuple[float, dict, float]:
-    """One optimizer step over accum_steps micro-batches; returns (mean loss, mean metrics, grad norm)."""
+    """One optimizer step over accum_steps micro-batches; returns (mean loss, mean metrics, grad norm).
+
+    The step's micro-batches are built first (same data order) and handed to objective.begin_step, so an objective
+    can prepare what spans the whole step before their forward and backward passes."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for _ in range(schedule.accum_steps):
-        batch = make_batch(windows, order.take(cfg.micro_batch_size), device, lookups)
+    batches = [make_batch(windows, order.take(cfg.micro_batch_size), device, lookups)
+               for _ in range(schedule.accum_steps)]
+    objective.begin_step(model, batches)
+    for batch in batches:
         out = objective.step(model, batch, 1.0 / schedule.accum_steps)  # forward + backward
         objective.observe(batch, out)
         loss_sum += out.loss.detach().float()
@@ -99,11 +105,12 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
           cfg: TrainConfig, work_dir: Path, *, vocab_size: int, label: str,
           lookups: dict[str, np.ndarray] | None = None, upstream_models: dict[str, nn.Module] | None = None,
           probe: ProbeSet | None = None, meta: dict | None = None,
-          on_step: Callable[[int], None] | None = None) -> dict:
+          on_step: Callable[[int], None] | None = None, init_from: nn.Module | None = None) -> dict:
     """Train objective's model to the token budget (resuming from work_dir's checkpoints); returns a summary.
 
     `lookups`: per-token arrays indexed by token_index (batch.per_token); `upstream_models`: role -> model
-    handed to objective.attach on the training device."""
+    handed to objective.attach on the training device; `init_from`: a base model whose weights the fresh model
+    starts from (stages/training/init_weights.py; a resumed checkpoint overrides them)."""
     started = time.perf_counter()
     work_dir, device = Path(work_dir), resolve_device(cfg.device)
     schedule = BatchSchedule.of(cfg, train_windows.seq_len)
@@ -113,6 +120,9 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
     objective.attach({role: m.to(device).eval() for role, m in (upstream_models or {}).items()})
     torch.manual_seed(cfg.seed)
     model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
+    if init_from is not None:
+        fresh = [name for name, source in init_from_base(model, init_from).items() if source is None]
+        log.info("%s: initialised from the base model (fresh: %s)", label, ", ".join(fresh) or "none")
     optimizer = build_optimizer(model, cfg, device)
     state = RunState(schedule.as_list())
     if checkpointer.restore(state, model, optimizer):
@@ -125,6 +135,8 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
              f"{num_params:,}", schedule.total_steps, schedule.step_tokens, schedule.accum_steps,
              cfg.micro_batch_size, device)
     model.train()
+    if state.step == 0 and not state.metrics:  # the untrained model: the first point of every curve
+        evaluator(model, state)
     loss, start_step = float("nan"), state.step
     interval_seconds, interval_steps = 0.0, 0
     while state.step < schedule.total_steps:

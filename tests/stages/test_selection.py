@@ -89,3 +89,38 @@ def test_keep_ratio_one_equals_next_token_loss_and_grads():
     (plain_grad,) = torch.autograd.grad(plain, logits_BTV)
     torch.testing.assert_close(loss, plain, rtol=0, atol=1e-6)
     torch.testing.assert_close(grad, plain_grad, rtol=0, atol=1e-7)
+
+
+def test_pooled_selection_keeps_exactly_k_of_the_whole_step_by_score():
+    """rank_over="step": one top-k over every micro-batch's valid targets, so the micro-batches keep unequal counts."""
+    from stages.objectives.selection import select_tokens_pooled
+
+    torch.manual_seed(0)
+    scores_BT = [torch.randn(3, 8) + 1.0, torch.randn(3, 8) - 1.0]  # the first micro-batch scores higher
+    valid_BT = [torch.rand(3, 8) > 0.2, torch.ones(3, 8, dtype=torch.bool)]
+    ref_loss_BT = [-score_BT for score_BT in scores_BT]  # reference_loss keeps the lowest reference loss
+    masks_BT = select_tokens_pooled("reference_loss", 0.4, valid_BT, None, ref_loss_BT, None)
+    k = num_to_keep(sum(int(v.sum()) for v in valid_BT), 0.4)
+    assert [m.shape for m in masks_BT] == [(3, 8), (3, 8)]
+    assert sum(int(m.sum()) for m in masks_BT) == k
+    assert int(masks_BT[0].sum()) > int(masks_BT[1].sum())  # not k/2 each: ranked over the step
+    assert not any((m & ~v).any() for m, v in zip(masks_BT, valid_BT, strict=True))
+    kept = torch.cat([s[m] for s, m in zip(scores_BT, masks_BT, strict=True)])
+    dropped = torch.cat([s[v & ~m] for s, m, v in zip(scores_BT, masks_BT, valid_BT, strict=True)])
+    pooled_N = torch.cat([s[v] for s, v in zip(scores_BT, valid_BT, strict=True)])
+    assert torch.equal(kept.sort().values, pooled_N.topk(k).values.sort().values)
+    assert dropped.max() <= kept.min()
+
+
+def test_pooled_intersection_is_the_intersection_of_two_step_level_masks():
+    from stages.objectives.selection import select_tokens_pooled
+
+    torch.manual_seed(1)
+    ref_loss_BT, ref_entropy_BT = [torch.rand(2, 6) for _ in range(2)], [torch.rand(2, 6) for _ in range(2)]
+    valid_BT = [torch.ones(2, 6, dtype=torch.bool)] * 2
+    both_BT = select_tokens_pooled("reference_loss_and_entropy", 0.5, valid_BT, None, ref_loss_BT, ref_entropy_BT)
+    by_loss_BT = select_tokens_pooled("reference_loss", 0.5, valid_BT, None, ref_loss_BT, None)
+    by_entropy_BT = select_tokens_pooled("reference_entropy", 0.5, valid_BT, None, None, ref_entropy_BT)
+    for both, loss, entropy in zip(both_BT, by_loss_BT, by_entropy_BT, strict=True):
+        assert torch.equal(both, loss & entropy)
+    assert sum(int(m.sum()) for m in by_loss_BT) == 12

@@ -76,7 +76,7 @@ def test_files_source_streams_tokens_and_windows(corpus_dir: Path, tmp_path: Pat
         stream = np.load(out / stream_file(split))
         assert stream.dtype == np.int32 and len(stream) == summary["num_tokens"][split]
         in_split = {"train": lambda r: r["split"] == "train", "val": lambda r: r["split"] == "val",
-                    "ref_train": lambda r: r["split"] == "train" and r["is_reference"],
+                    "ref_train": lambda r: r["split"] == "ref_train",
                     "ref_val": lambda r: r["split"] == "val" and r["is_reference"]}[split]
         split_docs = [r for r in rows if in_split(r)]
         assert len(split_docs) == summary["num_documents_per_split"][split] > 0
@@ -105,6 +105,26 @@ def test_files_source_streams_tokens_and_windows(corpus_dir: Path, tmp_path: Pat
         np.testing.assert_array_equal(inputs.numpy(), stream[target_index - 1])
     # the tokens table sorts by (split, token_index)
     assert tokens["split"].to_pylist() == sorted(tokens["split"].to_pylist())
+    assert all(r["is_reference"] for r in rows if r["split"] == "ref_train")
+
+
+def test_reference_training_documents_are_disjoint_from_target_train(corpus_dir: Path, tmp_path: Path):
+    """No token the target trains on (and the reference scores for selection) comes from a document the
+    reference trained on; reference_share moves the subset's documents between ref_train and train."""
+    shares = {}
+    for share in (0.5, 1.0):
+        out = tmp_path / f"share{share}"
+        run(_cfg(corpus_dir, reference_where="doc_id % 2 = 0", reference_share=share), out)
+        tokens = pq.read_table(out / "tokens.parquet")
+        doc_ids = {split: set(tokens.filter(pa.compute.equal(tokens["split"], split))["doc_id"].to_pylist())
+                   for split in SPLITS}
+        assert doc_ids["train"] and doc_ids["ref_train"] and not doc_ids["train"] & doc_ids["ref_train"]
+        assert doc_ids["ref_val"] <= doc_ids["val"] and not doc_ids["val"] & (doc_ids["train"] | doc_ids["ref_train"])
+        docs = pq.read_table(out / "documents.parquet").to_pylist()
+        shares[share] = {r["doc_id"] for r in docs if r["split"] == "ref_train"}
+        if share == 1.0:
+            assert not any(r["is_reference"] for r in docs if r["split"] == "train")
+    assert shares[0.5] < shares[1.0]
 
 
 def test_deterministic_outputs(corpus_dir: Path, tmp_path: Path):
@@ -142,7 +162,8 @@ def test_reference_where_selects_docs(corpus_dir: Path, tmp_path: Path):
     assert [d["is_reference"] for d in docs] == [d["doc_id"] % 3 == 0 or d["split"] == "val" for d in docs]
     assert summary["reference_where"] == clause
     assert summary["num_documents_per_split"]["ref_val"] == summary["num_documents_per_split"]["val"]
-    num_ref_train = sum(d["doc_id"] % 3 == 0 and d["split"] == "train" for d in docs)
+    num_ref_train = sum(d["split"] == "ref_train" for d in docs)
+    assert all(d["doc_id"] % 3 == 0 for d in docs if d["split"] == "ref_train")
     assert summary["num_documents_per_split"]["ref_train"] == num_ref_train
     kept = run(_cfg(corpus_dir, documents_where="path LIKE '%.txt' OR row >= 1"), tmp_path / "sub")
     assert kept["num_documents"] == 4 + 4 + 3  # jsonl rows 1,3,4,5 and parquet rows 1..3

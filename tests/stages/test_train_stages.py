@@ -68,7 +68,7 @@ def test_target_with_selection_reads_reference_scores(tokens, tmp_path):
     fractions = [r["value"] for r in metrics if r["name"] == "train/selected_fraction"]
     assert len(fractions) == summary["steps"] == 4 and all(f == 0.5 for f in fractions)
     probe = pq.read_table(tmp_path / "out" / "probe_losses.parquet")
-    assert probe.num_rows == 1 * 2 * 16 and set(probe["split"].to_pylist()) == {"val"}  # one eval (end), 2 windows
+    assert probe.num_rows == 2 * 2 * 16 and set(probe["split"].to_pylist()) == {"val"}  # step 0 and end, 2 windows
     assert (tmp_path / "out" / "token_selection.parquet").is_file()
 
 

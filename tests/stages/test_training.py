@@ -95,12 +95,14 @@ def test_outputs_metrics_and_probe_rows(uninterrupted, tokens):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/head1/loss",
             "val/val/loss", "val/val/ppl", "val/ref_val/loss"} <= names
     rows = metrics.to_pylist()
-    assert [r["step"] for r in rows if r["name"] == "val/val/loss"] == [4, 8]  # eval_every 4 and at the end
+    # at step 0 (the untrained model), every 4 steps and at the end
+    assert [r["step"] for r in rows if r["name"] == "val/val/loss"] == [0, 4, 8]
+    assert [r["tokens_seen"] for r in rows if r["name"] == "val/val/loss"] == [0, 4 * 128, 8 * 128]
     train_loss = [r["value"] for r in rows if r["name"] == "train/loss"]
     assert len(train_loss) == 8 and train_loss[-1] < train_loss[0]
     assert summary["train_loss"] == train_loss[-1]
     probe = pq.read_table(work / "probe_losses.parquet")
-    assert probe.schema.equals(PROBE_LOSSES) and probe.num_rows == 2 * 3 * 16  # 2 evals x 3 windows x T
+    assert probe.schema.equals(PROBE_LOSSES) and probe.num_rows == 3 * 3 * 16  # 3 evals x 3 windows x T
     first = probe.filter(probe["step"].to_numpy() == 4)
     assert first["token_index"].to_pylist() == list(range(1, 3 * 16 + 1))
     assert set(first["split"].to_pylist()) == {"val"}
@@ -217,3 +219,35 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes(uninterr
     tokens = make_token_artifact(tmp_path / "tokens")
     assert tiny_run(tokens, work)["resumed_from_step"] == saved[-1]
     _assert_same_run(uninterrupted[0], work)
+
+
+def _slm_step_run(tokens, work_dir: Path, on_step=None) -> dict:
+    """tiny_run's run with Rho-1 selection by excess loss ranked over the whole step (random reference scores)."""
+    from schemas.configs import SelectionConfig
+    from stages.training.loop import ProbeSet, train
+    from storage.windows import TokenWindows
+
+    selection = SelectionConfig(kind="top_k", score="excess_loss", keep_ratio=0.5, rank_over="step")
+    objective = TokenPrediction(TINY_MODEL, TargetVariant(name="slm", selection=selection))
+    windows = TokenWindows.from_manifest(tokens, "train")
+    rng = np.random.default_rng(0)
+    lookups = {name: rng.random(windows.num_tokens + 1).astype(np.float32) for name in ("ref_loss", "ref_entropy")}
+    val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
+    return train(objective, windows, val, tiny_train_config(), work_dir, vocab_size=int(tokens.summary["vocab_size"]),
+                 label="slm", lookups=lookups, on_step=on_step, probe=ProbeSet("val", np.arange(3)))
+
+
+def test_step_ranked_selection_resumes_exactly(tokens, tmp_path):
+    """rank_over="step" keeps nothing across steps but the selection counters: a resumed run is the same run."""
+    _slm_step_run(tokens, tmp_path / "whole")
+
+    def crash(step):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _slm_step_run(tokens, tmp_path / "resumed", on_step=crash)
+    assert _slm_step_run(tokens, tmp_path / "resumed")["resumed_from_step"] == 3
+    _assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+    selection = [pq.read_table(tmp_path / run / "token_selection.parquet") for run in ("whole", "resumed")]
+    assert selection[0].equals(selection[1]) and sum(selection[0]["times_selected"].to_pylist()) == 8 * 64

@@ -1,0 +1,44 @@
+"""The plain next-token training run (one head, every token) that train_base and train_reference share, and the
+`init` upstream role through which continual pretraining (PipelineConfig.base) hands the base model to the runs
+that start from it (train_reference and every train_target variant)."""
+
+from pathlib import Path
+
+from schemas.configs import ModelConfig, PipelineConfig, TargetVariant, TrainConfig
+from schemas.manifest import Manifest
+from stages.models.gpt import GPT
+from stages.models.saved import load_model
+from stages.objectives.factory import build_objective
+from stages.training.loop import train
+from storage.windows import TokenWindows
+
+INIT_ROLE = "init"
+"""Upstream role of the base model a run starts from (only when the config has a base)."""
+INIT_STAGE = "train_base"
+"""The stage whose node that role names."""
+
+
+def init_upstream(cfg: PipelineConfig) -> dict[str, str]:
+    """The `init` upstream role of a run that starts from the base: {init: train_base}, or {} without a base
+    (so the node's upstream, and its key, stay as they were)."""
+    return {INIT_ROLE: INIT_STAGE} if cfg.base is not None else {}
+
+
+def init_model(inputs: dict[str, Manifest]) -> GPT | None:
+    """The base model the `init` upstream role names (CPU), or None: start from random weights."""
+    return load_model(Path(inputs[INIT_ROLE].path)) if INIT_ROLE in inputs else None
+
+
+def train_next_token(model_cfg: ModelConfig, train_cfg: TrainConfig, inputs: dict[str, Manifest], out: Path, *,
+                     stage: str, name: str, train_split: str, eval_splits: tuple[str, ...]) -> dict:
+    """Train a plain next-token model (variant `name`) on one split of the `tokens` input into `out`, evaluating
+    on `eval_splits`, from the `init` input's weights when there is one; returns the training summary."""
+    tokens = inputs["tokens"]
+    variant = TargetVariant(name=name)
+    train_windows = TokenWindows.from_manifest(tokens, train_split)
+    val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in eval_splits}
+    meta = {"stage": stage, "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key}
+    if INIT_ROLE in inputs:
+        meta["init_key"] = inputs[INIT_ROLE].key
+    return train(build_objective(model_cfg, variant), train_windows, val_windows, train_cfg, Path(out),
+                 vocab_size=int(tokens.summary["vocab_size"]), label=name, meta=meta, init_from=init_model(inputs))
