@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report_output import emit
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -299,13 +300,7 @@ def main() -> None:
     report["topk_ms"] = topk_ms(device, config["batch"], config["num_latents"], config["k"])
     report["decode_ms"] = decode_ms(device, config["batch"], config["num_latents"], config["k"], config["d_model"])
     report["load_average_1min"]["after"] = os.getloadavg()[0]
-    text = json.dumps(report, indent=2)
-    print(text)
-    print()
-    print(markdown_table(report))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(report, markdown_table(report), args.json_out)
 
 
 if __name__ == "__main__":

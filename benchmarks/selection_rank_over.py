@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report_output import emit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -238,13 +239,7 @@ def main() -> None:
               "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                          "subprocess VmHWM (peak) and VmHWM - VmRSS before model build (delta)"),
               "results": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    print()
-    print(markdown_table(report))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(report, markdown_table(report), args.json_out)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report_output import emit
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -387,13 +388,7 @@ def main() -> None:
                 report["results"].append(row)
                 print(f"# {name} {impl} {row['mode']}: {row['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
     report["load_average_1min"]["after"] = os.getloadavg()[0]
-    text = json.dumps(report, indent=2)
-    print(text)
-    print()
-    print(markdown_table(report))
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
+    emit(report, markdown_table(report), args.json_out)
 
 
 if __name__ == "__main__":

@@ -15,29 +15,35 @@ from storage.artifacts import CorruptArtifactError, load_manifest
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help="tiny | default | gpt2_small (default: default)")
+    parser.add_argument("--preset", help="tiny | default | compare | full | continual | gpt2_small (default: the "
+                        "last `lmpipe run`'s config when no --preset/--config/--set is given, else default)")
     parser.add_argument("--config", help="TOML/YAML/JSON file whose fields override the preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set target.train.lr=3e-4 (repeatable)")
 
 
 def _load(args):
-    return load_config(args.preset, args.config, args.overrides)
+    from flows.last_run import config_from_args
+
+    return config_from_args(args)
 
 
 def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
     from flows import env
+    from flows.last_run import remember
     from stages.dag import plan, select_nodes, upstream_closure
 
-    cfg = _load(args)
+    cfg = load_config(args.preset or "default", args.config, args.overrides)  # run: never the remembered one
     nodes = plan(cfg)
     for name in (args.only or []) + (args.force or []):
         select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
+    remember(args, cfg)
     wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
     before = {name: node.finished_stamp() for name, node in nodes.items()}
     started = time.perf_counter()
-    if not args.force and all(before[name] for name in upstream_closure(nodes, wanted)):
+    closure = upstream_closure(nodes, wanted)
+    if not args.force and all(before[name] for name in closure) and not any(_stale(nodes, closure)):
         # nothing to build: no Prefect server, no flow run (a couple of seconds instead of 10-30)
         result = {name: load_manifest(nodes[name].path()).model_dump(mode="json") for name in wanted}
     else:
@@ -45,8 +51,10 @@ def cmd_run(args) -> int:
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
                                          "server` in another shell to skip its ~10 s start-up and keep run history)")
         from flows.pipeline import pipeline
+        from flows.watchdog import start_watchdog
         from stages.training.interrupt import install_handlers
 
+        start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
         result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
@@ -59,6 +67,15 @@ def cmd_run(args) -> int:
         report = Path(result["evaluate"]["path"]) / "report.md"
         print(f"\n{report.read_text()}\nreport: {report} (plots beside it; `lmpipe report` prints it again)")
     return 0
+
+
+def _stale(nodes: dict, names: set[str]) -> list[str]:
+    """Built nodes whose recorded upstream content differs from the upstream artifacts now."""
+    from stages.runner import is_stale
+
+    return [name for name in names if nodes[name].is_built() and is_stale(
+        nodes[name], {role: load_manifest(nodes[up].path()) for role, up in nodes[name].upstream.items()
+                      if nodes[up].is_built()})]
 
 
 def cmd_status(args) -> int:
@@ -124,23 +141,70 @@ def _sql_prompt(con) -> int:
 
 
 def cmd_verify(args) -> int:
-    """Re-hash every finished artifact's files against its manifest."""
-    from storage.artifacts import iter_manifests, verify
+    """Re-hash every finished artifact's files against its manifest, and check each one's upstream chain."""
+    from storage.artifacts import chain_problems, iter_manifests, verify
 
-    bad = 0
+    bad = stale = 0
     for manifest in iter_manifests():
         if isinstance(manifest, Exception):
             bad += 1
             print(f"CORRUPT {manifest}")
             continue
-        problems = verify(manifest)
-        bad += bool(problems)
-        print(f"{'OK     ' if not problems else 'CORRUPT'} {manifest.stage}/{manifest.key}")
-        for problem in problems:
+        problems, chain = verify(manifest), chain_problems(manifest)
+        bad, stale = bad + bool(problems), stale + bool(chain and not problems)
+        status = "CORRUPT" if problems else "STALE  " if chain else "OK     "
+        print(f"{status} {manifest.stage}/{manifest.key}")
+        for problem in problems + chain:
             print(f"    {problem}")
     if bad:
         print(f"{bad} corrupt artifact(s): rebuild with `lmpipe run --force STAGE`")
-    return 1 if bad else 0
+    if stale:
+        print(f"{stale} artifact(s) built from upstream content that has changed since (`lmpipe run` rebuilds "
+              "those of the current config)")
+    return 1 if bad or stale else 0
+
+
+def cmd_doctor(args) -> int:
+    """Versions, devices, the artifact root and its free space, the Prefect API: what a bug report needs."""
+    import importlib.metadata
+    import os
+    import platform
+    import shutil
+
+    from flows import env
+    from flows.last_run import describe, last_run_path
+    from storage.artifacts import artifact_root
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    root = artifact_root()
+    existing = next((p for p in [root, *root.parents] if p.exists()), Path("/"))
+    usage = shutil.disk_usage(existing)
+    record = env.server_record(root)
+    api = os.environ.get("PREFECT_API_URL") or (json.loads(record.read_text())["api_url"] if record.is_file() else None)
+    lines = [
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", platform.platform()),
+        *[(package, version(package)) for package in
+          ("lmpipe", "torch", "prefect", "pyarrow", "duckdb", "datasets", "transformers", "tokenizers", "pydantic")],
+        ("cpu threads", f"{torch.get_num_threads()} (os.cpu_count {os.cpu_count()})"),
+        ("cuda", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
+        ("artifact root", f"{root} ({'exists' if root.exists() else 'not created yet'}; "
+                          f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f})"),
+        ("last run", describe(json.loads(last_run_path(root).read_text())) if last_run_path(root).is_file()
+         else "none"),
+        ("prefect api", f"{api} ({'answering' if env.api_is_up(api) else 'NOT answering'})" if api
+         else "none: `lmpipe run` starts a temporary local server (`lmpipe server` keeps one running)"),
+    ]
+    width = max(len(name) for name, _ in lines)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in lines))
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -187,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print JSON")
     sql.set_defaults(fn=cmd_sql)
     sub.add_parser("verify", help=cmd_verify.__doc__).set_defaults(fn=cmd_verify)
+    sub.add_parser("doctor", help=cmd_doctor.__doc__.splitlines()[0]).set_defaults(fn=cmd_doctor)
     serving.add_commands(sub, _config_args)
     model_commands.add_commands(sub, _config_args)
     return parser
@@ -212,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, CorruptArtifactError) as err:
         print(f"lmpipe: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - one line for the user; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}\n"
+              "(run `lmpipe -v ...` for the traceback; finished artifacts are intact)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from schemas.loading import load_config
+from flows.last_run import config_from_args
 from schemas.manifest import Manifest
 from stages.dag import plan
 from storage.artifacts import MissingArtifactError, artifact_dir, artifact_root, is_built, load_manifest
@@ -14,7 +14,7 @@ def resolve_model(spec: str, args) -> Manifest:
     """A model artifact from a variant name (`ntp`), `reference`, an artifact key, or an artifact directory."""
     if Path(spec).is_dir():
         return checked(load_manifest(Path(spec)))
-    nodes = plan(load_config(args.preset, args.config, args.overrides))
+    nodes = plan(config_from_args(args))
     node = nodes.get(f"train_target.{spec}") or (nodes["train_reference"] if spec == "reference" else None)
     if node is not None:
         if not node.is_built():
@@ -171,7 +171,7 @@ def cmd_steer(args) -> int:
 
 def cmd_report(args) -> int:
     """Print the latest evaluation report (Markdown) and the paths of its plots."""
-    node = plan(load_config(args.preset, args.config, args.overrides))["evaluate"]
+    node = plan(config_from_args(args))["evaluate"]
     report_dir = node.path() if node.is_built() else _latest("evaluate")
     if report_dir is None:
         raise MissingArtifactError("no evaluation report yet; build it with: lmpipe run")

@@ -35,6 +35,7 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
     wanted = {name for stage in only for name in select_nodes(nodes, stage)} if only else set(nodes)
     needed = upstream_closure(nodes, wanted)
     results: dict[str, Manifest | PrefectFuture] = {}
+    shard_futures: dict[str, list[PrefectFuture]] = {}
     for name, node in nodes.items():
         if name not in wanted:
             if name in needed:
@@ -46,10 +47,24 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
         if not node.is_built() or name in forced:
             shards = runner.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
             wait_for = [shard_task_for(node, shard).submit(node, inputs, shard) for shard in shards]
+        shard_futures[name] = wait_for
         results[name] = task_for(node).submit(node, inputs, force=name in forced, wait_for=wait_for)
-    manifests = {name: _resolve(value) for name, value in results.items() if name in wanted}
+    manifests = {}
+    for name, value in results.items():
+        for shard in shard_futures.get(name, []):
+            _resolve(shard)  # a failed shard raises its own error here (not "Run is in PENDING state" below)
+        if name in wanted:
+            manifests[name] = _resolve(value)
     _publish(nodes, manifests)
     return {name: m.model_dump(mode="json") for name, m in manifests.items()}
+
+
+def _embedded_plots(directory: Path) -> str:
+    """The evaluation's PNG plots as Markdown images with data URIs (the UI shows them inline)."""
+    import base64
+
+    return "".join(f"\n\n### {png.stem}\n\n![{png.stem}](data:image/png;base64,"
+                   f"{base64.b64encode(png.read_bytes()).decode()})" for png in sorted(directory.glob("*.png")))
 
 
 def _resolve(value: Manifest | PrefectFuture) -> Manifest:
@@ -67,7 +82,8 @@ def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:
     if "evaluate" in manifests:
         report = Path(manifests["evaluate"].path) / "report.md"
         if report.is_file():
-            create_markdown_artifact(key="lmpipe-report", markdown=report.read_text(), description="Model comparison")
+            create_markdown_artifact(key="lmpipe-report", markdown=report.read_text() + _embedded_plots(report.parent),
+                                     description="Model comparison")
     get_run_logger().info("artifacts: %s", ", ".join(f"{r['node']}={r['key']}" for r in rows))
 
 

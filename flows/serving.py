@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -24,9 +25,16 @@ def cmd_server(args) -> int:
     # the UI asks the server where its API is: without this it points at the default port 4200 ("Oops.
     # Something went wrong" in the browser) whenever --port or --host differ
     child_env = dict(os.environ, PREFECT_UI_API_URL=api_url)
+    from flows.watchdog import die_with_parent
+
+    # the server gets SIGTERM when this process dies (even by kill -9); SIGTERM here is passed on
+    child = subprocess.Popen(command, env=child_env, preexec_fn=die_with_parent)
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
     try:
-        return subprocess.call(command, env=child_env)
+        return child.wait()
     except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
         return 0
     finally:
         record.unlink(missing_ok=True)
@@ -36,7 +44,7 @@ def cmd_serve(args) -> int:
     """Serve the pipeline on a cron schedule plus one deployment per stage (config as a UI form)."""
     from flows import env
 
-    cfg = load_config(args.preset, args.config, args.overrides)
+    cfg = load_config(args.preset or "default", args.config, args.overrides)
     if not env.configure():
         print("lmpipe serve needs a running Prefect server: start `lmpipe server` in another shell first",
               file=sys.stderr)

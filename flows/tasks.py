@@ -16,14 +16,15 @@ from stages.dag import Node
 
 
 class ArtifactCachePolicy(CachePolicy):
-    """Cache on the artifact key; no key (always execute) when the artifact is missing or forced."""
+    """Cache on the artifact key; no key (always execute) when the artifact is missing, forced or stale (an
+    upstream was rebuilt with other content since)."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         node: Node = inputs["node"]
         if inputs.get("force"):
             return None
         stamp = node.finished_stamp()
-        if stamp is None:
+        if stamp is None or runner.is_stale(node, inputs.get("inputs") or {}):
             return None
         return f"{node.stage}-{node.key}-{stamp}".replace(":", "").replace("+", "")
 

@@ -61,20 +61,25 @@ def validate(data: dict) -> PipelineConfig:
 
 
 def read_config_file(path: Path) -> dict:
-    """Read a .toml, .yaml/.yml or .json config file into a dict."""
+    """Read a .toml, .yaml/.yml or .json config file into a dict (ConfigError unless its top level is a mapping)."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            return yaml.safe_load(text) or {}
-        if path.suffix == ".json":
-            return json.loads(text)
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unknown extension {path.suffix!r} (use .toml, .yaml or .json)")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot parse config file {path}: {err}") from None
-    raise ConfigError(f"config file {path}: unknown extension {path.suffix!r} (use .toml, .yaml or .json)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level is a {type(data).__name__}, expected a mapping of "
+                          "sections such as `tokenize:` and `target:` (see `lmpipe config` for the layout)")
+    return data
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -3,6 +3,17 @@
 from pydantic import BaseModel, ConfigDict
 
 
+class UpstreamRef(BaseModel):
+    """An upstream artifact as a build consumed it: where it is and the content digest it had then."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    key: str
+    digest: str
+    """storage.artifacts.content_digest of the upstream at build time (its files' hashes, not its timestamps)."""
+
+
 class FileEntry(BaseModel):
     """One file of an artifact: path relative to the artifact dir, size and content hash."""
 
@@ -30,6 +41,9 @@ class Manifest(BaseModel):
     """The stage config, as JSON."""
     upstream: dict[str, str]
     """Upstream role -> artifact key."""
+    upstream_refs: dict[str, UpstreamRef] = {}
+    """Upstream role -> the upstream artifact and its content digest when this one was built: a rebuilt upstream
+    with different content makes this artifact stale (storage.artifacts.stale_roles)."""
     files: list[FileEntry] = []
     """Every file of the artifact with size and sha256."""
     summary: dict = {}

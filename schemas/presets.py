@@ -1,5 +1,5 @@
 """Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `compare` (default x 3 seeds),
-`continual` (default from a shared base model), `gpt2_small` (GPU scale)."""
+`full` (every variant, twice the tokens), `continual` (default from a shared base model), `gpt2_small` (GPU)."""
 
 from collections.abc import Callable
 
@@ -42,7 +42,12 @@ MTP_VARIANTS = [
 ]
 """Multi-token prediction (arXiv 2404.19737), compute-matched: n one-block heads taken from the model's layers."""
 
-DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS
+ALL_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS
+"""Every objective of the three papers with its controls (the `full` preset)."""
+
+DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS[:2] + MTP_VARIANTS[:1]
+"""The main job's comparison: ntp, slm, cocomix, kd, mtp2 (the pause and mtp4 controls, which did not learn or
+lost clearly at this size, run in `full`)."""
 
 
 def tiny() -> PipelineConfig:
@@ -57,30 +62,43 @@ def tiny() -> PipelineConfig:
         score=ScoreConfig(batch_size=32, num_shards=2),
         sae=SAEConfig(max_tokens=16_384, batch_rows=1024, eval_every_steps=8, eval_windows=8, dead_tokens=4096),
         concepts=ExtractConfig(num_shards=2),
-        target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
+        target=TargetConfig(model=model, train=train, variants=ALL_VARIANTS),
         evaluate=EvaluateConfig(max_windows=32, speculative_prompts=4, speculative_new_tokens=24),
     )
 
 
 def default() -> PipelineConfig:
-    """The README main job on 2 CPU cores (~20 min): ~1.3M-parameter models, 1.2M training tokens per target.
+    """The README main job on 2 CPU cores: ~1.3M-parameter models; the reference trains 600k tokens (about 2
+    epochs of its ~270k-token `ref_train`), the SAE 600k activation rows, and ntp, slm, cocomix, kd and mtp2
+    600k tokens each (0.87 epochs of the targets' ~690k-token `train`), once (seed 0).
 
-    The reference trains 600k tokens (about 2 epochs of its ~270k-token `ref_train`); every target variant
-    trains once (seed 0). Sized from measurements here: ntp trains at ~16k tokens/s on 2 cores.
+    Sized from measurements here: ntp trains at 5-7k tokens/s on a 2-core machine with a 120 GFLOP/s matmul
+    peak (15.8k tokens/s on one with 415 GFLOP/s).
     """
     model = ModelConfig(num_layers=4, num_heads=4, d_model=128)
-    train = TrainConfig(max_tokens=1_200_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
+    train = TrainConfig(max_tokens=600_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
                         warmup_steps=20, eval_every_steps=25, eval_max_windows=48, log_every_steps=10,
                         checkpoint_every_steps=50)
     return PipelineConfig(
         tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
-        reference=ReferenceConfig(model=model, train=train.model_copy(update={"max_tokens": 600_000})),
+        reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=4),
-        sae=SAEConfig(max_tokens=1_000_000, batch_rows=4096),
+        sae=SAEConfig(max_tokens=600_000, batch_rows=4096),
         concepts=ExtractConfig(num_shards=2),
         target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
         evaluate=EvaluateConfig(max_windows=None),
     )
+
+
+def full() -> PipelineConfig:
+    """`default` with every variant (adds the pause and mtp4 controls) at twice the tokens: targets 1.2M tokens,
+    the SAE 1M rows (the previous main job's sizes, now with disjoint reference data and full evaluation)."""
+    cfg = default()
+    train = cfg.target.train.model_copy(update={"max_tokens": 1_200_000})
+    return cfg.model_copy(update={
+        "sae": cfg.sae.model_copy(update={"max_tokens": 1_000_000}),
+        "target": cfg.target.model_copy(update={"train": train, "variants": ALL_VARIANTS}),
+    })
 
 
 def gpt2_small() -> PipelineConfig:
@@ -111,18 +129,18 @@ def compare() -> PipelineConfig:
 def continual() -> PipelineConfig:
     """`default` as continual pretraining (Rho-1 Sec. 3.1): a base model pretrained on `train` for 1.2M tokens,
     the reference fine-tuned from it on `ref_train` for 300k tokens at a third of the learning rate, and every
-    target continuing from it for the default's 1.2M tokens."""
+    target continuing from it for the default's 600k tokens."""
     cfg = default()
     reference_train = cfg.reference.train.model_copy(update={"max_tokens": 300_000, "lr": 1e-3, "warmup_steps": 5})
     continual_cfg = cfg.model_copy(update={
-        "base": BaseConfig(model=cfg.target.model, train=cfg.target.train),
+        "base": BaseConfig(model=cfg.target.model, train=cfg.target.train.model_copy(update={"max_tokens": 1_200_000})),
         "reference": cfg.reference.model_copy(update={"train": reference_train}),
     })
     return PipelineConfig.model_validate(continual_cfg.model_dump())  # model_copy skips the cross-stage checks
 
 
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "default": default, "compare": compare,
-                                                    "continual": continual, "gpt2_small": gpt2_small}
+                                                    "full": full, "continual": continual, "gpt2_small": gpt2_small}
 
 
 def preset(name: str) -> PipelineConfig:

@@ -50,7 +50,6 @@ from stages.evaluation import dynamics
 from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
 from stages.evaluation.domains import selection_by_domain
 from stages.evaluation.flops import compute_rows, training_flops_per_token, upstream_flops
-from stages.evaluation.seeds import seed_rows
 from stages.evaluation.heads import head_metrics, speculative_rows
 from stages.evaluation.report import (
     REFERENCE,
@@ -63,6 +62,7 @@ from stages.evaluation.report import (
     report_markdown,
     seeds_markdown,
 )
+from stages.evaluation.seeds import seed_rows
 from stages.models.saved import load_model
 from stages.registry import NodeDecl, Stage
 from stages.training.devices import resolve_device

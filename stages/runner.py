@@ -19,6 +19,7 @@ from storage.artifacts import (
     is_built,
     load_manifest,
     materialize,
+    stale_roles,
 )
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, 
     run, inputs = stage(node.stage).run, current(inputs, root)
     return materialize(node.stage, node.code_version, node.config, inputs, lambda out: run(node.config, inputs, out),
                        root=root, force=force)
+
+
+def is_stale(node: Node, inputs: dict[str, Manifest], root: Path | None = None) -> bool:
+    """True when the node's finished artifact was built from upstream content that has changed since."""
+    if not node.is_built(root):
+        return False
+    manifests = {role: m for role, m in inputs.items() if isinstance(m, Manifest)}
+    return bool(stale_roles(load_manifest(node.path(root)), current(manifests, root)))
 
 
 def shard_ids(node: Node, inputs: dict[str, Manifest]) -> list[str]:

@@ -2,7 +2,7 @@
 
 Output files in `out`:
     documents.parquet   schemas.tables.documents_schema(source metadata): one row per kept document, doc_id
-                        0..n-1 in corpus order, its split (train/ref_train/val), is_reference, num_chars, num_tokens, text
+                        0..n-1 in corpus order, split (train/ref_train/val), is_reference, num_chars, num_tokens, text
     vocab.parquet       schemas.tables.VOCAB
     tokenizer.json      the Hugging Face tokenizer (trained, GPT-2's, or copied from a file)
     stream-<split>.npy  int32 token stream of each split in schemas.tables.SPLITS (storage.windows.stream_file):

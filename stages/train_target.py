@@ -8,8 +8,8 @@ Files written into the artifact directory:
     model.safetensors, model.json   the target model (stages/models/saved.load_model reads it back)
     metrics.parquet                 schemas.tables.METRICS (train/*, train/head<i>/loss, train/selected_fraction,
                                     train/concept_loss ..., val/val/*, val/ref_val/*)
-    probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of the first
-                                    dynamics.probe_windows windows spread over `val` at every evaluation (Rho-1 Sec. 2.1)
+    probe_losses.parquet            schemas.tables.PROBE_LOSSES: per-token losses of dynamics.probe_windows
+                                    windows spread over `val` at step 0 and every evaluation (Rho-1 Sec. 2.1)
     token_selection.parquet         schemas.tables.TOKEN_SELECTION, for selecting variants: per train token,
                                     times seen and times selected
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.manifest import FileEntry, Manifest
+from schemas.manifest import FileEntry, Manifest, UpstreamRef
 from storage.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,44 @@ def verify(manifest: Manifest) -> list[str]:
     return problems
 
 
+def content_digest(manifest: Manifest) -> str:
+    """sha256 over an artifact's (file, sha256) list: equal for byte-identical rebuilds, whatever their time."""
+    text = "".join(f"{entry.path}\t{entry.sha256}\n" for entry in sorted(manifest.files, key=lambda e: e.path))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def upstream_refs(upstream: dict[str, Manifest]) -> dict[str, UpstreamRef]:
+    """What a build records of the upstream artifacts it consumes."""
+    return {role: UpstreamRef(stage=m.stage, key=m.key, digest=content_digest(m)) for role, m in upstream.items()}
+
+
+def stale_roles(manifest: Manifest, upstream: dict[str, Manifest]) -> list[str]:
+    """Roles whose upstream artifact's content differs from what this artifact was built from (rebuilt since,
+    e.g. by --force, with other bytes). Artifacts built before digests were recorded are never stale."""
+    return [role for role, ref in manifest.upstream_refs.items()
+            if role in upstream and content_digest(upstream[role]) != ref.digest]
+
+
+def chain_problems(manifest: Manifest, root: Path | None = None) -> list[str]:
+    """The integrity chain of one artifact: each upstream it recorded still exists with the content it was
+    built from; one line per problem."""
+    problems = []
+    for role, ref in manifest.upstream_refs.items():
+        path = artifact_dir(ref.stage, ref.key, root)
+        if not is_built(ref.stage, ref.key, root):
+            problems.append(f"upstream {role} ({ref.stage}/{ref.key}) is missing")
+            continue
+        try:
+            changed = content_digest(load_manifest(path)) != ref.digest
+        except CorruptArtifactError as err:
+            problems.append(f"upstream {role}: {err}")
+            continue
+        if changed:
+            problems.append(f"stale: upstream {role} ({ref.stage}/{ref.key}) was rebuilt with other content since; "
+                            f"`lmpipe run` rebuilds it for the current config (or --force {manifest.stage})")
+    return problems
+
+
 def check_inputs(upstream: dict[str, Manifest]) -> None:
     """Re-hash every upstream artifact's files before a build uses them; CorruptArtifactError naming the first
     problem and the rebuild command (a corrupt input is never used silently)."""
@@ -172,11 +210,11 @@ def materialize(
     upstream_keys = {role: m.key for role, m in upstream.items()}
     key = artifact_key(stage, code_version, config, upstream_keys)
     final = artifact_dir(stage, key, root)
-    if is_built(stage, key, root) and not force:
+    if is_built(stage, key, root) and not force and not _stale(load_manifest(final), upstream):
         return load_manifest(final)
     with build_lock(stage, key, root):
-        if is_built(stage, key, root) and not force:  # another process finished it while we waited
-            return load_manifest(final)
+        if is_built(stage, key, root) and not force and not _stale(load_manifest(final), upstream):
+            return load_manifest(final)  # another process finished it while we waited
         check_inputs(upstream)
         work = build_dir(stage, key, root)
         work.mkdir(parents=True, exist_ok=True)
@@ -195,6 +233,7 @@ def materialize(
             code_version=code_version,
             config=config.model_dump(mode="json"),
             upstream=upstream_keys,
+            upstream_refs=upstream_refs(upstream),
             files=list_files(work),
             summary=summary,
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -203,6 +242,14 @@ def materialize(
         _publish(work, final, manifest)
         log.info("built %s/%s in %.1fs", stage, key, manifest.build_seconds)
         return manifest
+
+
+def _stale(manifest: Manifest, upstream: dict[str, Manifest]) -> bool:
+    roles = stale_roles(manifest, upstream)
+    if roles:
+        log.warning("rebuilding %s/%s: its upstream %s changed since it was built", manifest.stage, manifest.key,
+                    ", ".join(f"{role} ({manifest.upstream_refs[role].stage})" for role in roles))
+    return bool(roles)
 
 
 def _publish(work: Path, final: Path, manifest: Manifest) -> None:

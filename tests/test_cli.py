@@ -12,21 +12,95 @@ def test_unknown_stage_is_rejected_before_prefect_starts(monkeypatch, capsys, tm
 
 def test_a_run_with_nothing_to_build_skips_prefect_and_says_cached(monkeypatch, capsys, tmp_path):
     from flows.cli import main
-    from schemas.manifest import Manifest
     from schemas.presets import tiny
     from stages.dag import plan
-    from storage.artifacts import MANIFEST, SUCCESS
 
     monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
     nodes = plan(tiny())
-    for node in nodes.values():  # stand-in finished artifacts under every key of the plan
-        node.path().mkdir(parents=True)
-        manifest = Manifest(stage=node.stage, key=node.key, path=str(node.path()), code_version=node.code_version,
-                            config={}, upstream={}, created_at="2026-01-01T00:00:00")
-        (node.path() / MANIFEST).write_text(manifest.model_dump_json())
-        (node.path() / SUCCESS).write_text(manifest.created_at)
+    _stand_in_artifacts("tiny", [])  # finished-looking artifacts under every key of the plan
     assert all(node.is_built() for node in nodes.values())
     assert main(["run", "--preset", "tiny", "--only", "train_target"]) == 0
     out = capsys.readouterr().out
     assert f"0 built, {sum(n.startswith('train_target.') for n in nodes)} cached" in out
     assert not (tmp_path / "_prefect").exists()
+
+
+def test_commands_without_a_config_use_the_last_run(monkeypatch, capsys, tmp_path):
+    """After `lmpipe run --preset tiny --set ...`, a plain `lmpipe config` (and status, sql, report, ...) shows
+    that run's config, not the default preset's; an explicit --preset wins."""
+    import json
+
+    from flows.cli import main
+    from flows.last_run import last_run_path
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    # a failing --only still records nothing: the run is rejected before it is remembered
+    assert main(["run", "--preset", "tiny", "--only", "nosuchstage"]) == 2 and not last_run_path().exists()
+    _stand_in_artifacts("tiny", ["target.train.lr=0.005"])
+    assert main(["run", "--preset", "tiny", "--set", "target.train.lr=0.005", "--only", "tokenize_corpus"]) == 0
+    assert json.loads(last_run_path().read_text())["overrides"] == ["target.train.lr=0.005"]
+    capsys.readouterr()
+    assert main(["config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["target"]["train"]["lr"] == 0.005 and config["tokenize"]["vocab_size"] == 512
+    assert main(["config", "--preset", "default"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"]["train"]["lr"] == 3e-3
+
+
+def _stand_in_artifacts(preset: str, overrides: list[str]) -> None:
+    """Finished-looking artifacts for every node of a config (so `run` has nothing to build)."""
+    from schemas.loading import load_config
+    from schemas.manifest import Manifest
+    from stages.dag import plan
+    from storage.artifacts import MANIFEST, SUCCESS
+
+    for node in plan(load_config(preset, None, overrides)).values():
+        node.path().mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(stage=node.stage, key=node.key, path=str(node.path()), code_version=node.code_version,
+                            config={}, upstream={}, created_at="2026-01-01T00:00:00")
+        (node.path() / MANIFEST).write_text(manifest.model_dump_json())
+        (node.path() / SUCCESS).write_text(manifest.created_at)
+
+
+def test_a_yaml_list_config_and_an_unexpected_failure_are_one_line_errors(monkeypatch, capsys, tmp_path):
+    from flows import cli
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    (tmp_path / "list.yaml").write_text("- tokenize\n- target\n")
+    assert cli.main(["config", "--config", str(tmp_path / "list.yaml")]) == 2
+    assert "top level is a list, expected a mapping" in capsys.readouterr().err
+
+    def broken(args):
+        """Fail like an unexpected bug."""
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cli, "cmd_config", broken)
+    assert cli.main(["config"]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: disk on fire" in err and "Traceback" not in err and "lmpipe -v" in err
+
+
+def test_a_dead_prefect_api_fails_the_run_within_seconds(monkeypatch, capsys, tmp_path):
+    import time
+
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens on the discard port
+    started = time.perf_counter()
+    assert main(["run", "--preset", "tiny", "--only", "tokenize_corpus"]) == 2
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert "PREFECT_API_URL=http://127.0.0.1:9/api does not answer" in err and "lmpipe server" in err
+
+
+def test_doctor_prints_versions_devices_root_and_prefect_api(monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for name in ("python", "torch", "prefect", "cuda", "artifact root", "GiB free", "prefect api", "last run"):
+        assert name in out, name
+    assert "not created yet" in out

@@ -50,11 +50,11 @@ def selection_by_domain(model_name: str, model: nn.Module, target: Manifest, tok
             FROM read_parquet({_paths([selection_path])}) s JOIN {token_docs} USING (token_index)
                  JOIN {documents} USING (doc_id)
             WHERE s.split = '{TRAIN_SPLIT}' GROUP BY 1""").fetchall()
-        losses = dict(((row[0], row[1:]) for row in con.execute(f"""
+        losses = dict((row[0], row[1:]) for row in con.execute(f"""
             SELECT d.is_reference, avg(r.ref_loss), avg(l.target_loss), avg(l.target_loss - r.ref_loss)
             FROM target_loss l JOIN read_parquet({_paths(score_files)}) r USING (token_index)
                  JOIN {documents} ON d.doc_id = r.doc_id
-            WHERE r.split = '{TRAIN_SPLIT}' GROUP BY 1""").fetchall())) if score_files else {}
+            WHERE r.split = '{TRAIN_SPLIT}' GROUP BY 1""").fetchall()) if score_files else {}
     finally:
         con.close()
     rows = []

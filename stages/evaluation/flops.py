@@ -75,7 +75,8 @@ def compute_rows(curves: dict[str, tuple], flops_per_token: dict[str, float], pa
     variant's seed runs."""
     from stages.evaluation.curves import baseline_level, first_reach, value_at
 
-    flops_curves = {name: (tokens.astype(float) * flops_per_token[name], loss) for name, (tokens, loss) in curves.items()}
+    flops_curves = {name: (tokens.astype(float) * flops_per_token[name], loss)
+                    for name, (tokens, loss) in curves.items()}
     level, base_flops = baseline_level(flops_curves, baseline_models)
     upstream = upstream or {}
     rows = []

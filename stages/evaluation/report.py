@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.tables import COMPARISON
 from schemas.configs import variant_of
+from schemas.tables import COMPARISON
 from stages.evaluation.curves import metric_curve
 
 VAL_SPLITS = ("val", "ref_val")
@@ -25,18 +25,23 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
     style = _line_styles(list(metrics))
     fig, axes = plt.subplots(1, len(VAL_SPLITS), figsize=(6 * len(VAL_SPLITS), 4), squeeze=False)
     for ax, split in zip(axes[0], VAL_SPLITS, strict=True):
-        for name, table in metrics.items():
-            ax.plot(*metric_curve(table, f"val/{split}/loss"), marker=".", **style[name])
-        if (REFERENCE, split) in eval_losses:
-            ax.axhline(eval_losses[REFERENCE, split], color="grey", linestyle="--", label="reference (final)")
+        curves = [metric_curve(table, f"val/{split}/loss") for table in metrics.values()]
+        for name, curve in zip(metrics, curves, strict=True):
+            ax.plot(*curve, marker=".", **style[name])
+        reference = [eval_losses[REFERENCE, split]] if (REFERENCE, split) in eval_losses else []
+        for value in reference:
+            ax.axhline(value, color="grey", linestyle="--", label="reference (final)")
+        _zoom(ax, curves, also=reference)
         ax.set(title=f"validation loss: {split}", xlabel="tokens seen", ylabel="loss (nats/token)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "val_loss.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, table in metrics.items():
-        ax.plot(*metric_curve(table, "train/head1/loss"), **style[name])
+    curves = [metric_curve(table, "train/head1/loss") for table in metrics.values()]
+    for name, curve in zip(metrics, curves, strict=True):
+        ax.plot(*curve, **style[name])
+    _zoom(ax, curves)
     # head1/loss is the next-token loss over ALL tokens; train/loss is what each objective optimises (selected
     # tokens only, or a sum over heads), which is not comparable between variants
     ax.set(title="training next-token loss (all tokens)", xlabel="tokens seen", ylabel="loss (nats/token)")
@@ -47,9 +52,11 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
     files = ["val_loss.png", "train_loss.png"]
     if flops_per_token:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, table in metrics.items():
-            tokens_seen, values = metric_curve(table, "val/val/loss")
-            ax.plot(tokens_seen * flops_per_token[name], values, marker=".", **style[name])
+        curves = [(tokens_seen * flops_per_token[name], values) for name, (tokens_seen, values)
+                  in ((name, metric_curve(table, "val/val/loss")) for name, table in metrics.items())]
+        for name, curve in zip(metrics, curves, strict=True):
+            ax.plot(*curve, marker=".", **style[name])
+        _zoom(ax, curves)
         ax.set(title="validation loss (val) at equal training compute", xlabel="training FLOPs",
                ylabel="loss (nats/token)", xscale="log")
         ax.legend()
@@ -58,6 +65,18 @@ def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,
         plt.close(fig)
         files.append("val_loss_flops.png")
     return files
+
+
+def _zoom(ax, curves: list[tuple], skip_fraction: float = 0.15, also: list[float] = ()) -> None:
+    """y range of the curves after the first skip_fraction of the x range (the untrained start, ~log V, would
+    squash the differences that matter) and of the `also` values; the start stays in the data, off the top."""
+    import numpy as np
+
+    x_max = max((float(np.max(x)) for x, _ in curves if len(x)), default=0.0)
+    tail = np.concatenate([y[x >= skip_fraction * x_max] for x, y in curves if len(x)] + [np.asarray(also, float)])
+    if len(tail) and np.isfinite(tail).all() and tail.max() > tail.min():
+        pad = 0.05 * (tail.max() - tail.min())
+        ax.set_ylim(tail.min() - pad, tail.max() + pad)
 
 
 def _line_styles(names: list[str]) -> dict[str, dict]:

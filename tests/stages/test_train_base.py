@@ -177,7 +177,7 @@ def test_with_a_base_reference_and_targets_chain_through_it():
 def test_continual_preset():
     cfg, default = preset("continual"), preset("default")
     assert cfg.base.model == cfg.reference.model == cfg.target.model
-    assert cfg.base.train.max_tokens == cfg.target.train.max_tokens == default.target.train.max_tokens
+    assert cfg.base.train.max_tokens == 1_200_000 and cfg.target.train == default.target.train
     assert cfg.reference.train.max_tokens == 300_000 and cfg.reference.train.lr < default.reference.train.lr
     assert plan(cfg)["train_target.ntp"].upstream["init"] == "train_base"
 

@@ -207,3 +207,33 @@ def test_generate_refuses_a_corrupt_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
     assert main(["generate", "--model", model.path, "--prompt", "x"]) == 2
     assert "is corrupt" in capsys.readouterr().err
+
+
+def test_a_downstream_built_from_since_changed_upstream_content_is_stale_and_rebuilt(tmp_path, monkeypatch, capsys):
+    """--force on an upstream that then writes other bytes makes its downstream stale: verify says so, the next
+    build of the downstream rebuilds it; a byte-identical rebuild of the upstream changes nothing."""
+    from flows.cli import main
+    from storage.artifacts import chain_problems, content_digest
+
+    up = materialize("up", "1", ScoreConfig(), {}, _write, root=tmp_path)
+    builds = []
+
+    def down_build(out: Path) -> dict:
+        builds.append(out)
+        return _write(out, (Path(up_now.path) / "data.txt").read_text() + "!")
+
+    up_now = up
+    down = materialize("down", "1", ScoreConfig(), {"tokens": up}, down_build, root=tmp_path)
+    assert down.upstream_refs["tokens"].digest == content_digest(up) and len(builds) == 1
+    same = materialize("up", "1", ScoreConfig(), {}, _write, root=tmp_path, force=True)  # identical bytes
+    assert content_digest(same) == content_digest(up) and chain_problems(down, tmp_path) == []
+    assert materialize("down", "1", ScoreConfig(), {"tokens": same}, down_build, root=tmp_path).key == down.key
+    assert len(builds) == 1  # not stale: nothing rebuilt
+
+    up_now = materialize("up", "1", ScoreConfig(), {}, lambda out: _write(out, "other"), root=tmp_path, force=True)
+    assert chain_problems(down, tmp_path)[0].startswith("stale: upstream tokens (up/")
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    assert main(["verify"]) == 1 and "STALE" in capsys.readouterr().out
+    rebuilt = materialize("down", "1", ScoreConfig(), {"tokens": up_now}, down_build, root=tmp_path)
+    assert len(builds) == 2 and (Path(rebuilt.path) / "data.txt").read_text() == "other!"
+    assert chain_problems(rebuilt, tmp_path) == [] and main(["verify"]) == 0
