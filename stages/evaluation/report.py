@@ -6,7 +6,6 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.configs import variant_of
-from schemas.tables import COMPARISON
 from stages.evaluation.curves import metric_curve
 
 VAL_SPLITS = ("val", "ref_val")
@@ -91,20 +90,31 @@ def _line_styles(names: list[str]) -> dict[str, dict]:
     return styles
 
 
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:
+    """Markdown table lines: columns are (key, header, format spec); None/NaN print as `-`."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(key), spec) for key, _, spec in columns) + " |" for row in rows]
+    return lines
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list[dict],
                     selection: list[dict] = ()) -> str:
-    """report.md text: the comparison table, extra-file losses and the unigram-entropy reference line."""
-    head = ["model", "val loss", "val ppl", "ref_val loss", "ref_val ppl", f"tokens to {baseline} val", "ratio",
-            f"tokens to {baseline} ref_val", "ratio", "H->H", "L->H", "H->L", "L->L"]
-    specs = [".4f", ".2f", ".4f", ".2f", ",.0f", ".3f", ",.0f", ".3f", ".1%", ".1%", ".1%", ".1%"]
-    keys = COMPARISON.names[1:]
-    lines = ["# lmpipe evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([row["model"]] + [_fmt(row[k], f) for k, f in zip(keys, specs, strict=True)]) + " |"
-              for row in rows]
+    """report.md text: the comparison tables (losses and tokens to the baseline; token dynamics), extra-file
+    losses and the unigram-entropy reference line. Tables stay narrow enough for the Prefect UI's page."""
+    lines = ["# lmpipe evaluation", ""]
+    lines += markdown_table(rows, [("model", "model", "s"), ("val_loss", "val loss", ".4f"),
+                                   ("ref_val_loss", "ref_val loss", ".4f"),
+                                   ("tokens_to_baseline_val", f"tokens to {baseline} val", ",.0f"),
+                                   ("ratio_to_baseline_val", "ratio", ".3f"),
+                                   ("tokens_to_baseline_ref_val", f"tokens to {baseline} ref_val", ",.0f"),
+                                   ("ratio_to_baseline_ref_val", "ratio", ".3f")])
+    lines += [""] + markdown_table([r for r in rows if r["frac_h_to_l"] is not None], [
+        ("model", "model", "s"), ("frac_h_to_h", "H->H", ".1%"), ("frac_l_to_h", "L->H", ".1%"),
+        ("frac_h_to_l", "H->L", ".1%"), ("frac_l_to_l", "L->L", ".1%")])
     lines += ["", f"- Unigram entropy of the train split: {entropy:.4f} nats/token (the train loss of the best "
               "context-free model).",
               f"- Tokens to reach: tokens seen when the training-time `val/<split>/loss` first reached {baseline}'s "
@@ -125,18 +135,19 @@ def report_markdown(rows: list[dict], entropy: float, baseline: str, extra: list
 
 def compute_markdown(rows: list[dict], baseline: str) -> str:
     """The compute-ledger section of report.md."""
-    lines = ["", "Training compute (val split; FLOPs = 3 x forward matmul FLOPs, stages/evaluation/flops.py; "
-             "upstream = the reference's training, scoring, SAE and concept labels the model reads, paid once):", "",
-             f"| model | params | train FLOPs/token | train FLOPs | val loss at {baseline}'s FLOPs | "
-             f"FLOPs to {baseline} val | ratio | upstream FLOPs | FLOPs to {baseline} val with upstream | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['num_params']:,} | {r['train_flops_per_token']:.4g} | "
-                     f"{_fmt(r['train_flops'], '.3g')} | "
-                     f"{_fmt(r['val_loss_at_baseline_flops'], '.4f')} | {_fmt(r['flops_to_baseline_val'], '.3g')} | "
-                     f"{_fmt(r['flops_ratio_to_baseline_val'], '.3f')} | {_fmt(r['upstream_flops'], '.3g')} | "
-                     f"{_fmt(r['flops_to_baseline_val_with_upstream'], '.3g')} | "
-                     f"{_fmt(r['flops_ratio_with_upstream'], '.3f')} |")
+    lines = ["", "Training compute (val split; FLOPs = 3 x forward matmul FLOPs, stages/evaluation/flops.py):", ""]
+    lines += markdown_table(rows, [("model", "model", "s"), ("num_params", "params", ","),
+                                   ("train_flops_per_token", "train FLOPs/token", ".4g"),
+                                   ("train_flops", "train FLOPs", ".3g"),
+                                   ("val_loss_at_baseline_flops", f"val loss at {baseline}'s FLOPs", ".4f"),
+                                   ("flops_to_baseline_val", f"FLOPs to {baseline} val", ".3g"),
+                                   ("flops_ratio_to_baseline_val", "ratio", ".3f")])
+    lines += ["", "Counting what each model's inputs cost once (the reference's training, scoring, the SAE and "
+              "concept labels it reads; Rho-1 Sec. 3.4 discusses both views):", ""]
+    lines += markdown_table(rows, [("model", "model", "s"), ("upstream_flops", "upstream FLOPs", ".3g"),
+                                   ("flops_to_baseline_val_with_upstream", f"FLOPs to {baseline} val with upstream",
+                                    ".3g"),
+                                   ("flops_ratio_with_upstream", "ratio", ".3f")])
     return "\n".join(lines) + "\n"
 
 
@@ -147,31 +158,38 @@ SEED_LABELS = {"val_loss": ("val loss", ".4f"), "ref_val_loss": ("ref_val loss",
                "flops_to_baseline_val": ("FLOPs to baseline val", ".3g"), "frac_h_to_l": ("H->L share", ".3f")}
 
 
+SEED_GROUPS = (("val_loss", "ref_val_loss", "val_loss_at_baseline_flops"),
+               ("tokens_to_baseline_val", "tokens_to_baseline_ref_val", "flops_to_baseline_val", "frac_h_to_l"))
+"""The seed tables of the report (two, so each fits the page)."""
+
+
 def seeds_markdown(rows: list[dict]) -> str:
     """Mean ± sample std over seed runs per variant (only when some variant has several runs); a `~` marks a
     difference to the baseline smaller than its spread, `k/n` how many of n runs have a value."""
     if not any(r["models"] > 1 for r in rows):
         return ""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    metrics = [m for m in SEED_LABELS if any(r["metric"] == m for r in rows)]
     cell = {(r["variant"], r["metric"]): r for r in rows}
     lines = ["", "Across seed runs (mean ± sample std; `~` = the difference to the baseline is smaller than its "
-             "spread sqrt(std² + std_baseline²), i.e. not distinguishable from seed noise; seed_summary.parquet):", "",
-             "| variant | runs | " + " | ".join(SEED_LABELS[m][0] for m in metrics) + " |",
-             "|---|---|" + "---|" * len(metrics)]
-    for variant in variants:
-        cells = []
-        for metric in metrics:
-            r, spec = cell.get((variant, metric)), SEED_LABELS[metric][1]
-            if r is None or r["mean"] is None:
-                cells.append("never" if r is not None and r["models"] else "-")
-                continue
-            text = format(r["mean"], spec) + (f" ± {format(r['std'], spec)}" if r["std"] is not None else "")
-            text += f" ({r['runs']}/{r['models']})" if r["runs"] < r["models"] else ""
-            cells.append(text + (" ~" if r["within_spread"] else ""))
-        lines.append(f"| {variant} | {max(r['models'] for r in rows if r['variant'] == variant)} | "
-                     + " | ".join(cells) + " |")
+             "spread sqrt(std² + std_baseline²), i.e. not distinguishable from seed noise; (k/n) = k of n runs "
+             "reached it; seed_summary.parquet):"]
+    for group in SEED_GROUPS:
+        metrics = [m for m in group if any(r["metric"] == m for r in rows)]
+        table = [{"variant": variant, "runs": max(r["models"] for r in rows if r["variant"] == variant),
+                  **{metric: _seed_cell(cell.get((variant, metric)), SEED_LABELS[metric][1]) for metric in metrics}}
+                 for variant in variants]
+        lines += [""] + markdown_table(table, [("variant", "variant", "s"), ("runs", "runs", "d")]
+                                       + [(m, SEED_LABELS[m][0], "s") for m in metrics])
     return "\n".join(lines) + "\n"
+
+
+def _seed_cell(row: dict | None, spec: str) -> str:
+    """`mean ± std (k/n) ~` of one variant and metric."""
+    if row is None or row["mean"] is None:
+        return "never" if row is not None and row["models"] else "-"
+    text = format(row["mean"], spec) + (f" ± {format(row['std'], spec)}" if row["std"] is not None else "")
+    text += f" ({row['runs']}/{row['models']})" if row["runs"] < row["models"] else ""
+    return text + (" ~" if row["within_spread"] else "")
 
 
 def domains_markdown(rows: list[dict]) -> str:
@@ -179,12 +197,11 @@ def domains_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "Selection on `train` by side of the reference subset (documents the reference never trained on; "
-             "losses on windows spread over `train`):", "",
-             "| model | reference subset | documents | tokens | selected | reference loss | target loss | "
-             "excess loss |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {'in' if r['in_reference_subset'] else 'out'} | {r['documents']} | {r['tokens']:,} | "
-              f"{_fmt(r['selection_rate'], '.1%')} | {_fmt(r['mean_ref_loss'], '.4f')} | "
-              f"{_fmt(r['mean_target_loss'], '.4f')} | {_fmt(r['mean_excess_loss'], '.4f')} |" for r in rows]
+             "losses on windows spread over `train`):", ""]
+    lines += markdown_table([r | {"side": "in" if r["in_reference_subset"] else "out"} for r in rows], [
+        ("model", "model", "s"), ("side", "reference subset", "s"), ("documents", "documents", "d"),
+        ("tokens", "tokens", ","), ("selection_rate", "selected", ".1%"), ("mean_ref_loss", "reference loss", ".4f"),
+        ("mean_target_loss", "target loss", ".4f"), ("mean_excess_loss", "excess loss", ".4f")])
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,7 @@ def _digests(root: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.timeout(1500)
 def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert _lmpipe(clean, "run", "--preset", "tiny").returncode == 0
@@ -77,6 +78,7 @@ def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
     ("score_reference", "part-train-000.parquet"), ("train_sae", "sae.safetensors"),
     ("extract_concepts", "concepts.parquet"), ("train_target", "model.safetensors"),
 ])
+@pytest.mark.timeout(900)
 def test_each_kind_of_corrupt_file_is_named_and_refused(tmp_path_factory, stage, file):
     root = tmp_path_factory.getbasetemp() / "corrupt-root"
     if not (root / "evaluate").exists():
