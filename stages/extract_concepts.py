@@ -168,9 +168,9 @@ def concept_table(out: Path, tokens: Manifest, num_latents: int, cfg: ExtractCon
                        JOIN vocab v USING (token_id) WHERE r <= {TOP_TOKENS} GROUP BY 1) t USING (concept_id)
         """)
     peaks = _rows(con, f"""SELECT concept_id, token_index, activation FROM (
-        SELECT *, row_number() OVER (PARTITION BY concept_id ORDER BY activation DESC) AS r
+        SELECT *, row_number() OVER (PARTITION BY concept_id ORDER BY activation DESC, token_index) AS r
         FROM read_parquet('{glob('peaks')}')) WHERE r <= {cfg.contexts_per_concept}
-        ORDER BY concept_id, activation DESC""")
+        ORDER BY concept_id, activation DESC, token_index""")  # token_index breaks ties: the same table every run
     tokens_text = dict(zip(vocab["token_id"].to_pylist(), vocab["token"].to_pylist(), strict=True))
     contexts: dict[int, list[str]] = {}
     width = cfg.context_tokens
@@ -212,7 +212,7 @@ def shard_ids(cfg: ExtractConfig, inputs: dict[str, Manifest]) -> list[str]:
 
 
 STAGE = Stage(
-    name="extract_concepts", code_version="2", config_type=ExtractConfig,
+    name="extract_concepts", code_version="3", config_type=ExtractConfig,
     nodes=lambda cfg: [NodeDecl("extract_concepts", cfg.concepts, {
         "tokens": "tokenize_corpus", "reference": "train_reference", "sae": "train_sae"})],
     run=run,

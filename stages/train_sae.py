@@ -31,6 +31,7 @@ from stages.registry import NodeDecl, Stage
 from stages.training.data import WindowOrder
 from stages.training.devices import resolve_device
 from stages.training.progress import format_duration
+from stages.training.rng import seeded
 from storage.catalog import TableSpec
 from storage.parquet import write_table
 from storage.windows import TokenWindows, spread_window_ids
@@ -87,8 +88,8 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     train_windows, val_windows = (TokenWindows.from_manifest(tokens, s) for s in ("train", "val"))
     windows_per_step = max(1, cfg.batch_rows // train_windows.seq_len)
     total_steps = math.ceil(cfg.max_tokens / (windows_per_step * train_windows.seq_len))
-    torch.manual_seed(cfg.seed)
-    sae = TopKSAE(model.cfg.d_model, num_latents, k).to(device)
+    with seeded(cfg.seed):  # a concurrent build must not draw from the global stream mid-init
+        sae = TopKSAE(model.cfg.d_model, num_latents, k).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
     tracker = DeadLatentTracker(num_latents, device)
     order = WindowOrder(len(train_windows), cfg.seed)

@@ -32,6 +32,7 @@ from stages.training.devices import resolve_device
 from stages.training.init_weights import init_from_base
 from stages.training.optim import BatchSchedule, build_optimizer, lr_at
 from stages.training.progress import format_duration
+from stages.training.rng import seeded
 from stages.training.state import RunState
 from storage import checkpoints
 from storage.parquet import write_table
@@ -118,8 +119,8 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
                           device, label)
     checkpointer = Checkpointer(work_dir, cfg.checkpoint_every_steps, label)
     objective.attach({role: m.to(device).eval() for role, m in (upstream_models or {}).items()})
-    torch.manual_seed(cfg.seed)
-    model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
+    with seeded(cfg.seed):  # other builds in this process must not draw from the stream mid-init
+        model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
     if init_from is not None:
         fresh = [name for name, source in init_from_base(model, init_from).items() if source is None]
         log.info("%s: initialised from the base model (fresh: %s)", label, ", ".join(fresh) or "none")
