@@ -25,13 +25,13 @@ from schemas.configs import SAEConfig
 from schemas.manifest import Manifest
 from schemas.tables import METRICS
 from stages.models.gpt import GPT
+from stages.models.init_rng import seeded
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
 from stages.training.data import WindowOrder
 from stages.training.devices import resolve_device
 from stages.training.progress import format_duration
-from stages.training.rng import seeded
 from storage.catalog import TableSpec
 from storage.parquet import write_table
 from storage.windows import TokenWindows, spread_window_ids

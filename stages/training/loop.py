@@ -24,6 +24,7 @@ from torch import nn
 
 from schemas.configs import TrainConfig
 from schemas.tables import METRICS, PROBE_LOSSES
+from stages.models.init_rng import seeded
 from stages.objectives.base import Objective
 from stages.training import interrupt
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
@@ -32,7 +33,6 @@ from stages.training.devices import resolve_device
 from stages.training.init_weights import init_from_base
 from stages.training.optim import BatchSchedule, build_optimizer, lr_at
 from stages.training.progress import format_duration
-from stages.training.rng import seeded
 from stages.training.state import RunState
 from storage import checkpoints
 from storage.parquet import write_table

@@ -1,18 +1,12 @@
-"""RNG states in checkpoints: torch (CPU and CUDA), numpy-global and python, as checkpoint-safe plain types; and
-`seeded`, which holds torch's global RNG while a model is initialised.
-
-Stage builds run as threads of one process (the Prefect task runner runs two at once). torch's RNG is global:
-without the lock, a second build's `manual_seed` in the middle of the first one's weight init changes the first
-model's init, and which runs race depends on timing (found by the kill -9 fault suite: the same config gave
-different weights)."""
+"""RNG states in checkpoints: torch (CPU and CUDA), numpy-global and python, as checkpoint-safe plain types
+(restored under stages.models.init_rng.GLOBAL_RNG, like every other use of torch's global stream)."""
 
 import random
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from stages.models.init_rng import GLOBAL_RNG
 
 
 def rng_state() -> dict:
@@ -26,20 +20,9 @@ def rng_state() -> dict:
     }
 
 
-_GLOBAL_RNG = threading.Lock()
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """torch.manual_seed(seed), with the global RNG held for the block (e.g. a model's construction)."""
-    with _GLOBAL_RNG:
-        torch.manual_seed(seed)
-        yield
-
-
 def set_rng_state(state: dict) -> None:
-    """Restore the states saved by rng_state() (under the same lock as `seeded`)."""
-    with _GLOBAL_RNG:
+    """Restore the states saved by rng_state() (holding torch's global RNG, see stages.models.init_rng)."""
+    with GLOBAL_RNG:
         _set_rng_state(state)
 
 
