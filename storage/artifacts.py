@@ -210,11 +210,11 @@ def materialize(
     upstream_keys = {role: m.key for role, m in upstream.items()}
     key = artifact_key(stage, code_version, config, upstream_keys)
     final = artifact_dir(stage, key, root)
-    if is_built(stage, key, root) and not force and not _stale(load_manifest(final), upstream):
-        return load_manifest(final)
+    if (finished := _reusable(stage, key, root, upstream, force)) is not None:
+        return finished
     with build_lock(stage, key, root):
-        if is_built(stage, key, root) and not force and not _stale(load_manifest(final), upstream):
-            return load_manifest(final)  # another process finished it while we waited
+        if (finished := _reusable(stage, key, root, upstream, force)) is not None:
+            return finished  # another process finished it while we waited
         check_inputs(upstream)
         work = build_dir(stage, key, root)
         work.mkdir(parents=True, exist_ok=True)
@@ -244,12 +244,17 @@ def materialize(
         return manifest
 
 
-def _stale(manifest: Manifest, upstream: dict[str, Manifest]) -> bool:
+def _reusable(stage: str, key: str, root: Path, upstream: dict[str, Manifest], force: bool) -> Manifest | None:
+    """The finished artifact, unless it is missing, forced, or stale (then the warning says which upstream)."""
+    if force or not is_built(stage, key, root):
+        return None
+    manifest = load_manifest(artifact_dir(stage, key, root))
     roles = stale_roles(manifest, upstream)
     if roles:
-        log.warning("rebuilding %s/%s: its upstream %s changed since it was built", manifest.stage, manifest.key,
+        log.warning("rebuilding %s/%s: its upstream %s changed since it was built", stage, key,
                     ", ".join(f"{role} ({manifest.upstream_refs[role].stage})" for role in roles))
-    return bool(roles)
+        return None
+    return manifest
 
 
 def _publish(work: Path, final: Path, manifest: Manifest) -> None:

@@ -35,7 +35,8 @@ class JoinView:
     sql: str
 
 
-def _sql_list(paths: list[Path]) -> str:
+def sql_list(paths: list[Path]) -> str:
+    """A DuckDB list literal of file paths (quotes escaped), e.g. for read_parquet([...])."""
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
@@ -91,7 +92,7 @@ def _register_all(con, root: Path, table: str, spec: TableSpec) -> bool:
         files = sorted(directory.glob(spec.pattern))
         if files:
             all_files += files
-            selects.append(f"SELECT '{directory.name}' AS artifact_key, * FROM read_parquet({_sql_list(files)})")
+            selects.append(f"SELECT '{directory.name}' AS artifact_key, * FROM read_parquet({sql_list(files)})")
     if selects:
         _create_view(con, f"{table}_all", selects, all_files)
     return bool(selects)
@@ -106,7 +107,7 @@ def _register_current(con, current: dict[str, Path], table: str, spec: TableSpec
         if files:
             all_files += files
             label = f"'{node}' AS model, " if spec.per_model else ""
-            selects.append(f"SELECT {label}* FROM read_parquet({_sql_list(files)})")
+            selects.append(f"SELECT {label}* FROM read_parquet({sql_list(files)})")
     if selects:
         _create_view(con, table, selects, all_files)
     return bool(selects)

@@ -18,13 +18,10 @@ from torch import nn
 from schemas.manifest import Manifest
 from stages.registry import stage
 from stages.training.windowed import token_losses
+from storage.catalog import sql_list
 from storage.windows import TokenWindows, spread_window_ids
 
 TRAIN_SPLIT = "train"
-
-
-def _paths(files: list) -> str:
-    return "[" + ", ".join("'" + str(path).replace("'", "''") + "'" for path in files) + "]"
 
 
 def selection_by_domain(model_name: str, model: nn.Module, target: Manifest, tokens: Manifest, scores: Manifest,
@@ -41,18 +38,18 @@ def selection_by_domain(model_name: str, model: nn.Module, target: Manifest, tok
     con = duckdb.connect()
     try:
         con.register("target_loss", target_loss)
-        token_docs = f"""(SELECT token_index, doc_id FROM read_parquet({_paths([tokens.file('tokens.parquet')])})
+        token_docs = f"""(SELECT token_index, doc_id FROM read_parquet({sql_list([tokens.file('tokens.parquet')])})
                           WHERE split = '{TRAIN_SPLIT}') t"""
-        documents = f"read_parquet({_paths([tokens.file('documents.parquet')])}) d"
+        documents = f"read_parquet({sql_list([tokens.file('documents.parquet')])}) d"
         visits = con.execute(f"""
             SELECT d.is_reference, count(DISTINCT d.doc_id), count(*),
                    sum(s.times_selected)::DOUBLE / nullif(sum(s.times_seen), 0)
-            FROM read_parquet({_paths([selection_path])}) s JOIN {token_docs} USING (token_index)
+            FROM read_parquet({sql_list([selection_path])}) s JOIN {token_docs} USING (token_index)
                  JOIN {documents} USING (doc_id)
             WHERE s.split = '{TRAIN_SPLIT}' GROUP BY 1""").fetchall()
         losses = dict((row[0], row[1:]) for row in con.execute(f"""
             SELECT d.is_reference, avg(r.ref_loss), avg(l.target_loss), avg(l.target_loss - r.ref_loss)
-            FROM target_loss l JOIN read_parquet({_paths(score_files)}) r USING (token_index)
+            FROM target_loss l JOIN read_parquet({sql_list(score_files)}) r USING (token_index)
                  JOIN {documents} ON d.doc_id = r.doc_id
             WHERE r.split = '{TRAIN_SPLIT}' GROUP BY 1""").fetchall()) if score_files else {}
     finally:

@@ -14,22 +14,17 @@ from pathlib import Path
 import pytest
 
 from flows.watchdog import alive, descendants
+from tests.processes import REPO, lmpipe_env
 
 pytestmark = pytest.mark.fault
 
-REPO = Path(__file__).resolve().parents[2]
 TIMING_FILES = {"manifest.json", "_SUCCESS", "metrics.parquet", "speculative.parquet", "report.md"}
 """Files that record wall-clock times (training tokens/s, decoding seconds, build times): not compared."""
 
 
-def _env(root: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return env | {"LMPIPE_ROOT": str(root), "DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO)}
-
-
 def _lmpipe(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_env(root), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=lmpipe_env(root),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -56,7 +51,7 @@ def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
     kills = 0
     for _ in range(12):
         run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny"], cwd=REPO,
-                               env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=lmpipe_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.0, 25.0))
         children = descendants(run.pid)
         if run.poll() is not None:

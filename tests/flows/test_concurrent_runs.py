@@ -1,22 +1,20 @@
 """Two real `lmpipe run` processes on one artifact root at the same time: no race on score or concept shards
 (shard writers share the key's lock, publishing takes it exclusively; temporary files are per process)."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.processes import REPO, lmpipe_env
+
 pytestmark = pytest.mark.flow
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("trial", [1, 2])
 def test_two_runs_at_once_both_succeed_and_verify(tmp_path, trial):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"LMPIPE_ROOT": str(tmp_path / "artifacts"), "DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO)}
+    env = lmpipe_env(tmp_path / "artifacts")
     command = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny"]
     runs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]

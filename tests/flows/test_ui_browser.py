@@ -4,20 +4,17 @@ triggered from its `lmpipe serve` deployment seen to complete. Skipped without a
 playwright package (`.ci/run` installs both); screenshots stay in the test's temporary folder."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from tests.processes import REPO, free_port, lmpipe_env, wait_for
+
 pytestmark = pytest.mark.flow
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
 
@@ -30,33 +27,16 @@ def _api(base: str, path: str, body: dict | None = None):
         return json.loads(response.read() or b"null")
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium executable (apt-get install chromium)")
 @pytest.mark.timeout(900)
 def test_the_ui_shows_the_run_the_report_and_a_stage_run_from_its_deployment(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= {"LMPIPE_ROOT": str(tmp_path / "artifacts"), "DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO)}
+    port, env = free_port(), lmpipe_env(tmp_path / "artifacts")
     lmpipe = [sys.executable, "-m", "flows.cli"]
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     children = [subprocess.Popen(lmpipe + ["server", "--port", str(port)], cwd=REPO, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        _wait(lambda: _api(api, "/health"), 120, "lmpipe server")
+        wait_for(lambda: _api(api, "/health"), 120, "lmpipe server")
         run = subprocess.run(lmpipe + ["run", "--preset", "tiny"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -84,12 +64,12 @@ def test_the_ui_shows_the_run_the_report_and_a_stage_run_from_its_deployment(tmp
                 serve = subprocess.Popen(lmpipe + ["serve", "--preset", "tiny", "--cron", "0 3 * * *"], cwd=REPO,
                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 children.append(serve)
-                deployment = _wait(lambda: _api(api, "/deployments/filter", {
+                deployment = wait_for(lambda: _api(api, "/deployments/filter", {
                     "flows": {"name": {"any_": ["evaluate"]}}, "deployments": {"name": {"any_": ["on-demand"]}}}),
                     120, "the evaluate deployment")[0]
                 triggered = _api(api, f"/deployments/{deployment['id']}/create_flow_run", {})
                 page.goto(f"{ui}/runs/flow-run/{triggered['id']}")
-                _wait(lambda: _api(api, f"/flow_runs/{triggered['id']}")["state_type"] == "COMPLETED", 300,
+                wait_for(lambda: _api(api, f"/flow_runs/{triggered['id']}")["state_type"] == "COMPLETED", 300,
                       "the triggered stage run to complete")
                 page.reload()
                 page.get_by_text("Completed").first.wait_for(timeout=60_000)

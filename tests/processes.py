@@ -1,0 +1,35 @@
+"""Helpers of the tests that start real `lmpipe` processes: their environment, a free port, polling."""
+
+import os
+import socket
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lmpipe_env(root: Path) -> dict:
+    """This environment without PREFECT_* settings, with LMPIPE_ROOT=root and the repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return env | {"LMPIPE_ROOT": str(root), "DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
+    """predicate()'s first truthy value (an OSError counts as not yet); AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
