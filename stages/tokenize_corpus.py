@@ -194,7 +194,7 @@ def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 STAGE = Stage(
-    name="tokenize_corpus", code_version="1", config_type=TokenizeConfig,
+    name="tokenize_corpus", code_version="2", config_type=TokenizeConfig,
     nodes=lambda cfg: [NodeDecl("tokenize_corpus", cfg.tokenize)],
     run=run,
     tables={"documents": TableSpec("tokenize_corpus", "documents.parquet"),

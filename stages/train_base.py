@@ -35,7 +35,7 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
 
 
 STAGE = Stage(
-    name="train_base", code_version="1", config_type=BaseConfig, nodes=nodes, run=run,
+    name="train_base", code_version="2", config_type=BaseConfig, nodes=nodes, run=run,
     tables={"base_metrics": TableSpec("train_base", "metrics.parquet")},
     description="base model on the general split (continual pretraining; only with a base)",
 )

@@ -37,7 +37,7 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
 
 
 STAGE = Stage(
-    name="train_reference", code_version="2", config_type=ReferenceConfig, nodes=nodes, run=run,
+    name="train_reference", code_version="3", config_type=ReferenceConfig, nodes=nodes, run=run,
     tables={"reference_metrics": TableSpec("train_reference", "metrics.parquet")},
     description="reference model on the reference subset",
 )

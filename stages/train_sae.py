@@ -25,7 +25,7 @@ from schemas.configs import SAEConfig
 from schemas.manifest import Manifest
 from schemas.tables import METRICS
 from stages.models.gpt import GPT
-from stages.models.init_rng import seeded
+from stages.models.init_rng import seeded_generator
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
@@ -88,8 +88,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     train_windows, val_windows = (TokenWindows.from_manifest(tokens, s) for s in ("train", "val"))
     windows_per_step = max(1, cfg.batch_rows // train_windows.seq_len)
     total_steps = math.ceil(cfg.max_tokens / (windows_per_step * train_windows.seq_len))
-    with seeded(cfg.seed):  # a concurrent build must not draw from the global stream mid-init
-        sae = TopKSAE(model.cfg.d_model, num_latents, k).to(device)
+    sae = TopKSAE(model.cfg.d_model, num_latents, k, generator=seeded_generator(cfg.seed)).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
     tracker = DeadLatentTracker(num_latents, device)
     order = WindowOrder(len(train_windows), cfg.seed)
@@ -141,7 +140,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 
 STAGE = Stage(
-    name="train_sae", code_version="2", config_type=SAEConfig,
+    name="train_sae", code_version="3", config_type=SAEConfig,
     nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_reference"})],
     run=run,
     tables={"sae_metrics": TableSpec("train_sae", "metrics.parquet")},

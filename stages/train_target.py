@@ -98,7 +98,7 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
 
 
 STAGE = Stage(
-    name="train_target", code_version="2", config_type=TargetRun, nodes=nodes, run=run,
+    name="train_target", code_version="3", config_type=TargetRun, nodes=nodes, run=run,
     tables={"target_metrics": TableSpec("train_target", "metrics.parquet", per_model=True),
             "probe_losses": TableSpec("train_target", "probe_losses.parquet", per_model=True),
             "token_selection": TableSpec("train_target", "token_selection.parquet", per_model=True)},

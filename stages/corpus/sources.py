@@ -7,13 +7,15 @@ hashes it, so it must be stable across runs) and a pyarrow table of the source's
     hf_dataset: row int64
 Documents whose text is empty or whitespace-only are dropped; an empty corpus is a ValueError.
 
-Files (`read_documents`, shared by tokenize.paths and evaluate.extra_files):
-    .txt      cut by the text unit: `file` (one document, source `files:<path>`, row null), `paragraph`
+Files (`read_documents`, shared by tokenize.paths and evaluate.extra_files). In source ids, <name> is the file's
+path relative to the deepest directory holding every matched file (its bare name when there is one directory),
+so the split does not change when the corpus is moved, copied elsewhere or reached through another path:
+    .txt      cut by the text unit: `file` (one document, source `files:<name>`, row null), `paragraph`
               (runs of non-empty lines separated by one or more empty/whitespace-only lines, joined by newlines;
-              source `files:<path>:p<k>`, row k = paragraph index) or `line` (each non-empty line of
-              str.splitlines, as the `datasets` "text" loader; source `files:<path>:l<k>`, row k = 0-based line)
-    .jsonl    one document per non-blank line (source `files:<path>:<k>`, row k = 0-based line)
-    .parquet  one document per row (source `files:<path>:<k>`, row k = 0-based row)
+              source `files:<name>:p<k>`, row k = paragraph index) or `line` (each non-empty line of
+              str.splitlines, as the `datasets` "text" loader; source `files:<name>:l<k>`, row k = 0-based line)
+    .jsonl    one document per non-blank line (source `files:<name>:<k>`, row k = 0-based line)
+    .parquet  one document per row (source `files:<name>:<k>`, row k = 0-based row)
 Metadata: every JSON field / Parquet column other than the text column becomes a column (the union over all
 files, in first-seen order; null where a record lacks it). Values are kept as str, int, float or bool; lists
 and objects become JSON text; other Parquet types (dates, decimals, bytes) become their str(). A field has one
@@ -27,6 +29,7 @@ import glob
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +59,7 @@ RESERVED_COLUMNS = tuple(f.name for f in DOCUMENT_BASE_FIELDS + FILES_FIELDS)
 METADATA_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 """Python type of a metadata field's values -> its column type (a field that is always null is a string)."""
 TEXT_UNIT_TAGS = {"file": None, "paragraph": "p", "line": "l"}
-"""Source-id tag of a .txt document per text unit: files:<path>:<tag><k> (none for whole files)."""
+"""Source-id tag of a .txt document per text unit: files:<name>:<tag><k> (none for whole files)."""
 
 SOTU_REFERENCE_WHERE = "sotu_type = 'spoken' AND year >= 1934"
 """Since 1934 (Roosevelt onwards) the address is delivered in person to Congress and broadcast by radio, later
@@ -163,7 +166,7 @@ class FileDocuments:
     records: list[dict]
     """Per document, its metadata fields (the record without the text column; {} for .txt)."""
     tag: str | None
-    """Source-id tag before the row index (files:<path>:<tag><row>); None: one document, files:<path>."""
+    """Source-id tag before the row index (files:<name>:<tag><row>); None: one document, files:<name>."""
     rows_are_lines: bool
     """Errors name a row as path:<1-based line> (.jsonl) rather than `path row <row>` (.parquet)."""
 
@@ -188,10 +191,13 @@ def read_files(patterns: list[str], settings: FileSettings = FileSettings()) -> 
         return f"{paths[i]}:{rows[i] + 1}" if lines[i] else f"{paths[i]} row {rows[i]}"
 
     metadata = MetadataColumns(settings.paths_field, location)
-    for path in expand_paths(patterns, settings.paths_field):
+    files = expand_paths(patterns, settings.paths_field)
+    names = source_names(files)
+    for path in files:
         docs = read_file(path, settings)
         texts += docs.texts
-        sources += [f"files:{path}" if docs.tag is None else f"files:{path}:{docs.tag}{row}" for row in docs.rows]
+        name = names[path]
+        sources += [f"files:{name}" if docs.tag is None else f"files:{name}:{docs.tag}{row}" for row in docs.rows]
         paths += [str(path)] * len(docs.rows)
         rows += docs.rows
         lines += [docs.rows_are_lines] * len(docs.rows)
@@ -202,6 +208,13 @@ def read_files(patterns: list[str], settings: FileSettings = FileSettings()) -> 
     for field in columns.schema:
         table = table.append_column(field, columns[field.name])
     return Corpus(texts=texts, sources=sources, metadata=table)
+
+
+def source_names(files: list[Path]) -> dict[Path, str]:
+    """Each file's name in source ids: its path relative to the deepest directory holding all of them."""
+    resolved = [path.resolve() for path in files]
+    root = Path(os.path.commonpath([path.parent for path in resolved]))
+    return {path: full.relative_to(root).as_posix() for path, full in zip(files, resolved, strict=True)}
 
 
 def read_file(path: Path, settings: FileSettings) -> FileDocuments:

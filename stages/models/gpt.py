@@ -220,10 +220,12 @@ class GPT(nn.Module):
 
     `inserts` maps a block index i to an insert spec (stages/models/inserts.py): the module runs on the residual
     stream after block i. Everything needed to rebuild the model is in `build_spec()` (saved as model.json).
+    The initial weights are drawn from `generator` (torch's global stream when None): a seeded generator gives the
+    same weights whatever else the process draws meanwhile, e.g. other stages building models in other threads.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, max_seq_len: int, num_future_tokens: int = 1,
-                 inserts: dict[int, dict] | None = None):
+                 inserts: dict[int, dict] | None = None, generator: torch.Generator | None = None):
         super().__init__()
         if not 1 <= num_future_tokens <= cfg.num_layers:
             raise ValueError(f"num_future_tokens={num_future_tokens} must be in 1..model.num_layers "
@@ -238,7 +240,7 @@ class GPT(nn.Module):
         for layer, spec in sorted(self.insert_specs.items()):
             if not 0 <= layer < self.num_trunk_layers:
                 raise ValueError(f"insert after block {layer}: must be a trunk block 0..{self.num_trunk_layers - 1}")
-            self.inserts[str(layer)] = build_insert(spec, cfg)
+            self.inserts[str(layer)] = build_insert(spec, cfg, generator)
         if sum(m.slots > 1 for m in self.inserts.values()) > 1:
             raise ValueError("at most one interleaving insert per model")
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -248,17 +250,17 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(cfg.d_model // cfg.num_heads, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, std=residual_std)
-        for insert in self.inserts.values():
-            insert.reset_parameters()
+        self._init_weights(generator)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.init_std)
+    def _init_weights(self, generator: torch.Generator | None) -> None:
+        """GPT-2 init: normal(0, init_std) embeddings and linear weights, init_std / sqrt(2 * num_layers) for the
+        projections into the residual stream; the inserts initialise themselves (already done in their init)."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if name.startswith("inserts.") or not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            std = residual_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
+            nn.init.normal_(module.weight, std=std, generator=generator)
 
     def build_spec(self) -> dict:
         """Everything needed to rebuild this model (saved as model.json by storage.checkpoints.save_model)."""

@@ -31,7 +31,8 @@ def interleave(h_BTD: torch.Tensor, c_BTD: torch.Tensor) -> torch.Tensor:
 class ConceptMixer(nn.Module):
     """CoCoMix concept head and mixing: predicts concept logits and mixes a compressed concept vector back."""
 
-    def __init__(self, d_model: int, num_latents: int, num_active: int, mixing: str = "interleave"):
+    def __init__(self, d_model: int, num_latents: int, num_active: int, mixing: str = "interleave",
+                 generator: torch.Generator | None = None):
         super().__init__()
         if mixing not in MIXINGS:
             raise ValueError(f"concept mixing {mixing!r}: expected one of {MIXINGS}")
@@ -45,12 +46,12 @@ class ConceptMixer(nn.Module):
         self.compress_bias = nn.Parameter(torch.zeros(d_model))
         self.steer: dict[int, float] = {}
         """concept id -> scale; runtime only (not saved), set by `lmpipe steer`."""
-        self.reset_parameters()
+        self.reset_parameters(generator=generator)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) weights, zero biases (GPT-2 init, as CoCoMix's code)."""
-        nn.init.normal_(self.predictor.weight, std=std)
-        nn.init.normal_(self.compress_LD, std=std)
+        nn.init.normal_(self.predictor.weight, std=std, generator=generator)
+        nn.init.normal_(self.compress_LD, std=std, generator=generator)
         for bias in (self.predictor.bias, self.compress_bias, self.pre_bias):
             nn.init.zeros_(bias)
 
@@ -84,15 +85,15 @@ class PauseInsert(nn.Module):
 
     slots = 2
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, generator: torch.Generator | None = None):
         super().__init__()
         self.d_model = d_model
         self.vector_D = nn.Parameter(torch.empty(d_model))
-        self.reset_parameters()
+        self.reset_parameters(generator=generator)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) init."""
-        nn.init.normal_(self.vector_D, std=std)
+        nn.init.normal_(self.vector_D, std=std, generator=generator)
 
     def spec(self) -> dict:
         """Constructor arguments (model.json)."""
@@ -103,12 +104,12 @@ class PauseInsert(nn.Module):
         return interleave(h_BTD, self.vector_D.expand_as(h_BTD)), {}
 
 
-def build_insert(spec: dict, cfg: ModelConfig) -> nn.Module:
-    """The insert module of a spec ({"kind": "concepts" | "pause", ...})."""
+def build_insert(spec: dict, cfg: ModelConfig, generator: torch.Generator | None = None) -> nn.Module:
+    """The insert module of a spec ({"kind": "concepts" | "pause", ...}), initialised from `generator`."""
     args = dict(spec)
     kind = args.pop("kind", None)
     if kind == "concepts":
-        return ConceptMixer(cfg.d_model, **args)
+        return ConceptMixer(cfg.d_model, **args, generator=generator)
     if kind == "pause":
-        return PauseInsert(cfg.d_model, **args)
+        return PauseInsert(cfg.d_model, **args, generator=generator)
     raise ValueError(f"unknown insert kind {kind!r} in {spec}; expected 'concepts' or 'pause'")

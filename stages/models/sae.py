@@ -73,7 +73,7 @@ class SAEOutput:
 class TopKSAE(nn.Module):
     """TopK SAE with tied init, a shared pre_bias, unit-norm decoder rows W_dec (L, D) and a sparse decode."""
 
-    def __init__(self, d_model: int, num_latents: int, k: int):
+    def __init__(self, d_model: int, num_latents: int, k: int, generator: torch.Generator | None = None):
         super().__init__()
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
@@ -83,7 +83,7 @@ class TopKSAE(nn.Module):
             raise ValueError(f"k must be in [1, num_latents={num_latents}], got {k}")
         self.d_model, self.num_latents, self.k = d_model, num_latents, k
         bound = 1.0 / math.sqrt(d_model)  # nn.Linear's default (kaiming-uniform, a=sqrt(5)) range
-        self.W_enc = nn.Parameter(torch.empty(num_latents, d_model).uniform_(-bound, bound))
+        self.W_enc = nn.Parameter(torch.empty(num_latents, d_model).uniform_(-bound, bound, generator=generator))
         self.W_dec = nn.Parameter(self.W_enc.detach().clone())
         self.pre_bias = nn.Parameter(torch.zeros(d_model))
         self.latent_bias = nn.Parameter(torch.zeros(num_latents))

@@ -73,8 +73,8 @@ class Objective(Protocol):
     needs: tuple[Need, ...]
     """What the objective reads from upstream artifacts."""
 
-    def build_model(self, vocab_size: int, seq_len: int) -> nn.Module:
-        """A freshly initialised model for this objective."""
+    def build_model(self, vocab_size: int, seq_len: int, generator: torch.Generator | None = None) -> nn.Module:
+        """A freshly initialised model for this objective, its weights drawn from `generator`."""
         ...
 
     def attach(self, models: dict[str, nn.Module]) -> None:

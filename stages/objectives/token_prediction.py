@@ -182,13 +182,13 @@ class TokenPrediction(ObjectiveBase):
             return {insert_block(v.pause.block, layers, heads) - 1: {"kind": "pause"}}
         return {}
 
-    def build_model(self, vocab_size: int, seq_len: int) -> GPT:
-        """A fresh GPT with the variant's prediction heads and inserts."""
+    def build_model(self, vocab_size: int, seq_len: int, generator: torch.Generator | None = None) -> GPT:
+        """A fresh GPT with the variant's prediction heads and inserts, its weights drawn from `generator`."""
         if self.variant.num_future_tokens >= seq_len:
             raise ValueError(f"variant {self.variant.name}: num_future_tokens={self.variant.num_future_tokens} "
                              f"needs seq_len > num_future_tokens (seq_len={seq_len})")
         return GPT(self.model_cfg, vocab_size, seq_len, num_future_tokens=self.variant.num_future_tokens,
-                   inserts=self._inserts())
+                   inserts=self._inserts(), generator=generator)
 
     def attach(self, models: dict[str, nn.Module]) -> None:
         """Keep the distillation teacher (frozen)."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from schemas.configs import TrainConfig
 from schemas.tables import METRICS, PROBE_LOSSES
-from stages.models.init_rng import seeded
+from stages.models.init_rng import seeded_generator
 from stages.objectives.base import Objective
 from stages.training import interrupt
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
@@ -119,8 +119,7 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
                           device, label)
     checkpointer = Checkpointer(work_dir, cfg.checkpoint_every_steps, label)
     objective.attach({role: m.to(device).eval() for role, m in (upstream_models or {}).items()})
-    with seeded(cfg.seed):  # other builds in this process must not draw from the stream mid-init
-        model = objective.build_model(vocab_size, train_windows.seq_len).to(device)
+    model = objective.build_model(vocab_size, train_windows.seq_len, seeded_generator(cfg.seed)).to(device)
     if init_from is not None:
         fresh = [name for name, source in init_from_base(model, init_from).items() if source is None]
         log.info("%s: initialised from the base model (fresh: %s)", label, ", ".join(fresh) or "none")

@@ -1,12 +1,13 @@
-"""RNG states in checkpoints: torch (CPU and CUDA), numpy-global and python, as checkpoint-safe plain types
-(restored under stages.models.init_rng.GLOBAL_RNG, like every other use of torch's global stream)."""
+"""RNG states in checkpoints: torch (CPU and CUDA), numpy-global and python, as checkpoint-safe plain types.
+
+Nothing that shapes a result draws from these global streams today (weight init has its own generator,
+stages/models/init_rng.py; data order is WindowOrder's own); they are saved so that a future stochastic
+feature resumes exactly in a single-stage process."""
 
 import random
 
 import numpy as np
 import torch
-
-from stages.models.init_rng import GLOBAL_RNG
 
 
 def rng_state() -> dict:
@@ -21,12 +22,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore the states saved by rng_state() (holding torch's global RNG, see stages.models.init_rng)."""
-    with GLOBAL_RNG:
-        _set_rng_state(state)
-
-
-def _set_rng_state(state: dict) -> None:
+    """Restore the states saved by rng_state()."""
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

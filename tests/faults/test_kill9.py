@@ -40,10 +40,6 @@ def _digests(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.timeout(1500)
-@pytest.mark.xfail(strict=False, reason=(
-    "known, open: a target built while another build runs in the same process can still start from a different "
-    "init (seen for ntp: its step-0 probe losses differ), although model construction now holds torch's global "
-    "RNG (stages/models/init_rng.py); the cause is not found yet. Every other artifact matched in every trial."))
 def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert _lmpipe(clean, "run", "--preset", "tiny").returncode == 0

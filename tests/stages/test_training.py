@@ -156,8 +156,8 @@ class NanAfter(ObjectiveBase):
     def __init__(self, calls: int):
         self.inner, self.calls = TokenPrediction(TINY_MODEL, TargetVariant(name="ntp")), calls
 
-    def build_model(self, vocab_size, seq_len):
-        return self.inner.build_model(vocab_size, seq_len)
+    def build_model(self, vocab_size, seq_len, generator=None):
+        return self.inner.build_model(vocab_size, seq_len, generator)
 
     def loss(self, model, batch):
         out = self.inner.loss(model, batch)
