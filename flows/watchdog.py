@@ -10,7 +10,6 @@ started.
 Usage: python -m flows.watchdog PARENT_PID
 """
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -18,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from stages.training.interrupt import die_with_parent
+
 POLL_S = 0.5
 GRACE_S = 3.0
-PR_SET_PDEATHSIG = 1
 
 
 def descendants(pid: int) -> set[int]:
@@ -46,15 +46,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def die_with_parent() -> None:
-    """Ask the kernel for SIGTERM when our parent dies (best effort: glibc's prctl); also usable as a
-    subprocess preexec_fn, so that a child dies with the process that started it."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def terminate(pids: set[int]) -> None:

@@ -151,6 +151,30 @@ class TrainConfig(StrictModel):
     """`auto` uses CUDA when present (bf16 autocast), else CPU (fp32)."""
     compile: bool = False
     """Wrap the model with torch.compile (CUDA only; ignored on CPU)."""
+    num_processes: int = Field(1, ge=1)
+    """Training processes per node (torch.distributed; NCCL on CUDA, one GPU each; gloo on CPU). Above 1 the stage
+    launches them with torch's elastic launcher, or joins the launch it runs in (torchrun). The global batch stays
+    batch_size_tokens: each process takes its share of every step's micro-batches, so accumulation adapts
+    (the step's micro-batches, batch_size_tokens / (micro_batch_size * seq_len), must divide by the number of
+    processes)."""
+    num_nodes: int = Field(1, ge=1)
+    """Nodes of a multi-node run: start the same stage on every node; they meet at rdzv_endpoint."""
+    rdzv_endpoint: str | None = None
+    """host:port of the rendezvous (torch's c10d store) when num_nodes > 1; a free local port otherwise."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes: `ddp` replicates the model and all-reduces gradients; `fsdp` shards parameters,
+    gradients and optimizer state per block (FSDP2 fully_shard; bf16 parameters with fp32 reduction on CUDA)."""
+
+    @model_validator(mode="after")
+    def _check_distributed(self) -> "TrainConfig":
+        if self.num_nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.num_nodes={self.num_nodes} needs train.rdzv_endpoint (host:port of node 0)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all."""
+        return self.num_processes * self.num_nodes
 
 
 class SelectionConfig(StrictModel):
@@ -479,6 +503,13 @@ class PipelineConfig(StrictModel):
                 raise ValueError(
                     f"{train_path}.batch_size_tokens ({train.batch_size_tokens}) must be a multiple of "
                     f"micro_batch_size * tokenize.seq_len = {window_tokens}"
+                )
+            if train.batch_size_tokens % (window_tokens * train.world_size):
+                raise ValueError(
+                    f"{train_path}: a step's {train.batch_size_tokens // window_tokens} micro-batch(es) cannot be "
+                    f"shared evenly by {train.world_size} processes; make batch_size_tokens a multiple of "
+                    f"{train.world_size} * micro_batch_size * tokenize.seq_len = {train.world_size * window_tokens} "
+                    "or lower micro_batch_size"
                 )
         return self
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.manifest import FileEntry, Manifest, UpstreamRef
-from storage.atomic import write_text_atomic
+from storage.atomic import remove_leftover_temp_files, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,8 @@ def materialize(
             if work.is_dir() and not any(work.iterdir()):
                 work.rmdir()  # nothing to resume from: leave no empty build dir behind
             raise
+        for leftover in remove_leftover_temp_files(work):  # of a killed earlier attempt that this one resumed
+            log.info("removed %s, left by a killed build", leftover.relative_to(work))
         manifest = Manifest(
             stage=stage,
             key=key,

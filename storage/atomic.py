@@ -5,10 +5,23 @@ rename each other's temporary file; a failed write removes its temporary file.
 """
 
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+_TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$")
+
+
+def remove_leftover_temp_files(directory: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left under `directory` (only safe while nobody else writes
+    there, e.g. under the artifact's build lock); returns what was removed."""
+    leftovers = [path for path in Path(directory).rglob(".*.tmp") if _TEMP_NAME.match(path.name) and path.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 @contextmanager

@@ -48,6 +48,12 @@ class TokenWindows:
         self.path, self.seq_len, self.split, self.stream = path, seq_len, split, stream
         self.num_windows = max(0, (len(self.stream) - 1) // seq_len)
 
+    def __reduce__(self):
+        """Pickled (e.g. for a training worker process) as its file when it has one, not as a copy of the stream."""
+        if self.path is None:
+            return (TokenWindows.from_array, (np.asarray(self.stream), self.seq_len, self.split))
+        return (TokenWindows, (self.path, self.seq_len, self.split))
+
     @classmethod
     def from_array(cls, stream: np.ndarray, seq_len: int, split: str) -> "TokenWindows":
         """Windows over an in-memory stream (e.g. an extra evaluation file)."""

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from stages.training.distributed import Ranks
 from stages.training.rng import rng_state, set_rng_state
 from stages.training.state import RunState
 from stages.training.windowed import token_losses
@@ -64,10 +66,16 @@ class Evaluator:
 
 
 class Checkpointer:
-    """Writes a resumable checkpoint every `every` steps (not after the last) and restores the newest one."""
+    """Writes a resumable checkpoint every `every` steps (not after the last) and restores the newest one.
 
-    def __init__(self, work_dir: Path, every: int, label: str):
+    Model and optimizer go through torch.distributed.checkpoint's state-dict API (fully qualified names, sharded
+    or not), so a checkpoint written by N processes resumes at M. With several processes (`ranks`) every rank
+    takes part and rank 0 writes the run state; the objective's state is summed over ranks first (it is additive:
+    counts), so after a resume rank 0 holds it all and the other ranks start from zero."""
+
+    def __init__(self, work_dir: Path, every: int, label: str, ranks: Ranks | None = None):
         self.directory, self.every, self.label = checkpoints.checkpoint_dir(work_dir), every, label
+        self.ranks = ranks
 
     def maybe_save(self, state: RunState, model: nn.Module, optimizer, total_steps: int) -> None:
         """Checkpoint after this step when due."""
@@ -76,23 +84,31 @@ class Checkpointer:
 
     def save(self, state: RunState, model: nn.Module, optimizer) -> None:
         """Checkpoint now (after the current step)."""
-        checkpoints.save_checkpoint(self.directory, state.step, {
-            "run": state.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng_state()})
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        run = state.state_dict()
+        if self.ranks is not None:
+            run["objective"] = sum_over_ranks(self.ranks, run["objective"])
+        checkpoints.save_checkpoint(self.directory, state.step, {"run": run, "rng": rng_state()},
+                                    {"model": model_sd, "optimizer": optim_sd},
+                                    writer=self.ranks is None or self.ranks.is_writer,
+                                    barrier=None if self.ranks is None else self.ranks.barrier)
 
     def restore(self, state: RunState, model: nn.Module, optimizer) -> bool:
         """Load the newest checkpoint into state, model, optimizer and RNGs; False when there is none."""
         path = checkpoints.latest_checkpoint(self.directory)
         if path is None:
             return False
-        saved = checkpoints.load_checkpoint(path)  # onto the CPU: RNG states must be CPU tensors
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        tensors = {"model": model_sd, "optimizer": optim_sd}
         try:
+            saved = checkpoints.load_checkpoint(path, tensors)
             state.load_state_dict(saved["run"])
-        except (ValueError, KeyError) as err:
+        except (ValueError, KeyError, RuntimeError) as err:
             raise ValueError(f"{self.label}: cannot resume from {path}: {err}; delete {self.directory} "
                              "to start over") from None
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        if self.ranks is not None and not self.ranks.is_writer:
+            state.objective = {}  # rank 0 carries the summed counts
         set_rng_state(saved["rng"])
         log.info("%s: resuming from %s (step %d/%d)", self.label, path, state.step, state.schedule[0])
         return True
@@ -102,3 +118,18 @@ class Checkpointer:
         import shutil
 
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def sum_over_ranks(ranks: Ranks, state):
+    """An additive state (nested dicts of tensors and numbers) summed over ranks; 1-D tensors of different
+    lengths (counters that grew on one rank only) are zero-padded to the longest first."""
+    if isinstance(state, dict):
+        return {key: sum_over_ranks(ranks, value) for key, value in sorted(state.items())}
+    if isinstance(state, torch.Tensor):
+        length = ranks.max_int(state.shape[0]) if state.ndim else 0
+        padded = state if not state.ndim or state.shape[0] == length else torch.cat(
+            [state, state.new_zeros((length - state.shape[0], *state.shape[1:]))])
+        return ranks.sum_(padded.clone())
+    if isinstance(state, (int, float)):
+        return type(state)(ranks.sum_(torch.tensor([float(state)], dtype=torch.float64)).item())
+    raise TypeError(f"objective state of type {type(state).__name__} cannot be summed over ranks")

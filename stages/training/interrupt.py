@@ -6,6 +6,7 @@ be installed from the main thread (`install_handlers`: by the CLI, and again ins
 Prefect's flow engine installs its own SIGTERM handler when a flow starts).
 """
 
+import ctypes
 import logging
 import signal
 import threading
@@ -13,6 +14,7 @@ import threading
 log = logging.getLogger(__name__)
 
 STOP = threading.Event()
+PR_SET_PDEATHSIG = 1
 
 
 class Interrupted(RuntimeError):
@@ -37,6 +39,16 @@ def install_handlers() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handle)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when our parent dies (Linux, best effort: glibc's prctl); also usable as a
+    subprocess preexec_fn, so that a child (a training worker, a Prefect server) dies with the process that
+    started it, even when that one is killed with kill -9."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def check(what: str) -> None:

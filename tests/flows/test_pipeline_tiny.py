@@ -167,3 +167,27 @@ def test_interrupted_scoring_redoes_only_unfinished_shards(first_run, root):
     final = Path(result["score_reference"]["path"])
     assert (final / done.name).stat().st_mtime_ns == finished_ns
     assert len(list(final.glob("part-*.parquet"))) == 4 * 3
+
+
+def test_targets_trained_on_two_processes_match_one(first_run, root):
+    """target.train.num_processes=2 through Prefect (each target launches its own 2 gloo workers): the same models
+    as the first run's one-process ones, to float tolerance (a step's windows are split into two micro-batches
+    of half the size, one per process: the same mean loss; 12 steps at lr 1e-2 grow the float differences)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flows.pipeline import pipeline
+    from schemas.configs import PipelineConfig
+
+    data = tiny().model_dump()
+    train = data["target"]["train"]
+    train |= {"num_processes": 2, "micro_batch_size": train["micro_batch_size"] // 2}
+    data["target"]["variants"] = [v for v in data["target"]["variants"] if v["name"] in ("ntp", "mtp2")]
+    config = PipelineConfig.model_validate(data)
+    pipeline(config=config, only=["train_target"])
+    one, two = plan(tiny()), plan(config)
+    for name in ("train_target.ntp", "train_target.mtp2"):
+        assert two[name].key != one[name].key and verify(load_manifest(two[name].path())) == []
+        a, b = (load_file(nodes[name].path() / "model.safetensors") for nodes in (one, two))
+        for tensor in a:
+            torch.testing.assert_close(b[tensor], a[tensor], rtol=1e-3, atol=1e-4)

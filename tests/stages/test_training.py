@@ -171,7 +171,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tokens, tmp_path, un
     with pytest.raises(RuntimeError, match=r"non-finite training loss .* step 5\. Try a lower train\.lr"):
         tiny_run(tokens, tmp_path, objective=NanAfter(calls=8))  # 2 micro-batches per step: step 5 fails
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]
-    assert load_checkpoint(tmp_path / "checkpoints" / "step-000003.pt")["run"]["step"] == 3
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-000003")["run"]["step"] == 3
     assert not (tmp_path / "metrics.parquet").exists() and not (tmp_path / "model.safetensors").exists()
     tiny_run(tokens, tmp_path)  # a fixed run resumes from the good checkpoint
     _assert_same_run(uninterrupted[0], tmp_path)

@@ -49,6 +49,21 @@ def test_materialize_writes_manifest_and_success(tmp_path):
     assert not (tmp_path / "_tmp" / f"s-{manifest.key}").exists()
 
 
+def test_temp_files_of_a_killed_attempt_are_not_part_of_the_artifact(tmp_path):
+    """A build resumed after kill -9 (e.g. scoring shards) finds the killed writer's temporary files in its work
+    dir: they are removed, not listed in the manifest (found by the fault suite)."""
+
+    def build(out: Path) -> dict:
+        (out / "shards").mkdir()
+        (out / "shards" / ".part-000.parquet.4242-0123abcd.tmp").write_bytes(b"half a shard")
+        (out / ".keep.tmp").write_text("not ours: kept")
+        return _write(out)
+
+    manifest = materialize("s", "1", ScoreConfig(), {}, build, root=tmp_path)
+    assert sorted(f.path for f in manifest.files) == [".keep.tmp", "data.txt"]
+    assert not (Path(manifest.path) / "shards" / ".part-000.parquet.4242-0123abcd.tmp").exists()
+
+
 def test_raising_build_leaves_no_artifact(tmp_path):
     def explode(out: Path):
         (out / "half.txt").write_text("partial")

@@ -14,22 +14,24 @@ from storage import checkpoints
 from tests.helpers import TINY_MODEL
 
 
-def test_keeps_the_newest_two_and_ignores_temp_files(tmp_path):
+def test_keeps_the_newest_two_and_ignores_unfinished_folders(tmp_path):
     directory = tmp_path / "checkpoints"
     assert checkpoints.latest_checkpoint(directory) is None
     for step in (3, 6, 9):
-        checkpoints.save_checkpoint(directory, step, {"step": step, "w": torch.full((2,), float(step))})
-    (directory / ".step-000012.pt.tmp").write_bytes(b"half a file")
+        checkpoints.save_checkpoint(directory, step, {"step": step}, {"w": torch.full((2,), float(step))})
+    (directory / ".tmp-step-000012").mkdir()  # a killed save
+    (directory / "step-000015").mkdir()  # no run.pt: not finished
     assert [s for s, _ in checkpoints.list_checkpoints(directory)] == [6, 9]
     latest = checkpoints.latest_checkpoint(directory)
-    assert latest.name == "step-000009.pt"
-    state = checkpoints.load_checkpoint(latest)
-    assert state["step"] == 9 and torch.equal(state["w"], torch.full((2,), 9.0))
+    assert latest.name == "step-000009"
+    tensors = {"w": torch.zeros(2)}
+    assert checkpoints.load_checkpoint(latest, tensors)["step"] == 9
+    assert torch.equal(tensors["w"], torch.full((2,), 9.0))
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    path = checkpoints.save_checkpoint(tmp_path, 1, {"rng": rng_state(), "rows": [(1, 2, "train/loss", 0.5)]})
+    path = checkpoints.save_checkpoint(tmp_path, 1, {"rng": rng_state(), "rows": [(1, 2, "train/loss", 0.5)]}, {})
     expected = (torch.rand(3), np.random.rand(3), random.random())
     loaded = checkpoints.load_checkpoint(path)
     set_rng_state(loaded["rng"])

@@ -1,0 +1,200 @@
+"""Training on several processes with torch.distributed (the train loop's only link to it).
+
+- Launch: `launch` starts train.num_processes workers per node with torch's elastic launcher (the machinery
+  `torchrun` uses; c10d rendezvous at train.rdzv_endpoint, or a free local port on one node). A process that is
+  already a worker of a launch (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK) joins it instead (`launched`).
+- Process group: NCCL on CUDA (one GPU per local rank), gloo on CPU.
+- Model: `wrap` applies PyTorch's composable data parallelism per transformer block and then to the root:
+  `replicate` (ddp: parameters replicated, gradients all-reduced) or FSDP2 `fully_shard` (fsdp: parameters,
+  gradients and optimizer state sharded; bf16 parameters with fp32 gradient reduction on CUDA). The objectives
+  call model methods other than forward (trunk, head, logits, features), so those are registered as FSDP forward
+  methods; this is also what lets the multi-token objective's sequential per-head backward run unchanged.
+- Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_` (additive objective state).
+"""
+
+import logging
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from schemas.configs import TrainConfig
+from stages.training import interrupt
+
+log = logging.getLogger(__name__)
+
+FORWARD_METHODS = ("trunk", "head", "logits", "features", "forward_heads", "residual_after", "loss_from")
+"""GPT methods the objectives and the evaluation call directly (FSDP unshards parameters around each)."""
+
+TIMEOUT = timedelta(minutes=30)
+"""Collective timeout: a rank that died (kill -9) makes the others fail after this at the latest (the elastic
+agent usually stops them within seconds when it sees the dead worker)."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the group (rank 0 writes files and logs)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0: the one process that writes artifacts, checkpoints' run state and progress lines."""
+        return self.rank == 0
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean over ranks of each value (same keys on every rank)."""
+        if not values:
+            return {}
+        names = sorted(values)
+        tensor = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return {n: float(v) / self.world_size for n, v in zip(names, tensor.tolist(), strict=True)}
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks in place (CPU tensors via gloo; returns the tensor)."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    def max_int(self, value: int) -> int:
+        """The largest `value` over ranks."""
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        dist.barrier()
+
+
+def current() -> Ranks | None:
+    """This process's Ranks when a process group of several ranks is running, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return None
+
+
+def launched() -> bool:
+    """Is this process a worker of a torchrun / elastic launch (its environment names rank and world size)?"""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def init_process_group(device_type: str) -> Ranks:
+    """Join the launch's process group (NCCL on CUDA, gloo on CPU); sets this rank's CUDA device."""
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+    ranks = current()
+    assert ranks is not None, "init_process_group: a single-process group"
+    return ranks
+
+
+def configure_worker(ranks: Ranks) -> None:
+    """Logging of a spawned worker: rank 0 logs progress like the parent process, the others only warnings."""
+    logging.basicConfig(level=logging.INFO if ranks.is_writer else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s %(name)s [rank {ranks.rank}]: %(message)s",
+                        datefmt="%H:%M:%S")
+    # The model's methods return views (e.g. a slice of the stream); nothing edits them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def device_for(ranks: Ranks, device: torch.device) -> torch.device:
+    """This rank's device: cuda:<local rank> on CUDA, the CPU otherwise."""
+    return torch.device("cuda", ranks.local_rank) if device.type == "cuda" else device
+
+
+def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_file: Path) -> object:
+    """Run worker(*args) in cfg.num_processes processes on this node (times num_nodes nodes meeting at
+    cfg.rdzv_endpoint) with torch's elastic launcher; returns the value of this node's lowest rank.
+
+    A stop signal to this process (interrupt.STOP) is passed on by creating `stop_file`, which the workers check
+    at every step boundary (they save a checkpoint and stop together); the launch then raises Interrupted. A
+    failed worker raises torch's ChildFailedError, which names the rank and its error."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    endpoint = cfg.rdzv_endpoint or f"localhost:{_free_port()}"
+    run_id = "lmpipe-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)  # also names the launcher's log folder
+    config = LaunchConfig(min_nodes=cfg.num_nodes, max_nodes=cfg.num_nodes, nproc_per_node=cfg.num_processes,
+                          rdzv_backend="c10d", rdzv_endpoint=endpoint, run_id=run_id, max_restarts=0,
+                          monitor_interval=0.5, start_method="spawn")
+    log.info("%s: launching %d process(es) per node on %d node(s), rendezvous %s", run_id, cfg.num_processes,
+             cfg.num_nodes, endpoint)
+    stop_file.unlink(missing_ok=True)
+    done = threading.Event()
+    threading.Thread(target=_forward_stop, args=(stop_file, done), daemon=True).start()
+    try:
+        results = elastic_launch(config, worker)(*args)
+    except ChildFailedError:
+        if interrupt.STOP.is_set():
+            raise interrupt.Interrupted(f"stopped by a signal: {run_id}'s workers saved a checkpoint; run the same "
+                                        "command again to resume from it") from None
+        raise
+    finally:
+        done.set()
+        stop_file.unlink(missing_ok=True)
+    return results[min(results)]
+
+
+def _forward_stop(stop_file: Path, done: threading.Event) -> None:
+    while not done.is_set():
+        if interrupt.STOP.wait(0.2):
+            stop_file.touch()
+            return
+
+
+def stop_requested(ranks: Ranks, stop_file: Path) -> bool:
+    """Did any rank get a stop signal, or the launching process (stop_file)? The same answer on every rank."""
+    return ranks.max_int(int(interrupt.STOP.is_set() or stop_file.exists())) > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def wrap(model: nn.Module, parallelism: str, device: torch.device) -> nn.Module:
+    """Apply replicate (ddp) or fully_shard (fsdp) to every repeated block, then to the model; in place."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if parallelism == "fsdp":
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if device.type == "cuda" else MixedPrecisionPolicy())
+        apply = lambda module: fully_shard(module, mp_policy=policy)  # noqa: E731
+    else:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        apply = replicate
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                apply(block)
+    apply(model)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Reduce gradients after this backward (the step's last micro-batch) or keep accumulating locally."""
+    model.set_requires_gradient_sync(sync)
+
+
+def full_grad_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float (a DTensor over sharded or replicated gradients)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
