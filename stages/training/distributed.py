@@ -100,8 +100,11 @@ def init_process_group(device_type: str) -> Ranks:
     return ranks
 
 
-def configure_worker(ranks: Ranks) -> None:
-    """Logging of a spawned worker: rank 0 logs progress like the parent process, the others only warnings."""
+def configure_worker(ranks: Ranks, device: torch.device) -> None:
+    """A spawned worker: rank 0 logs progress like the parent process, the others only warnings; on the CPU the
+    node's cores are split between its processes (torch would give each of them every core)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     logging.basicConfig(level=logging.INFO if ranks.is_writer else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s %(name)s [rank {ranks.rank}]: %(message)s",
                         datefmt="%H:%M:%S")

@@ -162,7 +162,7 @@ def _train_worker(objective: Objective, train_windows: TokenWindows, val_windows
     interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
     interrupt.install_handlers()
     ranks = distributed.init_process_group(resolve_device(cfg.device).type)
-    distributed.configure_worker(ranks)
+    distributed.configure_worker(ranks, resolve_device(cfg.device))
     try:
         return _train(objective, train_windows, val_windows, cfg, work_dir, **kwargs, ranks=ranks)
     finally:

@@ -26,6 +26,7 @@ from tests.processes import REPO
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 VARIANTS = {
     "ntp": TargetVariant(name="ntp"),
+    "slm": TargetVariant(name="slm", selection=SelectionConfig(kind="top_k", score="reference_loss", keep_ratio=0.5)),
     # selection ranked over the whole step (each rank trains on part of it) and two heads' sequential backward
     "slm_mtp2": TargetVariant(name="slm_mtp2", num_future_tokens=2,
                               selection=SelectionConfig(kind="top_k", score="reference_loss", keep_ratio=0.5,
@@ -85,7 +86,7 @@ def test_two_processes_train_like_one(tokens, single, tmp_path, variant, paralle
     assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 256
     assert_same_training(single / variant, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
-    if variant != "ntp":  # exactly the same tokens selected: every rank's counts summed
+    if variant != "ntp":  # exactly k per micro-batch / per step: the same tokens selected, every rank's counts summed
         one, two = (pq.read_table(w / "token_selection.parquet") for w in (single / variant, tmp_path))
         assert one.equals(two)
 
@@ -104,19 +105,46 @@ run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "slm_mtp2", num_p
 """
 
 
-@pytest.mark.parametrize(("parallelism", "resume_processes"), [("fsdp", 2), ("ddp", 1)])
-def test_kill_9_of_a_two_process_run_resumes(tokens, single, tmp_path, parallelism, resume_processes):
-    """kill -9 of the launching process once a checkpoint exists takes its workers with it; the re-run resumes from
-    that checkpoint, at 2 processes or at 1 (the checkpoint is resharded on load), and ends as the uninterrupted
-    run."""
-    work = tmp_path / "work"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "tokens"), str(work), parallelism],
-                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+def _workers(pid: int) -> list[int]:
+    """The training workers among pid's descendants (multiprocessing spawn children, not its resource tracker)."""
+    from flows.watchdog import descendants
+
+    found = []
+    for child in descendants(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            pass
+    return sorted(found)
+
+
+@pytest.mark.parametrize(("parallelism", "killed", "resume_processes"),
+                         [("fsdp", "launcher", 2), ("ddp", "launcher", 1), ("ddp", "one rank", 2)])
+def test_kill_9_of_a_two_process_run_resumes(tokens, single, tmp_path, parallelism, killed, resume_processes):
+    """kill -9 once a checkpoint exists, of the launching process (its workers die with it) or of one rank (the
+    launcher stops the other rank and fails, naming it); the re-run resumes from that checkpoint, at 2 processes or
+    at 1 (the checkpoint is resharded on load), and ends as the uninterrupted run."""
+    work, log = tmp_path / "work", tmp_path / "launcher.log"
+    with open(log, "wb") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "tokens"), str(work), parallelism],
+                                 cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=stderr)
     deadline = time.monotonic() + 120
     while not list_checkpoints(work / "checkpoints") and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(child.pid, signal.SIGKILL)  # the launcher and its workers, as a killed job step would
-    child.wait(timeout=10)
+    workers = _workers(child.pid)
+    assert len(workers) == 2, workers
+    if killed == "launcher":
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    else:
+        os.kill(workers[-1], signal.SIGKILL)
+        assert child.wait(timeout=60) != 0
+        assert b"ChildFailedError" in log.read_bytes() and b"Signal 9 (SIGKILL)" in log.read_bytes()
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived the run"
     saved = [step for step, _ in list_checkpoints(work / "checkpoints")]
     assert saved and not (work / "model.safetensors").exists()
     summary = run(tokens, work, "slm_mtp2", num_processes=resume_processes, parallelism=parallelism)
@@ -124,3 +152,28 @@ def test_kill_9_of_a_two_process_run_resumes(tokens, single, tmp_path, paralleli
     assert_same_training(single / "slm_mtp2", work)
     one, two = (pq.read_table(w / "token_selection.parquet") for w in (single / "slm_mtp2", work))
     assert one.equals(two)
+
+
+NODE = """
+import sys
+from pathlib import Path
+from tests.helpers import make_token_artifact
+from tests.stages.test_distributed import run
+run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "ntp", num_processes=1, num_nodes=2,
+    rdzv_endpoint=sys.argv[3])
+"""
+
+
+def test_two_nodes_meet_at_the_rendezvous_endpoint(single, tmp_path):
+    """Two "nodes" (processes on this machine, each calling train with num_nodes=2 and the same endpoint) form one
+    2-rank run; the node that gets rank 0 writes the model, equal to the 1-process one to float tolerance."""
+    from tests.processes import free_port, lmpipe_env
+
+    endpoint = f"localhost:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(tmp_path / f"tokens{i}"), str(tmp_path / f"node{i}"),
+                               endpoint], cwd=REPO, env=lmpipe_env(tmp_path))
+             for i in range(2)]
+    assert [node.wait(timeout=300) for node in nodes] == [0, 0]
+    written = [tmp_path / f"node{i}" for i in range(2) if (tmp_path / f"node{i}" / "model.safetensors").exists()]
+    assert len(written) == 1
+    assert_same_training(single / "ntp", written[0])
