@@ -4,8 +4,10 @@ Prefect is imported only by the commands that need it (run, server, serve): stat
 """
 
 import argparse
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +40,9 @@ def cmd_run(args) -> int:
     nodes = plan(cfg)
     for name in (args.only or []) + (args.force or []):
         select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
+    if (args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")) == "dask" and not importlib.util.find_spec(
+            "prefect_dask"):
+        raise ValueError("--task-runner dask needs prefect-dask: pip install -e '.[cluster]'")
     remember(args, cfg)
     wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
     before = {name: node.finished_stamp() for name, node in nodes.items()}
@@ -56,6 +61,11 @@ def cmd_run(args) -> int:
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
+        if args.task_runner or args.parallel_tasks or args.task_runner_address:
+            from flows.runners import configured
+
+            pipeline = pipeline.with_options(
+                task_runner=configured(args.task_runner, args.parallel_tasks, args.task_runner_address))
         result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
              "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}
@@ -238,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--only", action="append", metavar="STAGE", help="build only this stage (upstream must exist)")
     run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
+    run.add_argument("--task-runner", choices=["thread", "dask"],
+                     help="where task runs execute (default thread, or $LMPIPE_TASK_RUNNER): this process's thread "
+                          "pool or a Dask cluster (local, or --task-runner-address)")
+    run.add_argument("--parallel-tasks", type=int, metavar="N",
+                     help="task runs at once (thread pool size / local Dask workers; default 2)")
+    run.add_argument("--task-runner-address", metavar="URL",
+                     help="the scheduler of an existing Dask cluster (tcp://host:8786)")
     run.set_defaults(fn=cmd_run)
     for name, fn in (("status", cmd_status), ("config", cmd_config)):
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])

@@ -1,6 +1,7 @@
 """Prefect flows: `lmpipe` runs the whole DAG; one flow per stage re-runs a single stage on cached upstream.
 
-Target variants and score shards fan out as parallel task runs (thread pool: torch releases the GIL).
+Target variants and score shards fan out as parallel task runs on the configured task runner (flows/runners.py:
+a thread pool by default, or a Dask or Ray cluster).
 """
 
 import logging
@@ -9,8 +10,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runners import configured
 from flows.tasks import shard_task_for, task_for
 from schemas.configs import PipelineConfig
 from schemas.manifest import Manifest
@@ -22,9 +23,6 @@ from stages.training import interrupt
 from storage.artifacts import require
 
 log = logging.getLogger(__name__)
-
-MAX_PARALLEL_TASKS = 2
-"""Task runs at once (variants, shards). Two matches 2-core CPUs; raise it on a GPU box with spare memory."""
 
 
 def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: list[str] | None = None) -> dict:
@@ -91,7 +89,7 @@ DEFAULT_CONFIG = default()
 """What the UI form starts from."""
 
 
-@flow(name="lmpipe", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))
+@flow(name="lmpipe", task_runner=configured())
 def pipeline(config: PipelineConfig = DEFAULT_CONFIG, only: list[str] | None = None,
              force: list[str] | None = None) -> dict:
     """The whole pipeline: tokenize -> reference -> scores -> targets -> evaluate, cached per artifact."""
@@ -112,7 +110,7 @@ def stage_flow(stage_name: str, description: str):
     # served deployments load a flow by entrypoint `flows/pipeline.py:<function name>`: name the function after
     # the stage and bind the flow to that module-level name (below)
     run_one_stage.__name__ = run_one_stage.__qualname__ = stage_name
-    return flow(name=stage_name, task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_TASKS))(run_one_stage)
+    return flow(name=stage_name, task_runner=configured())(run_one_stage)
 
 
 STAGE_FLOWS = {name: stage_flow(name, spec.description) for name, spec in stages().items()}

@@ -1,0 +1,44 @@
+"""Which Prefect task runner executes the pipeline's task runs (stage builds, score/extraction shards, variants).
+
+- `thread` (default): Prefect's ThreadPoolTaskRunner in this process; torch releases the GIL, so builds overlap.
+- `dask`: prefect-dask's DaskTaskRunner: a local dask.distributed cluster of `parallel_tasks` single-threaded
+  worker processes, or the scheduler at `address` (tcp://host:8786) of an existing cluster.
+Workers on other machines must see the same artifact root (a shared file system) and the same Prefect API.
+"""
+
+import os
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+TASK_RUNNERS = ("thread", "dask")
+DEFAULT_PARALLEL_TASKS = 2
+"""Task runs at once on the default thread pool (and workers of a local Dask cluster). Two matches 2-core CPUs;
+raise it on a GPU box with spare memory."""
+
+
+def configured(kind: str | None = None, parallel_tasks: int | None = None, address: str | None = None):
+    """task_runner() with what is not given taken from LMPIPE_TASK_RUNNER, LMPIPE_PARALLEL_TASKS and
+    LMPIPE_TASK_RUNNER_ADDRESS (so `lmpipe serve`'s deployments follow them too), then the defaults."""
+    return task_runner(kind or os.environ.get("LMPIPE_TASK_RUNNER", "thread"),
+                       parallel_tasks or int(os.environ.get("LMPIPE_PARALLEL_TASKS", DEFAULT_PARALLEL_TASKS)),
+                       address or os.environ.get("LMPIPE_TASK_RUNNER_ADDRESS") or None)
+
+
+def task_runner(kind: str = "thread", parallel_tasks: int = DEFAULT_PARALLEL_TASKS, address: str | None = None):
+    """The Prefect task runner for `kind`; ValueError naming the package to install when it is missing."""
+    if parallel_tasks < 1:
+        raise ValueError(f"--parallel-tasks must be >= 1, got {parallel_tasks}")
+    if kind == "thread":
+        if address:
+            raise ValueError("--task-runner-address needs --task-runner dask")
+        return ThreadPoolTaskRunner(max_workers=parallel_tasks)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ValueError("--task-runner dask needs prefect-dask: pip install -e '.[cluster]'") from None
+        if address:
+            return DaskTaskRunner(address=address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": parallel_tasks, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    raise ValueError(f"unknown task runner {kind!r}; choose one of {TASK_RUNNERS}")
