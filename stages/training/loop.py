@@ -134,6 +134,9 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
     if cfg.world_size == 1:
         return _train(*args, **kwargs, on_step=on_step)
     check_divisible(BatchSchedule.of(cfg, train_windows.seq_len), cfg, label)
+    if resolve_device(cfg.device).type == "cuda" and cfg.num_processes > torch.cuda.device_count():
+        raise ValueError(f"{label}: train.num_processes={cfg.num_processes} but {torch.cuda.device_count()} GPU(s) "
+                         "are visible; use one process per GPU (or device='cpu')")
     if on_step is not None:
         raise ValueError(f"{label}: on_step callbacks are not supported with train.num_processes > 1")
     if distributed.launched() and int(os.environ["WORLD_SIZE"]) == cfg.world_size:
@@ -161,12 +164,14 @@ def _train_worker(objective: Objective, train_windows: TokenWindows, val_windows
     """One process of a distributed run: join the group, train, leave it. Only rank 0 logs progress."""
     interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
     interrupt.install_handlers()
+    owns_group = not torch.distributed.is_initialized()  # a torchrun script may have made it already
     ranks = distributed.init_process_group(resolve_device(cfg.device).type)
     distributed.configure_worker(ranks, resolve_device(cfg.device))
     try:
         return _train(objective, train_windows, val_windows, cfg, work_dir, **kwargs, ranks=ranks)
     finally:
-        torch.distributed.destroy_process_group()
+        if owns_group:
+            torch.distributed.destroy_process_group()
 
 
 def _train(objective: Objective, train_windows: TokenWindows, val_windows: dict[str, TokenWindows],

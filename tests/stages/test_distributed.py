@@ -1,6 +1,6 @@
 """Training on 2 processes (torch's elastic launcher, gloo on the CPU) against 1 process with the same config: the
-same data order, loss curve, selections and final weights (to float tolerance), for ddp and fsdp; a 2-process run
-killed with kill -9 resumes, at 2 processes or at 1."""
+same data order, loss curve, selections and final weights (to float tolerance), for ddp and fsdp; two nodes meet
+at a rendezvous endpoint; a 2-process run killed with kill -9 resumes, at 2 processes or at 1 (marked `fault`)."""
 
 import os
 import signal
@@ -119,6 +119,7 @@ def _workers(pid: int) -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.fault  # ~80 s: with the fault suite (CI runs it after the default suite)
 @pytest.mark.parametrize(("parallelism", "killed", "resume_processes"),
                          [("fsdp", "launcher", 2), ("ddp", "launcher", 1), ("ddp", "one rank", 2)])
 def test_kill_9_of_a_two_process_run_resumes(tokens, single, tmp_path, parallelism, killed, resume_processes):
@@ -177,3 +178,28 @@ def test_two_nodes_meet_at_the_rendezvous_endpoint(single, tmp_path):
     written = [tmp_path / f"node{i}" for i in range(2) if (tmp_path / f"node{i}" / "model.safetensors").exists()]
     assert len(written) == 1
     assert_same_training(single / "ntp", written[0])
+
+
+JOINED = """
+import logging
+import sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO)
+from tests.helpers import make_token_artifact
+from tests.stages.test_distributed import run
+run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "ntp", num_processes=2)
+"""
+
+
+def test_a_torchrun_launch_is_joined(single, tmp_path):
+    """Under `torchrun --nproc_per_node 2`, train with num_processes=2 joins the launch instead of launching."""
+    from tests.processes import lmpipe_env
+
+    script = tmp_path / "joined.py"
+    script.write_text(JOINED)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "tokens"), str(tmp_path / "work")], cwd=REPO, env=lmpipe_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "launching" not in done.stderr  # no launch of its own inside torchrun's
+    assert_same_training(single / "ntp", tmp_path / "work")
