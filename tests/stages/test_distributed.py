@@ -184,10 +184,12 @@ JOINED = """
 import logging
 import sys
 from pathlib import Path
+import os
 logging.basicConfig(level=logging.INFO)
 from tests.helpers import make_token_artifact
 from tests.stages.test_distributed import run
-run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "ntp", num_processes=2)
+tokens = make_token_artifact(Path(sys.argv[1]) / os.environ["RANK"])  # every rank runs this script: own copies
+run(tokens, Path(sys.argv[2]), "ntp", num_processes=2)
 """
 
 
