@@ -1,7 +1,7 @@
 """Prefect flows: `lmpipe` runs the whole DAG; one flow per stage re-runs a single stage on cached upstream.
 
 Target variants and score shards fan out as parallel task runs on the configured task runner (flows/runners.py:
-a thread pool by default, or a Dask or Ray cluster).
+a thread pool by default, or a Dask cluster).
 """
 
 import logging

@@ -1,9 +1,10 @@
 """Helpers of the tests that start real `lmpipe` processes: their environment, a free port, polling."""
 
 import os
-import socket
 import time
 from pathlib import Path
+
+from stages.training.distributed import free_port  # noqa: F401  (the tests' free port, one helper)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -12,13 +13,6 @@ def lmpipe_env(root: Path) -> dict:
     """This environment without PREFECT_* settings, with LMPIPE_ROOT=root and the repository importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return env | {"LMPIPE_ROOT": str(root), "DO_NOT_TRACK": "1", "PYTHONPATH": str(REPO)}
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):

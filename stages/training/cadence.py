@@ -87,7 +87,7 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         run = state.state_dict()
         if self.ranks is not None:
-            run["objective"] = sum_over_ranks(self.ranks, run["objective"])
+            run["objective"] = self.ranks.sum_state(run["objective"])
         checkpoints.save_checkpoint(self.directory, state.step, {"run": run, "rng": rng_state()},
                                     {"model": model_sd, "optimizer": optim_sd},
                                     writer=self.ranks is None or self.ranks.is_writer,
@@ -119,17 +119,3 @@ class Checkpointer:
 
         shutil.rmtree(self.directory, ignore_errors=True)
 
-
-def sum_over_ranks(ranks: Ranks, state):
-    """An additive state (nested dicts of tensors and numbers) summed over ranks; 1-D tensors of different
-    lengths (counters that grew on one rank only) are zero-padded to the longest first."""
-    if isinstance(state, dict):
-        return {key: sum_over_ranks(ranks, value) for key, value in sorted(state.items())}
-    if isinstance(state, torch.Tensor):
-        length = ranks.max_int(state.shape[0]) if state.ndim else 0
-        padded = state if not state.ndim or state.shape[0] == length else torch.cat(
-            [state, state.new_zeros((length - state.shape[0], *state.shape[1:]))])
-        return ranks.sum_(padded.clone())
-    if isinstance(state, (int, float)):
-        return type(state)(ranks.sum_(torch.tensor([float(state)], dtype=torch.float64)).item())
-    raise TypeError(f"objective state of type {type(state).__name__} cannot be summed over ranks")

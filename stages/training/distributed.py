@@ -9,7 +9,7 @@
   gradients and optimizer state sharded; bf16 parameters with fp32 gradient reduction on CUDA). The objectives
   call model methods other than forward (trunk, head, logits, features), so those are registered as FSDP forward
   methods; this is also what lets the multi-token objective's sequential per-head backward run unchanged.
-- Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_` (additive objective state).
+- Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_state` (additive objective state).
 """
 
 import logging
@@ -65,6 +65,20 @@ class Ranks:
         """Sum over ranks in place (CPU tensors via gloo; returns the tensor)."""
         dist.all_reduce(tensor)
         return tensor
+
+    def sum_state(self, state):
+        """An additive state (nested dicts of tensors and numbers, e.g. an objective's counters) summed over ranks;
+        1-D tensors of different lengths (counters that grew on one rank only) are zero-padded to the longest."""
+        if isinstance(state, dict):
+            return {key: self.sum_state(value) for key, value in sorted(state.items())}
+        if isinstance(state, torch.Tensor):
+            length = self.max_int(state.shape[0]) if state.ndim else 0
+            padded = state if not state.ndim or state.shape[0] == length else torch.cat(
+                [state, state.new_zeros((length - state.shape[0], *state.shape[1:]))])
+            return self.sum_(padded.clone())
+        if isinstance(state, (int, float)):
+            return type(state)(self.sum_(torch.tensor([float(state)], dtype=torch.float64)).item())
+        raise TypeError(f"objective state of type {type(state).__name__} cannot be summed over ranks")
 
     def max_int(self, value: int) -> int:
         """The largest `value` over ranks."""
@@ -127,7 +141,7 @@ def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_fi
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    endpoint = cfg.rdzv_endpoint or f"localhost:{_free_port()}"
+    endpoint = cfg.rdzv_endpoint or f"localhost:{free_port()}"
     run_id = "lmpipe-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)  # also names the launcher's log folder
     config = LaunchConfig(min_nodes=cfg.num_nodes, max_nodes=cfg.num_nodes, nproc_per_node=cfg.num_processes,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint, run_id=run_id, max_restarts=0,
@@ -162,12 +176,13 @@ def stop_requested(ranks: Ranks, stop_file: Path) -> bool:
     return ranks.max_int(int(interrupt.STOP.is_set() or stop_file.exists())) > 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for a local rendezvous)."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wrap(model: nn.Module, parallelism: str, device: torch.device) -> nn.Module:

@@ -29,7 +29,7 @@ from schemas.tables import METRICS, PROBE_LOSSES
 from stages.models.init_rng import seeded_generator
 from stages.objectives.base import Objective
 from stages.training import distributed, interrupt
-from stages.training.cadence import Checkpointer, Evaluator, ProbeSet, sum_over_ranks
+from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
 from stages.training.data import WindowOrder, make_batch
 from stages.training.devices import resolve_device
 from stages.training.init_weights import init_from_base
@@ -133,7 +133,10 @@ def train(objective: Objective, train_windows: TokenWindows, val_windows: dict[s
                   probe=probe, meta=meta, init_from=init_from)
     if cfg.world_size == 1:
         return _train(*args, **kwargs, on_step=on_step)
-    check_divisible(BatchSchedule.of(cfg, train_windows.seq_len), cfg, label)
+    try:  # a step that the processes cannot share fails here, before any of them starts
+        BatchSchedule.of(cfg, train_windows.seq_len)
+    except ValueError as err:
+        raise ValueError(f"{label}: {err}") from None
     if resolve_device(cfg.device).type == "cuda" and cfg.num_processes > torch.cuda.device_count():
         raise ValueError(f"{label}: train.num_processes={cfg.num_processes} but {torch.cuda.device_count()} GPU(s) "
                          "are visible; use one process per GPU (or device='cpu')")
@@ -149,24 +152,15 @@ def stop_file(work_dir: Path) -> Path:
     return Path(work_dir) / ".stop"
 
 
-def check_divisible(schedule: BatchSchedule, cfg: TrainConfig, label: str) -> None:
-    """Every process takes the same number of each step's micro-batches."""
-    if schedule.accum_steps % cfg.world_size:
-        raise ValueError(
-            f"{label}: a step has {schedule.accum_steps} micro-batches (train.batch_size_tokens / "
-            f"(micro_batch_size * seq_len)), which {cfg.world_size} processes cannot share evenly; make "
-            f"train.batch_size_tokens a multiple of {cfg.world_size} * micro_batch_size * seq_len or lower "
-            "train.micro_batch_size")
-
-
 def _train_worker(objective: Objective, train_windows: TokenWindows, val_windows: dict[str, TokenWindows],
                   cfg: TrainConfig, work_dir: Path, kwargs: dict) -> dict:
     """One process of a distributed run: join the group, train, leave it. Only rank 0 logs progress."""
     interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
     interrupt.install_handlers()
     owns_group = not torch.distributed.is_initialized()  # a torchrun script may have made it already
-    ranks = distributed.init_process_group(resolve_device(cfg.device).type)
-    distributed.configure_worker(ranks, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    ranks = distributed.init_process_group(device.type)
+    distributed.configure_worker(ranks, device)
     try:
         return _train(objective, train_windows, val_windows, cfg, work_dir, **kwargs, ranks=ranks)
     finally:
@@ -251,7 +245,7 @@ def _train(objective: Objective, train_windows: TokenWindows, val_windows: dict[
                             "command again to resume from it")
     final = plain.of(model)
     if ranks is not None:
-        objective.load_state_dict(sum_over_ranks(ranks, objective.state_dict()))
+        objective.load_state_dict(ranks.sum_state(objective.state_dict()))
     if writer:
         checkpoints.save_model(work_dir, final, meta or {})
         _write_tables(work_dir, state)

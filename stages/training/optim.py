@@ -19,13 +19,19 @@ class BatchSchedule:
 
     @classmethod
     def of(cls, cfg: TrainConfig, seq_len: int) -> "BatchSchedule":
-        """steps = ceil(max_tokens / batch_size_tokens); accumulation = batch / (micro_batch * seq_len)."""
+        """steps = ceil(max_tokens / batch_size_tokens); accumulation = batch / (micro_batch * seq_len), a multiple
+        of the number of training processes."""
         micro_tokens = cfg.micro_batch_size * seq_len
         if cfg.batch_size_tokens % micro_tokens:
             raise ValueError(f"train.batch_size_tokens ({cfg.batch_size_tokens}) must be a multiple of "
                              f"micro_batch_size * seq_len = {micro_tokens}")
-        return cls(math.ceil(cfg.max_tokens / cfg.batch_size_tokens), cfg.batch_size_tokens // micro_tokens,
-                   cfg.batch_size_tokens)
+        accum_steps = cfg.batch_size_tokens // micro_tokens
+        if accum_steps % cfg.world_size:  # every process takes the same number of each step's micro-batches
+            raise ValueError(
+                f"a step has {accum_steps} micro-batches (train.batch_size_tokens / (micro_batch_size * seq_len)), "
+                f"which {cfg.world_size} processes cannot share evenly; make train.batch_size_tokens a multiple of "
+                f"{cfg.world_size} * micro_batch_size * seq_len or lower train.micro_batch_size")
+        return cls(math.ceil(cfg.max_tokens / cfg.batch_size_tokens), accum_steps, cfg.batch_size_tokens)
 
     def as_list(self) -> list[int]:
         """[total_steps, accum_steps, step_tokens] (what a checkpoint records)."""
