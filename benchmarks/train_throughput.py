@@ -202,7 +202,8 @@ def build_ours(spec: dict, device: torch.device, stream_path: Path):
     # only need a value here, not a new position.
     accepted = inspect.signature(train_step).parameters
     known = {"objective": objective, "model": model, "optimizer": optimizer, "order": order, "windows": windows,
-             "cfg": train_cfg, "schedule": plan, "device": device, "lookups": None, "label": "bench"}
+             "cfg": train_cfg, "schedule": plan, "device": device, "lookups": None, "label": "bench",
+             "ranks": None}  # one process
     missing = [name for name in accepted if name not in known and name != "step"]
     if missing:
         raise RuntimeError(f"stages.training.train_step takes new arguments {missing}: update the benchmark")
