@@ -23,14 +23,15 @@ def write_table(path: Path, table: pa.Table | dict, schema: pa.Schema) -> int:
     return table.num_rows
 
 
-def write_batches(path: Path, batches: Iterable[pa.RecordBatch | dict], schema: pa.Schema) -> int:
-    """Stream record batches (or column dicts) into one file with bounded memory; returns the row count."""
+def write_batches(path: Path, batches: Iterable[pa.RecordBatch | pa.Table | dict], schema: pa.Schema) -> int:
+    """Stream record batches (or tables, or column dicts) into one file with bounded memory; returns the row
+    count."""
     num_rows = 0
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for batch in batches:
             if isinstance(batch, dict):
                 batch = pa.RecordBatch.from_pydict(batch, schema=schema)
-            writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            writer.write(batch, row_group_size=ROW_GROUP_ROWS)
             num_rows += batch.num_rows
     return num_rows
 
