@@ -12,6 +12,8 @@ from schemas.base import StrictModel
 
 TextUnit = Literal["file", "paragraph", "line"]
 """How a .txt file is cut into documents (tokenize.text_unit, evaluate.extra_text_unit)."""
+PACKAGED_DATASET_BUILDERS = ("json", "parquet", "text", "csv")
+"""`datasets` builders that read local data files (tokenize.dataset with tokenize.dataset_files)."""
 
 
 class TokenizeConfig(StrictModel):
@@ -40,6 +42,14 @@ class TokenizeConfig(StrictModel):
     """For source=hf_dataset: the dataset configuration name, if it has several."""
     dataset_split: str = "train"
     """For source=hf_dataset: which split of the dataset to read."""
+    dataset_files: list[str] = []
+    """For source=hf_dataset with a packaged `datasets` builder as tokenize.dataset (json, parquet, text, csv):
+    the data files (paths or globs, `data_files` of `datasets.load_dataset`), e.g. dataset="json",
+    dataset_files=["data/*.jsonl"]; read offline. Source ids are hf:<builder>:<split>:<row>."""
+    dataset_streaming: bool = False
+    """For source=hf_dataset loaded by name: stream it (`load_dataset(..., streaming=True)`) instead of first
+    converting it into the `datasets` cache; it is read once either way. A save_to_disk directory is always read
+    in row batches from its memory-mapped files, so this changes nothing there."""
     documents_where: str | None = None
     """Optional SQL WHERE clause over the documents table that keeps part of the corpus (e.g. `year >= 1900`).
     The presets set a sotu clause; a config file or override that changes tokenize.source drops the preset's
@@ -68,6 +78,12 @@ class TokenizeConfig(StrictModel):
     """Fraction of documents held out for validation (chosen by a hash of the document id)."""
     split_seed: int = 0
     """Seed mixed into the document hash that decides train/val, so another seed gives another split."""
+    batch_bytes: int = Field(8 * 2**20, ge=1)
+    """Documents are read, filtered and encoded in batches of about this much UTF-8 text (a longer document is a
+    batch of its own), so memory is bounded by the batch and the largest input file (.txt) or document, not by
+    the corpus: encoding holds ~50-100 bytes per token of a batch (~0.2-0.4 GB at the default 8 MiB). The output
+    does not depend on it. documents_where and reference_where are applied per batch: row-level clauses only
+    (aggregates or subqueries over the whole table are not supported)."""
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> "TokenizeConfig":
@@ -75,9 +91,22 @@ class TokenizeConfig(StrictModel):
             raise ValueError("tokenize.paths: source='files' needs at least one path or glob")
         if self.source == "hf_dataset" and not self.dataset:
             raise ValueError("tokenize.dataset: source='hf_dataset' needs a dataset path or hub name")
+        if self.source == "hf_dataset":
+            self._check_dataset_files()
         if self.tokenizer == "file" and not self.tokenizer_path:
             raise ValueError("tokenize.tokenizer_path: tokenizer='file' needs the path of a tokenizer.json")
         return self
+
+    def _check_dataset_files(self) -> None:
+        """dataset_files go with a packaged builder as dataset, and a packaged builder needs them."""
+        builders = ", ".join(PACKAGED_DATASET_BUILDERS)
+        if self.dataset_files and self.dataset not in PACKAGED_DATASET_BUILDERS:
+            raise ValueError(f"tokenize.dataset_files: data files are read by a packaged `datasets` builder, but "
+                             f"tokenize.dataset is {self.dataset!r}; set tokenize.dataset to one of {builders} "
+                             "(e.g. 'json' for .jsonl files), or drop tokenize.dataset_files")
+        if self.dataset in PACKAGED_DATASET_BUILDERS and not self.dataset_files:
+            raise ValueError(f"tokenize.dataset_files: tokenize.dataset={self.dataset!r} is a builder that reads "
+                             "local files; list them (paths or globs) in tokenize.dataset_files")
 
 
 class ModelConfig(StrictModel):

@@ -93,7 +93,7 @@ def extra_file_stream(tokens: Manifest, path: str, cfg: EvaluateConfig) -> np.nd
                             paths_field="evaluate.extra_files", text_column_field="evaluate.extra_text_column")
     texts = read_documents([path], settings).texts
     tokenizer = Tokenizer.from_file(tokens.file("tokenizer.json"))
-    flat_ids, lengths, _ = encode_documents(tokenizer, texts)
+    flat_ids, lengths = encode_documents(tokenizer, texts)
     offsets = np.cumsum(lengths) - lengths
     stream, _, _ = pack_stream(flat_ids, offsets, lengths, np.arange(len(texts)), tokenizer.token_to_id(EOT))
     return stream

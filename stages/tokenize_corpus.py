@@ -12,33 +12,51 @@ Documents: val (a val_fraction hash), ref_train (tokenize.reference_share of the
 documents: they train the reference model and nothing else) and train (the rest: the target's data). The
 reference never trains on a document whose tokens it scores for selection. Streams: train, val, ref_train,
 and ref_val = the reference subset (tokenize.reference_where) of val.
+
+Streaming, with memory bounded by tokenize.batch_bytes and the largest input file or document, not the corpus:
+1. read: the source is read once, in batches, into Parquet files under out/_staging (stages.corpus.staging);
+2. select: documents_where per batch (row-level clauses), then the split hashes of the kept documents' source ids;
+3. splits: val and ref_train assigned over the whole corpus's hash arrays; reference_where per batch (it may read
+   `split`, train or val at that point);
+4. BPE training (tokenizer=bpe) from an iterator over the staged non-validation texts;
+5. encode: per batch, the documents' tokens + <|endoftext|> are appended to their split streams
+   (storage.token_stream) and their rows to documents.parquet; then tokens.parquet is written in record
+   batches from the memory-mapped streams and the per-document token counts. out/_staging is deleted.
 """
 
 import hashlib
 import logging
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+from tokenizers import Tokenizer
 
 from schemas.configs import TokenizeConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKENS, VOCAB, documents_schema
 from stages.corpus.packing import pack_stream
-from stages.corpus.sources import Corpus, default_reference_where, read_corpus
+from stages.corpus.progress import Progress
+from stages.corpus.sources import corpus_batches, default_reference_where
+from stages.corpus.staging import StagedCorpus, text_bytes
 from stages.corpus.tokenizers import EOT, build_tokenizer, encode_documents, vocab_table
 from stages.registry import NodeDecl, Stage
 from storage.catalog import TableSpec
 from storage.parquet import write_batches, write_table
+from storage.token_stream import TokenStreamWriter, read_chunks
 from storage.windows import stream_file
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 1 << 20
 """Rows per record batch written to tokens.parquet (bounds the Arrow copies held at once)."""
+STAGING_DIR = "_staging"
+"""Directory inside the build dir holding the corpus read from its source (deleted when the stage ends)."""
 
 
 def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
@@ -47,90 +65,108 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = None if cfg.tokenizer == "bpe" else build_tokenizer(cfg, [])  # fail fast on a bad tokenizer file
-    corpus = read_corpus(cfg)
-    docs = documents_table(corpus, cfg.documents_where)
+    staged = StagedCorpus(out / STAGING_DIR)
+    try:
+        staged.write(corpus_batches(cfg))
+        keep = select_documents(staged, cfg.documents_where)
+        splits = assign_document_splits(staged, keep, cfg)
+        tokenizer = tokenizer or build_tokenizer(cfg, StagedTexts(staged, keep, ~splits.is_val))
+        tokenizer.save(str(out / "tokenizer.json"))
+        encoded = encode_corpus(staged, keep, splits, tokenizer, out)
+    finally:
+        staged.remove()
+    num_tokens = {split: encoded.num_tokens(split, splits) for split in SPLITS}
+    for split in SPLITS:
+        if num_tokens[split] < cfg.seq_len + 1:
+            raise ValueError(
+                f"split {split!r} has only {num_tokens[split]} tokens, fewer than tokenize.seq_len + 1 = "
+                f"{cfg.seq_len + 1}; use a smaller tokenize.seq_len or a broader tokenize.documents_where / "
+                "reference_where"
+            )
+    write_table(out / "vocab.parquet", vocab_table(tokenizer), VOCAB)
+    num_rows = write_batches(out / "tokens.parquet", _token_batches(out, encoded.doc_tokens, splits), TOKENS)
+    summary = {
+        "num_documents": len(splits.is_val),
+        "num_documents_per_split": {split: int(splits.members(split).sum()) for split in SPLITS},
+        "num_tokens": num_tokens,
+        "num_windows": {split: (count - 1) // cfg.seq_len for split, count in num_tokens.items()},
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "eot_id": tokenizer.token_to_id(EOT),
+        "tokenizer": cfg.tokenizer,
+        "reference_where": splits.reference_where,
+        "tokens_per_s": round(encoded.tokens_per_s, 1),
+        "num_batches": len(staged.batch_rows),
+        "peak_batch_bytes": max(staged.batch_bytes),
+    }
+    assert num_rows == sum(num_tokens.values())
+    log.info("tokenize_corpus done in %.1fs: %s", time.perf_counter() - started, summary)
+    return summary
 
-    is_val = assign_splits(docs["source"].to_pylist(), cfg.split_seed, cfg.val_fraction)
-    docs = docs.append_column("split", pa.array(np.where(is_val, "val", "train"), pa.string()))
+
+def select_documents(staged: StagedCorpus, documents_where: str | None) -> np.ndarray:
+    """Which documents read (a mask over all of them) documents_where keeps, evaluated batch by batch."""
+    if not documents_where:
+        return np.ones(staged.num_documents, dtype=bool)
+    keep = np.concatenate([select_where(table, documents_where, "tokenize.documents_where")
+                           for table in staged.tables()])
+    if not keep.any():
+        raise ValueError(f"tokenize.documents_where: {documents_where!r} keeps no document; loosen the clause")
+    log.info("documents_where %r kept %d of %d documents", documents_where, keep.sum(), len(keep))
+    return keep
+
+
+@dataclass
+class DocumentSplits:
+    """Per kept document (index = doc_id): which splits it belongs to."""
+
+    is_val: np.ndarray
+    is_reference: np.ndarray
+    """In the reference subset (tokenize.reference_where)."""
+    reference_only: np.ndarray
+    """Trains the reference only (split ref_train)."""
+    reference_where: str
+
+    def split_column(self) -> np.ndarray:
+        """The documents table's split per document: val, ref_train or train."""
+        return np.where(self.is_val, "val", np.where(self.reference_only, "ref_train", "train"))
+
+    def members(self, split: str) -> np.ndarray:
+        """Mask of the documents in a stream (ref_val: the reference subset of val, also in val)."""
+        return {"train": ~self.is_val & ~self.reference_only, "val": self.is_val,
+                "ref_train": self.reference_only, "ref_val": self.is_reference & self.is_val}[split]
+
+
+def assign_document_splits(staged: StagedCorpus, keep: np.ndarray, cfg: TokenizeConfig) -> DocumentSplits:
+    """val by hash, the reference subset by reference_where (which may read split = train/val) and ref_train
+    by another hash, with the checks that every split gets documents."""
+    is_val = assign_splits(staged.values("source", keep), cfg.split_seed, cfg.val_fraction)
     reference_where = cfg.reference_where or default_reference_where(cfg.source)
-    is_reference = select_where(docs, reference_where, "tokenize.reference_where")  # may read split train/val
+    is_reference = select_reference(staged, keep, is_val, reference_where)
     for side, side_mask in (("train", ~is_val), ("val", is_val)):
         if not (is_reference & side_mask).any():
             raise ValueError(
                 f"tokenize.reference_where: {reference_where!r} selects no {side} document "
                 f"({int(side_mask.sum())} {side} documents); broaden it or change tokenize.split_seed"
             )
-    reference_only = assign_reference_training(docs["source"].to_pylist(), is_reference & ~is_val,
+    reference_only = assign_reference_training(staged.values("source", keep), is_reference & ~is_val,
                                                cfg.split_seed, cfg.reference_share)
     if not (~is_val & ~reference_only).any():
         raise ValueError(
             f"tokenize.reference_share: {cfg.reference_share} gives every non-validation document to the reference "
             f"(reference_where {reference_where!r} selects all of them), so the targets have nothing to train on; "
             "lower tokenize.reference_share or narrow tokenize.reference_where")
-    split_column = np.where(is_val, "val", np.where(reference_only, "ref_train", "train"))
-    docs = docs.set_column(docs.column_names.index("split"), "split", pa.array(split_column, pa.string()))
-    docs = docs.append_column("is_reference", pa.array(is_reference))
-
-    texts = docs["text"].to_pylist()
-    tokenizer = tokenizer or build_tokenizer(cfg, [t for t, v in zip(texts, is_val, strict=True) if not v])
-    tokenizer.save(str(out / "tokenizer.json"))
-    eot_id = tokenizer.token_to_id(EOT)
-    flat_ids, lengths, tokens_per_s = encode_documents(tokenizer, texts)
-    docs = docs.append_column("num_tokens", pa.array(lengths))
-
-    split_docs = {
-        "train": split_column == "train", "val": is_val, "ref_train": reference_only, "ref_val": is_reference & is_val,
-    }
-    offsets = np.cumsum(lengths) - lengths
-    streams = {}
-    for split in SPLITS:
-        doc_ids = np.flatnonzero(split_docs[split])
-        streams[split] = pack_stream(flat_ids, offsets, lengths, doc_ids, eot_id)
-        num_tokens = len(streams[split][0])
-        if num_tokens < cfg.seq_len + 1:
-            raise ValueError(
-                f"split {split!r} has only {num_tokens} tokens, fewer than tokenize.seq_len + 1 = {cfg.seq_len + 1}; "
-                "use a smaller tokenize.seq_len or a broader tokenize.documents_where / reference_where"
-            )
-        np.save(out / stream_file(split), streams[split][0])
-
-    schema = documents_schema(list(corpus.metadata.schema))
-    write_table(out / "documents.parquet", docs.select(schema.names), schema)
-    write_table(out / "vocab.parquet", vocab_table(tokenizer), VOCAB)
-    num_rows = write_batches(out / "tokens.parquet", _token_batches(streams), TOKENS)
-    summary = {
-        "num_documents": docs.num_rows,
-        "num_documents_per_split": {split: int(mask.sum()) for split, mask in split_docs.items()},
-        "num_tokens": {split: len(s[0]) for split, s in streams.items()},
-        "num_windows": {split: (len(s[0]) - 1) // cfg.seq_len for split, s in streams.items()},
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "eot_id": eot_id,
-        "tokenizer": cfg.tokenizer,
-        "reference_where": reference_where,
-        "tokens_per_s": round(tokens_per_s, 1),
-    }
-    assert num_rows == sum(summary["num_tokens"].values())
-    log.info("tokenize_corpus done in %.1fs: %s", time.perf_counter() - started, summary)
-    return summary
+    return DocumentSplits(is_val, is_reference, reference_only, reference_where)
 
 
-def documents_table(corpus: Corpus, documents_where: str | None) -> pa.Table:
-    """doc_id (0..n-1 after filtering), source, text, num_chars and metadata of the documents to keep."""
-    docs = pa.table({
-        "doc_id": pa.array(np.arange(len(corpus.texts), dtype=np.int64)),
-        "source": pa.array(corpus.sources, pa.string()),
-        "text": pa.array(corpus.texts, pa.string()),
-    })
-    docs = docs.append_column("num_chars", pc.utf8_length(docs["text"]).cast(pa.int64()))
-    for field in corpus.metadata.schema:
-        docs = docs.append_column(field, corpus.metadata[field.name])
-    if documents_where:
-        docs = docs.filter(pa.array(select_where(docs, documents_where, "tokenize.documents_where")))
-        if docs.num_rows == 0:
-            raise ValueError(f"tokenize.documents_where: {documents_where!r} keeps no document; loosen the clause")
-        docs = docs.set_column(0, "doc_id", pa.array(np.arange(docs.num_rows, dtype=np.int64)))
-        log.info("documents_where %r kept %d of %d documents", documents_where, docs.num_rows, len(corpus.texts))
-    return docs
+def select_reference(staged: StagedCorpus, keep: np.ndarray, is_val: np.ndarray, clause: str) -> np.ndarray:
+    """reference_where per kept document, evaluated batch by batch with the split column (train or val)."""
+    masks, first = [], 0
+    for table in staged.tables(keep):
+        batch_is_val = is_val[first:first + table.num_rows]
+        first += table.num_rows
+        table = table.append_column("split", pa.array(np.where(batch_is_val, "val", "train"), pa.string()))
+        masks.append(select_where(table, clause, "tokenize.reference_where"))
+    return np.concatenate(masks)
 
 
 def select_where(docs: pa.Table, clause: str, setting: str) -> np.ndarray:
@@ -155,11 +191,16 @@ def split_hash(seed: int, source: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def assign_splits(sources: list[str], seed: int, val_fraction: float) -> np.ndarray:
+def split_hashes(sources: Iterable[str], seed: int, salt: str = "") -> np.ndarray:
+    """split_hash of salt + source for every source, as a float64 array."""
+    return np.fromiter((split_hash(seed, salt + source) for source in sources), dtype=np.float64)
+
+
+def assign_splits(sources: Iterable[str], seed: int, val_fraction: float) -> np.ndarray:
     """is_val per document: hash below val_fraction, adjusted so that both train and val are non-empty."""
-    if len(sources) < 2:
-        raise ValueError(f"tokenize: {len(sources)} document(s) after filtering; train and val need at least 2")
-    hashes = np.array([split_hash(seed, source) for source in sources])
+    hashes = split_hashes(sources, seed)
+    if len(hashes) < 2:
+        raise ValueError(f"tokenize: {len(hashes)} document(s) after filtering; train and val need at least 2")
     is_val = hashes < val_fraction
     if not is_val.any():
         is_val[np.argmin(hashes)] = True
@@ -168,33 +209,117 @@ def assign_splits(sources: list[str], seed: int, val_fraction: float) -> np.ndar
     return is_val
 
 
-def assign_reference_training(sources: list[str], candidates: np.ndarray, seed: int, share: float) -> np.ndarray:
+def assign_reference_training(sources: Iterable[str], candidates: np.ndarray, seed: int, share: float) -> np.ndarray:
     """Which candidate documents (reference subset, not validation) train the reference only: a hash below
     `share` (salted apart from the val split), at least one; with share < 1 at least one candidate stays."""
-    hashes = np.array([split_hash(seed, f"reference:{source}") for source in sources])
+    hashes = split_hashes(sources, seed, salt="reference:")
     chosen = candidates & (hashes < share)
     if candidates.any() and not chosen.any():
         chosen[np.flatnonzero(candidates)[np.argmin(hashes[candidates])]] = True
     return chosen
 
 
-def _token_batches(streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
-    """Record batches of tokens.parquet in (split, token_index) order."""
-    for split in sorted(streams):
-        stream, doc_id, position = streams[split]
-        for start in range(0, len(stream), BATCH_ROWS):
-            stop = min(start + BATCH_ROWS, len(stream))
+class StagedTexts:
+    """The texts of the chosen kept documents, in doc_id order, read batch by batch (sized, re-iterable; an
+    iteration logs its progress as the `bpe` pass)."""
+
+    def __init__(self, staged: StagedCorpus, keep: np.ndarray, chosen: np.ndarray):
+        self.staged, self.keep, self.chosen = staged, keep, chosen
+
+    def __len__(self) -> int:
+        return int(self.chosen.sum())
+
+    def __iter__(self) -> Iterator[str]:
+        progress = Progress("bpe")
+        first = 0
+        for table in self.staged.tables(self.keep, ["text"]):
+            texts = table.filter(pa.array(self.chosen[first:first + table.num_rows]))
+            first += table.num_rows
+            progress.add(texts.num_rows, text_bytes(texts))
+            yield from texts["text"].to_pylist()
+        progress.done()
+
+
+@dataclass
+class EncodedCorpus:
+    """What the encode pass leaves for the summary and tokens.parquet."""
+
+    doc_tokens: np.ndarray
+    """Tokens per kept document (without its <|endoftext|>)."""
+    tokens_per_s: float
+    """Tokens encoded per second of encoding calls."""
+
+    def num_tokens(self, split: str, splits: DocumentSplits) -> int:
+        """Length of a split's stream: its documents' tokens plus one <|endoftext|> each."""
+        members = splits.members(split)
+        return int(self.doc_tokens[members].sum() + members.sum())
+
+
+def encode_corpus(staged: StagedCorpus, keep: np.ndarray, splits: DocumentSplits, tokenizer: Tokenizer,
+                  out: Path) -> EncodedCorpus:
+    """Encode the kept documents batch by batch: their tokens + <|endoftext|> go to the stream of every split
+    they belong to (doc_id order) and their rows to documents.parquet."""
+    eot_id = tokenizer.token_to_id(EOT)
+    schema = documents_schema(staged.metadata_fields)
+    members = {split: splits.members(split) for split in SPLITS}
+    split_column = splits.split_column()
+    doc_tokens: list[np.ndarray] = []
+    progress = Progress("encode")
+    encode_seconds = 0.0
+
+    def document_batches(writers: dict[str, TokenStreamWriter]) -> Iterator[pa.Table]:
+        nonlocal encode_seconds
+        first = 0
+        for table in staged.tables(keep):
+            rows = slice(first, first + table.num_rows)
+            first += table.num_rows
+            encode_started = time.perf_counter()
+            flat_ids, lengths = encode_documents(tokenizer, table["text"].to_pylist())
+            encode_seconds += time.perf_counter() - encode_started
+            offsets = np.cumsum(lengths) - lengths
+            for split, writer in writers.items():
+                writer.append(pack_stream(flat_ids, offsets, lengths, np.flatnonzero(members[split][rows]), eot_id)[0])
+            doc_tokens.append(lengths)
+            progress.add(table.num_rows, text_bytes(table), len(flat_ids))
+            table = table.append_column("split", pa.array(split_column[rows], pa.string()))
+            table = table.append_column("is_reference", pa.array(splits.is_reference[rows]))
+            table = table.append_column("num_tokens", pa.array(lengths))
+            yield table.select(schema.names).cast(schema)
+
+    with ExitStack() as stack:
+        writers = {split: stack.enter_context(TokenStreamWriter(out / stream_file(split))) for split in SPLITS}
+        write_batches(out / "documents.parquet", document_batches(writers), schema)
+    progress.done()
+    return EncodedCorpus(np.concatenate(doc_tokens), progress.tokens / max(encode_seconds, 1e-9))
+
+
+def _token_batches(out: Path, doc_tokens: np.ndarray, splits: DocumentSplits) -> Iterator[pa.RecordBatch]:
+    """Record batches of tokens.parquet in (split, token_index) order, read from the stream files in chunks; each
+    token's doc_id and position come from its split's documents' token counts."""
+    progress = Progress("tokens.parquet")
+    for split in sorted(SPLITS):
+        doc_ids = np.flatnonzero(splits.members(split))
+        sizes = doc_tokens[doc_ids] + 1
+        ends = np.cumsum(sizes)
+        start = 0
+        for tokens in read_chunks(out / stream_file(split), BATCH_ROWS):
+            token_index = np.arange(start, start + len(tokens), dtype=np.int64)
+            start += len(tokens)
+            document = np.searchsorted(ends, token_index, side="right")
+            position = token_index - (ends[document] - sizes[document])
+            progress.add(0, 0, len(tokens))
             yield pa.RecordBatch.from_arrays([
-                pa.repeat(pa.scalar(split, pa.string()), stop - start),
-                pa.array(np.arange(start, stop, dtype=np.int64)),
-                pa.array(doc_id[start:stop]),
-                pa.array(position[start:stop]),
-                pa.array(stream[start:stop]),
+                pa.repeat(pa.scalar(split, pa.string()), len(tokens)),
+                pa.array(token_index),
+                pa.array(doc_ids[document]),
+                pa.array(position.astype(np.int32)),
+                pa.array(tokens),
             ], schema=TOKENS)
+    progress.done()
 
 
 STAGE = Stage(
-    name="tokenize_corpus", code_version="2", config_type=TokenizeConfig,
+    name="tokenize_corpus", code_version="3", config_type=TokenizeConfig,
     nodes=lambda cfg: [NodeDecl("tokenize_corpus", cfg.tokenize)],
     run=run,
     tables={"documents": TableSpec("tokenize_corpus", "documents.parquet"),

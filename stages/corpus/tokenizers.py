@@ -8,6 +8,7 @@ Every tokenizer has `<|endoftext|>` as a special token: it separates documents i
 import importlib.util
 import logging
 import time
+from collections.abc import Iterable, Sized
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ EOT = "<|endoftext|>"
 """End-of-text token appended after every document in a token stream."""
 
 
-def build_tokenizer(cfg: TokenizeConfig, train_texts: list[str]) -> Tokenizer:
+def build_tokenizer(cfg: TokenizeConfig, train_texts: Iterable[str]) -> Tokenizer:
     """The tokenizer cfg.tokenizer names: a BPE trained on train_texts, GPT-2's BPE, or a tokenizer.json file."""
     if cfg.tokenizer == "bpe":
         return train_bpe(train_texts, cfg.vocab_size)
@@ -39,8 +40,9 @@ def _byte_level(tokenizer: Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Train a deterministic byte-level BPE of vocab_size ids (256 bytes + <|endoftext|> + merges)."""
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a deterministic byte-level BPE of vocab_size ids (256 bytes + <|endoftext|> + merges) on texts, a
+    list or any iterable read once in order (the same texts in the same order give the same tokenizer)."""
     tokenizer = _byte_level(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -49,9 +51,10 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     started = time.perf_counter()
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
-    log.info("trained byte-level BPE on %d documents: %d ids in %.1fs",
-             len(texts), tokenizer.get_vocab_size(), time.perf_counter() - started)
+    num_texts = len(texts) if isinstance(texts, Sized) else None
+    tokenizer.train_from_iterator(texts, trainer, length=num_texts)
+    log.info("trained byte-level BPE on %s documents: %d ids in %.1fs",
+             "?" if num_texts is None else num_texts, tokenizer.get_vocab_size(), time.perf_counter() - started)
     return tokenizer
 
 
@@ -80,25 +83,23 @@ def load_tokenizer_file(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Encode documents in parallel: (all ids concatenated int32, tokens per document int64, tokens/s).
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents in parallel: (all ids concatenated int32, tokens per document int64).
 
     A literal "<|endoftext|>" inside a document is encoded as plain text, so the separator id only ever
-    appears between documents.
+    appears between documents. Memory: the tokenizer's Encoding objects take ~50-100 bytes per token until
+    their ids are copied out, so callers encode bounded batches.
     """
-    started = time.perf_counter()
     tokenizer.encode_special_tokens = True
     try:
         encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     finally:
         tokenizer.encode_special_tokens = False
     ids = [np.array(encoding.ids, dtype=np.int32) for encoding in encodings]  # .ids copies: read it once
+    del encodings
     lengths = np.array([len(doc_ids) for doc_ids in ids], dtype=np.int64)
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
-    seconds = time.perf_counter() - started
-    tokens_per_s = len(flat) / max(seconds, 1e-9)
-    log.info("encoded %d documents: %d tokens in %.2fs (%.0f tokens/s)", len(texts), len(flat), seconds, tokens_per_s)
-    return flat, lengths, tokens_per_s
+    return flat, lengths
 
 
 def vocab_table(tokenizer: Tokenizer) -> pa.Table:

@@ -11,7 +11,16 @@ import pytest
 
 from schemas.loading import load_config
 from stages import tokenize_corpus
-from stages.corpus.sources import FileSettings, MissingFileError, read_documents, read_files, split_text
+from stages.corpus.sources import (
+    FileSettings,
+    MissingFileError,
+    concat_batches,
+    conform,
+    file_batches,
+    read_documents,
+    read_files,
+    split_text,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WORDS = "the people of the union congress budget freedom war peace nation economy schools roads liberty".split()
@@ -144,3 +153,35 @@ def test_readme_config_example_runs_on_the_tiny_preset(tmp_path: Path, monkeypat
     assert [d["quality"] for d in docs] == [qualities[i % 3] for i in range(36)]
     assert [d["is_reference"] for d in docs] == [d["quality"] == "high" for d in docs]
     assert all(summary["num_documents_per_split"][split] > 0 for split in ("train", "val", "ref_train", "ref_val"))
+
+
+def test_field_type_conflict_across_batches_names_both_locations(tmp_path: Path):
+    """The type of a field is remembered across batches: the conflict in the third one-document batch names the
+    record of the first."""
+    _jsonl(tmp_path / "a.jsonl", [{"text": "a", "year": 2001}, {"text": "b"}])
+    _jsonl(tmp_path / "b.jsonl", [{"text": "c", "year": "2003"}])
+    batches = []
+    pattern = re.escape(f"tokenize.paths: {tmp_path / 'b.jsonl'}:1: field 'year' is str ('2003') but int at "
+                        f"{tmp_path / 'a.jsonl'}:1; give the field one type")
+    with pytest.raises(ValueError, match=pattern):
+        for batch in file_batches([str(tmp_path / "*.jsonl")], batch_bytes=1):
+            batches.append(batch)
+    assert [batch.texts for batch in batches] == [["a"], ["b"]]
+
+
+def test_batches_give_the_whole_corpus_metadata(tmp_path: Path):
+    """Fields typed only in later batches (null-only at first, int before float) get the whole corpus's types
+    once the batches are conformed, and empty documents are dropped in any batch."""
+    _jsonl(tmp_path / "a.jsonl", [{"text": "a0", "score": 1, "tag": None}, {"text": " "}, {"text": "a2", "score": 2}])
+    _jsonl(tmp_path / "b.jsonl", [{"text": "b0", "score": 0.5, "tag": "x"}, {"text": "b1", "extra": True}])
+    patterns = [str(tmp_path / "*.jsonl")]
+    batches = file_batches(patterns, batch_bytes=1)
+    parts = list(batches)
+    assert [part.metadata.schema.field("tag").type for part in parts][:2] == [pa.null(), pa.null()]
+    schema = pa.schema(batches.metadata_fields())
+    assert schema.names == ["path", "row", "score", "tag", "extra"]
+    assert [schema.field(name).type for name in schema.names[2:]] == [pa.float64(), pa.string(), pa.bool_()]
+    whole = read_documents(patterns)
+    assert concat_batches(file_batches(patterns, batch_bytes=1)).metadata.equals(whole.metadata)
+    assert whole.texts == ["a0", "a2", "b0", "b1"] and whole.metadata["score"].to_pylist() == [1.0, 2.0, 0.5, None]
+    assert [conform(part.metadata, schema).num_rows for part in parts] == [1, 1, 1, 1]

