@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from schemas.loading import ConfigError, load_config
-from storage.artifacts import CorruptArtifactError, load_manifest
+from storage.artifacts import CorruptArtifactError, open_artifact, read_manifest
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +40,10 @@ def cmd_run(args) -> int:
     nodes = plan(cfg)
     for name in (args.only or []) + (args.force or []):
         select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
-    if (args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")) == "dask" and not importlib.util.find_spec(
-            "prefect_dask"):
-        raise ValueError("--task-runner dask needs prefect-dask: pip install -e '.[cluster]'")
+    kind = args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")
+    if kind in RUNNER_PACKAGES and not importlib.util.find_spec(RUNNER_PACKAGES[kind][0]):
+        package, extra = RUNNER_PACKAGES[kind]
+        raise ValueError(f"--task-runner {kind} needs {package.replace('_', '-')}: pip install -e '.[{extra}]'")
     remember(args, cfg)
     wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
     before = {name: node.finished_stamp() for name, node in nodes.items()}
@@ -50,7 +51,7 @@ def cmd_run(args) -> int:
     closure = upstream_closure(nodes, wanted)
     if not args.force and all(before[name] for name in closure) and not any(_stale(nodes, closure)):
         # nothing to build: no Prefect server, no flow run (a couple of seconds instead of 10-30)
-        result = {name: load_manifest(nodes[name].path()).model_dump(mode="json") for name in wanted}
+        result = {name: read_manifest(nodes[name].stage, nodes[name].key).model_dump(mode="json") for name in wanted}
     else:
         api_url = env.configure()
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
@@ -74,9 +75,13 @@ def cmd_run(args) -> int:
           f"({sum(r['status'] == 'built' for r in rows)} built, {sum(r['status'] == 'cached' for r in rows)} cached)")
     print(_format_table(rows, ["node", "status", "build s", "key", "path"], max_width=200))
     if "evaluate" in result:
-        report = Path(result["evaluate"]["path"]) / "report.md"
+        report = Path(open_artifact("evaluate", result["evaluate"]["key"]).path) / "report.md"
         print(f"\n{report.read_text()}\nreport: {report} (plots beside it; `lmpipe report` prints it again)")
     return 0
+
+
+RUNNER_PACKAGES = {"dask": ("prefect_dask", "cluster"), "ray": ("prefect_ray", "ray")}
+"""Task runner -> (the module it needs, the extra that installs it): checked before Prefect starts."""
 
 
 def _stale(nodes: dict, names: set[str]) -> list[str]:
@@ -84,7 +89,7 @@ def _stale(nodes: dict, names: set[str]) -> list[str]:
     from stages.runner import is_stale
 
     return [name for name in names if nodes[name].is_built() and is_stale(
-        nodes[name], {role: load_manifest(nodes[up].path()) for role, up in nodes[name].upstream.items()
+        nodes[name], {role: read_manifest(nodes[up].stage, nodes[up].key) for role, up in nodes[name].upstream.items()
                       if nodes[up].is_built()})]
 
 
@@ -174,6 +179,15 @@ def cmd_verify(args) -> int:
     return 1 if bad or stale else 0
 
 
+def _store_line(store) -> str:
+    """The object store's URL and whether it answers (a listing of its root)."""
+    try:
+        count = len(store.finished())
+    except Exception as err:  # noqa: BLE001 - doctor reports any failure to reach the store
+        return f"{store.url} (NOT reachable: {type(err).__name__}: {str(err)[:120]})"
+    return f"{store.url} (reachable; {count} finished artifacts)"
+
+
 def cmd_doctor(args) -> int:
     """Versions, devices, the artifact root and its free space, the Prefect API: what a bug report needs."""
     import importlib.metadata
@@ -183,7 +197,7 @@ def cmd_doctor(args) -> int:
 
     from flows import env
     from flows.last_run import describe, last_run_path
-    from storage.artifacts import artifact_root
+    from storage.artifacts import artifact_root, object_store
 
     def version(package: str) -> str:
         try:
@@ -205,8 +219,10 @@ def cmd_doctor(args) -> int:
           ("lmpipe", "torch", "prefect", "pyarrow", "duckdb", "datasets", "transformers", "tokenizers", "pydantic")],
         ("cpu threads", f"{torch.get_num_threads()} (os.cpu_count {os.cpu_count()})"),
         ("cuda", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
-        ("artifact root", f"{root} ({'exists' if root.exists() else 'not created yet'}; "
-                          f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f})"),
+        *([("object store", _store_line(store))] if (store := object_store()) else []),
+        ("artifact root" if store is None else "local mirror",
+         f"{root} ({'exists' if root.exists() else 'not created yet'}; "
+         f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f})"),
         ("last run", describe(json.loads(last_run_path(root).read_text())) if last_run_path(root).is_file()
          else "none"),
         ("prefect api", f"{api} ({'answering' if env.api_is_up(api) else 'NOT answering'})" if api
@@ -248,13 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--only", action="append", metavar="STAGE", help="build only this stage (upstream must exist)")
     run.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached")
-    run.add_argument("--task-runner", choices=["thread", "dask"],
+    run.add_argument("--task-runner", choices=["thread", "dask", "ray"],
                      help="where task runs execute (default thread, or $LMPIPE_TASK_RUNNER): this process's thread "
-                          "pool or a Dask cluster (local, or --task-runner-address)")
+                          "pool, a Dask or a Ray cluster (local, or --task-runner-address)")
     run.add_argument("--parallel-tasks", type=int, metavar="N",
-                     help="task runs at once (thread pool size / local Dask workers; default 2)")
+                     help="task runs at once (thread pool size / local Dask workers / local Ray CPUs; default 2)")
     run.add_argument("--task-runner-address", metavar="URL",
-                     help="the scheduler of an existing Dask cluster (tcp://host:8786)")
+                     help="an existing cluster: a Dask scheduler (tcp://host:8786) or Ray head (ray://host:10001)")
     run.set_defaults(fn=cmd_run)
     for name, fn in (("status", cmd_status), ("config", cmd_config)):
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])

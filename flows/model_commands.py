@@ -5,7 +5,7 @@ from pathlib import Path
 from flows.last_run import config_from_args
 from schemas.manifest import Manifest
 from stages.dag import plan
-from storage.artifacts import MissingArtifactError, artifact_dir, artifact_root, is_built, load_manifest
+from storage.artifacts import MissingArtifactError, is_built, iter_manifests, load_manifest, open_artifact
 
 MODEL_STAGES = ("train_target", "train_reference")
 
@@ -19,10 +19,10 @@ def resolve_model(spec: str, args) -> Manifest:
     if node is not None:
         if not node.is_built():
             raise MissingArtifactError(f"{node.name} is not built yet; build it with: lmpipe run --only {node.stage}")
-        return checked(load_manifest(node.path()))
+        return checked(open_artifact(node.stage, node.key))
     for stage in MODEL_STAGES:
         if is_built(stage, spec):
-            return checked(load_manifest(artifact_dir(stage, spec)))
+            return checked(open_artifact(stage, spec))
     variants = [n.split(".", 1)[1] for n in nodes if n.startswith("train_target.")]
     raise ValueError(f"unknown model {spec!r}: give a variant ({', '.join(variants)}), 'reference', "
                      f"an artifact key or an artifact directory")
@@ -38,9 +38,12 @@ def checked(manifest: Manifest) -> Manifest:
 
 def tokenizer_path(model: Manifest) -> Path:
     """The tokenizer.json of the tokens artifact a model was trained on."""
-    path = artifact_dir("tokenize_corpus", model.upstream["tokens"]) / "tokenizer.json"
-    if not path.is_file():
-        raise MissingArtifactError(f"{path} is missing; rebuild with: lmpipe run --only tokenize_corpus")
+    key = model.upstream["tokens"]
+    path = Path(open_artifact("tokenize_corpus", key).path) / "tokenizer.json" if is_built("tokenize_corpus", key) \
+        else None
+    if path is None or not path.is_file():
+        raise MissingArtifactError(f"the tokenizer.json of tokenize_corpus/{key} is missing; rebuild with: "
+                                   "lmpipe run --only tokenize_corpus")
     return path
 
 
@@ -117,7 +120,8 @@ def concept_description(model: Manifest, concept: int) -> dict:
     import pyarrow.parquet as pq
 
     key = model.upstream.get("concepts")
-    path = artifact_dir("extract_concepts", key) / "concepts.parquet" if key else None
+    path = Path(open_artifact("extract_concepts", key).path) / "concepts.parquet" \
+        if key and is_built("extract_concepts", key) else None
     if path is None or not path.is_file():
         raise MissingArtifactError(f"no concepts table for {model.stage}/{model.key} (extract_concepts/{key}); "
                                    "rebuild with: lmpipe run --only extract_concepts")
@@ -172,7 +176,7 @@ def cmd_steer(args) -> int:
 def cmd_report(args) -> int:
     """Print the latest evaluation report (Markdown) and the paths of its plots."""
     node = plan(config_from_args(args))["evaluate"]
-    report_dir = node.path() if node.is_built() else _latest("evaluate")
+    report_dir = Path(open_artifact(node.stage, node.key).path) if node.is_built() else _latest("evaluate")
     if report_dir is None:
         raise MissingArtifactError("no evaluation report yet; build it with: lmpipe run")
     print((report_dir / "report.md").read_text())
@@ -182,8 +186,9 @@ def cmd_report(args) -> int:
 
 
 def _latest(stage: str) -> Path | None:
-    built = [p for p in (artifact_root() / stage).glob("*/_SUCCESS")]
-    return max(built, key=lambda p: p.stat().st_mtime).parent if built else None
+    """The local directory of the stage's most recently finished artifact (any config), None when there is none."""
+    built = [m for m in iter_manifests(stage=stage) if not isinstance(m, Exception)]
+    return Path(open_artifact(stage, max(built, key=lambda m: m.created_at).key).path) if built else None
 
 
 def add_commands(sub, config_args) -> None:

@@ -20,7 +20,7 @@ from stages import runner
 from stages.dag import Node, plan, select_nodes, upstream_closure
 from stages.registry import stages
 from stages.training import interrupt
-from storage.artifacts import require
+from storage.artifacts import open_artifact, require
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:
     rows = [{"node": name, "key": m.key, "seconds": m.build_seconds, "path": m.path} for name, m in manifests.items()]
     create_table_artifact(key="lmpipe-artifacts", table=rows, description="Artifacts of this run")
     if "evaluate" in manifests:
-        report = Path(manifests["evaluate"].path) / "report.md"
+        evaluated = manifests["evaluate"]
+        report = Path(open_artifact(evaluated.stage, evaluated.key).path) / "report.md"
         if report.is_file():
             create_markdown_artifact(key="lmpipe-report", markdown=report.read_text() + _embedded_plots(report.parent),
                                      description="Model comparison")

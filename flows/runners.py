@@ -3,14 +3,17 @@
 - `thread` (default): Prefect's ThreadPoolTaskRunner in this process; torch releases the GIL, so builds overlap.
 - `dask`: prefect-dask's DaskTaskRunner: a local dask.distributed cluster of `parallel_tasks` single-threaded
   worker processes, or the scheduler at `address` (tcp://host:8786) of an existing cluster.
-Workers on other machines must see the same artifact root (a shared file system) and the same Prefect API.
+- `ray`: prefect-ray's RayTaskRunner: a local Ray instance with `parallel_tasks` CPUs (one per task run; Ray
+  gives each worker one thread), or the cluster at `address` (ray://head:10001).
+Workers on other machines must see the same artifacts (a shared file system, or an object-store LMPIPE_ROOT with
+each machine's own mirror) and the same Prefect API.
 """
 
 import os
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-TASK_RUNNERS = ("thread", "dask")
+TASK_RUNNERS = ("thread", "dask", "ray")
 DEFAULT_PARALLEL_TASKS = 2
 """Task runs at once on the default thread pool (and workers of a local Dask cluster). Two matches 2-core CPUs;
 raise it on a GPU box with spare memory."""
@@ -30,7 +33,7 @@ def task_runner(kind: str = "thread", parallel_tasks: int = DEFAULT_PARALLEL_TAS
         raise ValueError(f"--parallel-tasks must be >= 1, got {parallel_tasks}")
     if kind == "thread":
         if address:
-            raise ValueError("--task-runner-address needs --task-runner dask")
+            raise ValueError("--task-runner-address needs --task-runner dask or ray")
         return ThreadPoolTaskRunner(max_workers=parallel_tasks)
     if kind == "dask":
         try:
@@ -41,4 +44,13 @@ def task_runner(kind: str = "thread", parallel_tasks: int = DEFAULT_PARALLEL_TAS
             return DaskTaskRunner(address=address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": parallel_tasks, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ValueError("--task-runner ray needs prefect-ray: pip install -e '.[ray]'") from None
+        if address:
+            return RayTaskRunner(address=address)
+        return RayTaskRunner(init_kwargs={"num_cpus": parallel_tasks, "include_dashboard": False,
+                                          "log_to_driver": False})
     raise ValueError(f"unknown task runner {kind!r}; choose one of {TASK_RUNNERS}")

@@ -3,7 +3,7 @@
 from schemas.configs import PipelineConfig
 from stages.dag import plan
 from stages.registry import stages
-from storage.artifacts import CorruptArtifactError, load_manifest
+from storage.artifacts import CorruptArtifactError, read_manifest
 from storage.catalog import connect
 
 
@@ -28,7 +28,7 @@ def status_rows(cfg: PipelineConfig) -> list[dict]:
         row = {"node": name, "key": node.key, "built": node.is_built(), "size": "", "created": "", "summary": ""}
         if row["built"]:
             try:
-                manifest = load_manifest(node.path())
+                manifest = read_manifest(node.stage, node.key)
             except CorruptArtifactError as err:
                 row |= {"built": "CORRUPT", "summary": str(err)}
             else:

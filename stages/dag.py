@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from schemas.configs import PipelineConfig
 from stages.registry import Stage, stages
-from storage.artifacts import SUCCESS, artifact_dir, artifact_key, is_built
+from storage.artifacts import artifact_dir, artifact_key, is_built, success_stamp
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ class Node:
 
     def finished_stamp(self, root: Path | None = None) -> str | None:
         """The artifact's finish time (the _SUCCESS content), None when it is not built: it changes on a rebuild."""
-        marker = self.path(root) / SUCCESS
-        return marker.read_text().strip() if marker.exists() else None
+        return success_stamp(self.stage, self.key, root)
 
 
 def plan(cfg: PipelineConfig, registry: dict[str, Stage] | None = None) -> dict[str, Node]:

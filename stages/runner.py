@@ -11,14 +11,15 @@ from stages.dag import Node
 from stages.registry import stage
 from stages.training import interrupt
 from storage.artifacts import (
-    artifact_dir,
     artifact_root,
     build_dir,
     build_lock,
     check_inputs,
     is_built,
-    load_manifest,
     materialize,
+    object_store,
+    open_artifact,
+    read_manifest,
     stale_roles,
 )
 
@@ -26,15 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def current(inputs: dict[str, Manifest], root: Path | None = None) -> dict[str, Manifest]:
-    """The upstream manifests re-read from the store (a cached task result may carry the path of a moved root);
-    a manifest of an artifact outside the store (tests, scripts) is used as given."""
-    return {role: load_manifest(artifact_dir(m.stage, m.key, root)) if is_built(m.stage, m.key, root) else m
+    """The upstream manifests re-read from the store with their files readable locally (a cached task result may
+    carry the path of a moved root; an object-store artifact is fetched into the local mirror); a manifest of an
+    artifact outside the store (tests, scripts) is used as given."""
+    return {role: open_artifact(m.stage, m.key, root) if is_built(m.stage, m.key, root) else m
             for role, m in inputs.items()}
 
 
 def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, root: Path | None = None) -> Manifest:
     """Return the node's artifact, building it (or rebuilding it when forced) from its upstream manifests."""
     run, inputs = stage(node.stage).run, current(inputs, root)
+    fetch_staged_shards(node, inputs, root)
     return materialize(node.stage, node.code_version, node.config, inputs, lambda out: run(node.config, inputs, out),
                        root=root, force=force)
 
@@ -43,8 +46,9 @@ def is_stale(node: Node, inputs: dict[str, Manifest], root: Path | None = None) 
     """True when the node's finished artifact was built from upstream content that has changed since."""
     if not node.is_built(root):
         return False
-    manifests = {role: m for role, m in inputs.items() if isinstance(m, Manifest)}
-    return bool(stale_roles(load_manifest(node.path(root)), current(manifests, root)))
+    manifests = {role: read_manifest(m.stage, m.key, root) if is_built(m.stage, m.key, root) else m
+                 for role, m in inputs.items() if isinstance(m, Manifest)}
+    return bool(stale_roles(read_manifest(node.stage, node.key, root), manifests))
 
 
 def shard_ids(node: Node, inputs: dict[str, Manifest]) -> list[str]:
@@ -54,9 +58,28 @@ def shard_ids(node: Node, inputs: dict[str, Manifest]) -> list[str]:
 
 
 def shard_done(node: Node, shard: str, root: Path | None = None) -> bool:
-    """True when the shard's file exists in the finished artifact or in the build dir."""
-    name = stage(node.stage).shards.file(shard)
-    return any((d / name).exists() for d in (node.path(root), build_dir(node.stage, node.key, root)))
+    """True when the shard's file exists in the finished artifact or in the build dir (for an object-store root
+    also: staged in the store's build area by any machine)."""
+    name, store = stage(node.stage).shards.file(shard), object_store(root)
+    if any((d / name).exists() for d in (node.path(root), build_dir(node.stage, node.key, root))):
+        return True
+    return store is not None and store.has_staged(node.stage, node.key, name)
+
+
+def shard_files(work: Path, shard: str) -> list[Path]:
+    """The files one shard wrote into a build dir: every `*-<shard id>.*` (part, stats and sidecar files)."""
+    return sorted(p for p in work.iterdir() if f"-{shard}." in p.name and not p.name.startswith("."))
+
+
+def fetch_staged_shards(node: Node, inputs: dict[str, Manifest], root: Path | None = None) -> None:
+    """For an object-store root: copy the shards other machines staged in the store into this build dir, so the
+    stage's run reuses them instead of redoing them."""
+    shards, store = stage(node.stage).shards, object_store(root)
+    if shards is None or store is None or node.is_built(root):
+        return
+    done = {shard: shards.file(shard) for shard in shards.list(node.config, inputs)}
+    if fetched := store.fetch_staged(node.stage, node.key, build_dir(node.stage, node.key, root), done):
+        log.info("%s: fetched %d shard(s) staged by other machines", node.name, len(fetched))
 
 
 def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Path | None = None) -> str:
@@ -72,4 +95,10 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         check_inputs(inputs)
         work = build_dir(node.stage, node.key, root)
         work.mkdir(parents=True, exist_ok=True)
-        return str(stage(node.stage).shards.build(node.config, inputs, shard, work))
+        shards, store = stage(node.stage).shards, object_store(root)
+        if store is not None and store.fetch_staged(node.stage, node.key, work, {shard: shards.file(shard)}):
+            return str(work / shards.file(shard))  # finished by another machine
+        written = shards.build(node.config, inputs, shard, work)
+        if store is not None:
+            store.stage_shard(node.stage, node.key, shard_files(work, shard), work / shards.file(shard))
+        return str(written)

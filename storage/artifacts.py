@@ -1,6 +1,7 @@
 """Content-addressed artifact store: keys, atomic builds, locks, manifests, verification.
 
-Layout under the root ($LMPIPE_ROOT, default ./artifacts):
+Layout under the root ($LMPIPE_ROOT, default ./artifacts; an fsspec URL such as s3://bucket/prefix keeps the
+finished artifacts in object storage and builds in a local mirror: storage/object_store.py):
     <stage>/<key>/           a finished artifact: its files, manifest.json, then _SUCCESS (written last)
     _tmp/<stage>-<key>/      the build directory (stable per key, so interrupted training can resume from it)
     _locks/<stage>-<key>.lock  an flock held while building, so two runs never build the same key at once
@@ -17,13 +18,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from schemas.manifest import FileEntry, Manifest, UpstreamRef
 from storage.atomic import remove_leftover_temp_files, write_text_atomic
+from storage.object_store import ObjectStore, default_mirror, is_url, local_path
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,26 @@ class CorruptArtifactError(RuntimeError):
 
 
 def artifact_root() -> Path:
-    """The artifact root: $LMPIPE_ROOT or ./artifacts, as an absolute path."""
-    return Path(os.environ.get("LMPIPE_ROOT", "artifacts")).resolve()
+    """The local artifact root: $LMPIPE_ROOT or ./artifacts as an absolute path; for an object-store root, its
+    local mirror ($LMPIPE_CACHE or ~/.cache/lmpipe/<bucket-and-prefix>)."""
+    root = os.environ.get("LMPIPE_ROOT", "artifacts")
+    if is_url(root):
+        return Path(os.environ.get("LMPIPE_CACHE") or default_mirror(root)).resolve()
+    return local_path(root).resolve()
+
+
+@lru_cache(maxsize=4)
+def _object_store(url: str, options: str) -> ObjectStore:
+    return ObjectStore(url)
+
+
+def object_store(root: Path | None = None) -> ObjectStore | None:
+    """The object store holding the finished artifacts when $LMPIPE_ROOT is a URL and `root` is its mirror (or
+    None, the configured root); None for a local root."""
+    url = os.environ.get("LMPIPE_ROOT", "artifacts")
+    if not is_url(url) or (root is not None and Path(root).resolve() != artifact_root()):
+        return None
+    return _object_store(url, os.environ.get("LMPIPE_STORAGE_OPTIONS", ""))
 
 
 def canonical_json(value) -> str:
@@ -64,8 +85,70 @@ def artifact_dir(stage: str, key: str, root: Path | None = None) -> Path:
 
 
 def is_built(stage: str, key: str, root: Path | None = None) -> bool:
-    """True when the artifact exists and is complete (_SUCCESS present)."""
-    return (artifact_dir(stage, key, root) / SUCCESS).exists()
+    """True when the artifact exists and is complete (_SUCCESS present; in the object store for a URL root)."""
+    store = object_store(root)
+    return store.is_finished(stage, key) if store else (artifact_dir(stage, key, root) / SUCCESS).exists()
+
+
+def success_stamp(stage: str, key: str, root: Path | None = None) -> str | None:
+    """The artifact's finish time (the _SUCCESS content), None when it is not built: it changes on a rebuild."""
+    store = object_store(root)
+    if store:
+        return store.success_stamp(stage, key)
+    marker = artifact_dir(stage, key, root) / SUCCESS
+    return marker.read_text().strip() if marker.exists() else None
+
+
+def read_manifest(stage: str, key: str, root: Path | None = None) -> Manifest:
+    """The manifest of a finished artifact without fetching its files: for an object-store root its `path` is
+    the artifact's URL (use open_artifact to read the files)."""
+    store = object_store(root)
+    if store is None:
+        return load_manifest(artifact_dir(stage, key, root))
+    url = store.full_url(store.path(stage, key))
+    if not store.is_finished(stage, key):
+        raise MissingArtifactError(f"{url} is not a finished artifact (no {SUCCESS})")
+    try:
+        return store.read_manifest(stage, key)
+    except (OSError, ValueError) as err:
+        raise CorruptArtifactError(f"the manifest of {url} is missing or unreadable ({type(err).__name__}); "
+                                   f"rebuild the artifact with `lmpipe run --force {stage}`") from None
+
+
+def open_artifact(stage: str, key: str, root: Path | None = None) -> Manifest:
+    """A finished artifact whose files can be read locally: for an object-store root, its local mirror, fetched
+    (and checked against the manifest's sha256s) when missing or older than the store's."""
+    store, local = object_store(root), artifact_dir(stage, key, root)
+    if store is None:
+        return load_manifest(local)
+    remote = read_manifest(stage, key, root)
+    if (mirrored := _mirrored(local, remote)) is not None:
+        return mirrored
+    with build_lock(stage, key, local.parent.parent):
+        if (mirrored := _mirrored(local, remote)) is not None:
+            return mirrored  # another thread fetched it while we waited
+        fetch = local.parent.parent / "_tmp" / f"fetch-{stage}-{key}-{time.time_ns()}"
+        log.info("fetching %s into %s", remote.path, local)
+        try:
+            store.download(remote, fetch)
+        except BaseException as err:
+            shutil.rmtree(fetch, ignore_errors=True)
+            if isinstance(err, ValueError):
+                raise CorruptArtifactError(str(err)) from None
+            raise
+        _publish(fetch, local, remote.model_copy(update={"path": str(local)}))
+    return load_manifest(local)
+
+
+def _mirrored(local: Path, remote: Manifest) -> Manifest | None:
+    """The local mirror's manifest when it holds the same content as the store's artifact, else None."""
+    if not (local / SUCCESS).exists():
+        return None
+    try:
+        mirrored = load_manifest(local)
+    except CorruptArtifactError:
+        return None
+    return mirrored if content_digest(mirrored) == content_digest(remote) else None
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -103,7 +186,10 @@ def list_files(directory: Path) -> list[FileEntry]:
 
 
 def verify(manifest: Manifest) -> list[str]:
-    """Re-hash an artifact's files; return one line per problem (empty when intact)."""
+    """Re-hash an artifact's files (in the object store when its path is a URL); one line per problem (empty when
+    intact)."""
+    if is_url(manifest.path):
+        return object_store().verify(manifest)
     problems = []
     root = Path(manifest.path)
     for entry in manifest.files:
@@ -140,12 +226,11 @@ def chain_problems(manifest: Manifest, root: Path | None = None) -> list[str]:
     built from; one line per problem."""
     problems = []
     for role, ref in manifest.upstream_refs.items():
-        path = artifact_dir(ref.stage, ref.key, root)
         if not is_built(ref.stage, ref.key, root):
             problems.append(f"upstream {role} ({ref.stage}/{ref.key}) is missing")
             continue
         try:
-            changed = content_digest(load_manifest(path)) != ref.digest
+            changed = content_digest(read_manifest(ref.stage, ref.key, root)) != ref.digest
         except CorruptArtifactError as err:
             problems.append(f"upstream {role}: {err}")
             continue
@@ -207,12 +292,13 @@ def materialize(
     returns is the directory renamed into place, the manifest written and _SUCCESS written last.
     """
     root = root or artifact_root()
+    store = object_store(root)
     upstream_keys = {role: m.key for role, m in upstream.items()}
     key = artifact_key(stage, code_version, config, upstream_keys)
     final = artifact_dir(stage, key, root)
     if (finished := _reusable(stage, key, root, upstream, force)) is not None:
         return finished
-    with build_lock(stage, key, root):
+    with build_lock(stage, key, root), store.lease(stage, key) if store else nullcontext():
         if (finished := _reusable(stage, key, root, upstream, force)) is not None:
             return finished  # another process finished it while we waited
         check_inputs(upstream)
@@ -242,6 +328,10 @@ def materialize(
             build_seconds=round(time.perf_counter() - started, 3),
         )
         _publish(work, final, manifest)
+        if store:
+            log.info("uploading %s/%s to %s", stage, key, store.url)
+            store.upload(final, manifest)
+            store.drop_staged(stage, key)
         log.info("built %s/%s in %.1fs", stage, key, manifest.build_seconds)
         return manifest
 
@@ -250,7 +340,7 @@ def _reusable(stage: str, key: str, root: Path, upstream: dict[str, Manifest], f
     """The finished artifact, unless it is missing, forced, or stale (then the warning says which upstream)."""
     if force or not is_built(stage, key, root):
         return None
-    manifest = load_manifest(artifact_dir(stage, key, root))
+    manifest = read_manifest(stage, key, root)
     roles = stale_roles(manifest, upstream)
     if roles:
         log.warning("rebuilding %s/%s: its upstream %s changed since it was built", stage, key,
@@ -275,18 +365,26 @@ def _publish(work: Path, final: Path, manifest: Manifest) -> None:
 
 
 def require(stage: str, key: str, *, built_by: str, root: Path | None = None) -> Manifest:
-    """Load an upstream artifact or fail with the command that builds it."""
-    path = artifact_dir(stage, key, root)
+    """The manifest of an upstream artifact (read_manifest), or fail with the command that builds it."""
     if not is_built(stage, key, root):
+        store = object_store(root)
+        where = store.full_url(store.path(stage, key)) if store else artifact_dir(stage, key, root)
         raise MissingArtifactError(
-            f"upstream artifact {stage}/{key} is missing ({path} has no {SUCCESS}); build it with: {built_by}"
+            f"upstream artifact {stage}/{key} is missing ({where} has no {SUCCESS}); build it with: {built_by}"
         )
-    return load_manifest(path)
+    return read_manifest(stage, key, root)
 
 
 def iter_manifests(root: Path | None = None, stage: str | None = None) -> Iterator[Manifest | CorruptArtifactError]:
     """Every finished artifact under the root (optionally of one stage); an unreadable manifest is yielded as
     the error, so callers report it and go on with the rest."""
+    if (store := object_store(root)) is not None:
+        for found_stage, key in store.finished(stage):
+            try:
+                yield read_manifest(found_stage, key, root)
+            except CorruptArtifactError as err:
+                yield err
+        return
     root = root or artifact_root()
     if not root.is_dir():
         raise MissingArtifactError(f"artifact root {root} does not exist (set LMPIPE_ROOT or run `lmpipe run`)")

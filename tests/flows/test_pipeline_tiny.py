@@ -193,18 +193,21 @@ def test_targets_trained_on_two_processes_match_one(first_run, root):
             torch.testing.assert_close(b[tensor], a[tensor], rtol=1e-3, atol=1e-4)
 
 
-def test_a_local_dask_cluster_builds_the_same_artifacts(first_run, root):
-    """The targets and score shards rebuilt as task runs on a local Dask cluster of 2 worker processes
-    (prefect-dask): the same keys and byte-identical files as the thread pool's build."""
-    pytest.importorskip("prefect_dask")
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind):
+    """The targets and score shards rebuilt as task runs on a local cluster with 2 worker processes (a Dask
+    cluster through prefect-dask, a Ray instance through prefect-ray): the same keys and byte-identical files as
+    the thread pool's build."""
+    pytest.importorskip(f"prefect_{kind}")
     from flows.pipeline import pipeline
     from flows.runners import task_runner
 
     nodes = plan(tiny())
     rebuilt = [name for name in nodes if name.startswith(("score_reference", "train_target"))]
     before = {name: load_manifest(nodes[name].path()) for name in rebuilt}
-    on_dask = pipeline.with_options(task_runner=task_runner("dask", 2))
-    result = on_dask(config=tiny(), only=["score_reference", "train_target"], force=["score_reference", "train_target"])
+    on_cluster = pipeline.with_options(task_runner=task_runner(kind, 2))
+    result = on_cluster(config=tiny(), only=["score_reference", "train_target"],
+                        force=["score_reference", "train_target"])
     assert set(result) == set(rebuilt)
     for name in rebuilt:
         after = load_manifest(nodes[name].path())
@@ -218,3 +221,23 @@ def _content(manifest) -> dict[str, str]:
         return name == "metrics.parquet" or (name.startswith("part-") and name.endswith(".json"))
 
     return {f.path: f.sha256 for f in manifest.files if not timing(Path(f.path).name)}
+
+
+def test_an_interrupted_run_on_dask_redoes_only_unfinished_shards(first_run, root):
+    """As the thread-pool test above, on a local Dask cluster of 2 worker processes: the shard finished before
+    the interruption is kept (its file untouched), the others are scored by the workers."""
+    pytest.importorskip("prefect_dask")
+    from flows.pipeline import pipeline
+    from flows.runners import task_runner
+    from schemas.loading import load_config
+    from stages import runner
+
+    cfg = load_config("tiny", overrides=["score.num_shards=5"])
+    node = plan(cfg)["score_reference"]
+    inputs = {role: load_manifest(plan(cfg)[up].path()) for role, up in node.upstream.items()}
+    done = Path(runner.build_shard(node, inputs, "train-003"))
+    finished_ns = done.stat().st_mtime_ns
+    result = pipeline.with_options(task_runner=task_runner("dask", 2))(config=cfg, only=["score_reference"])
+    final = Path(result["score_reference"]["path"])
+    assert (final / done.name).stat().st_mtime_ns == finished_ns
+    assert len(list(final.glob("part-*.parquet"))) == 4 * 5

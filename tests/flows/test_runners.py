@@ -22,6 +22,15 @@ def test_dask_runner_local_or_at_an_address(monkeypatch):
     assert configured(address="tcp://scheduler:8786").address == "tcp://scheduler:8786"
 
 
+def test_ray_runner_local_or_at_an_address():
+    pytest.importorskip("prefect_ray")
+    from prefect_ray import RayTaskRunner
+
+    local = task_runner("ray", 3)
+    assert isinstance(local, RayTaskRunner) and local.init_kwargs["num_cpus"] == 3
+    assert task_runner("ray", 2, "ray://head:10001").address == "ray://head:10001"
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("thread", 0), r"--parallel-tasks must be >= 1"),
     (("thread", 2, "tcp://x:8786"), r"--task-runner-address needs --task-runner dask"),
