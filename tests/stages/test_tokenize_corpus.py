@@ -316,13 +316,13 @@ def test_streams_match_the_whole_corpus_implementation(corpus_dir: Path, tmp_pat
 
 @pytest.mark.parametrize("batch_bytes", [1, 1000])
 def test_batch_size_does_not_change_the_artifact(corpus_dir: Path, tmp_path: Path, batch_bytes):
-    """One document per batch, or 3 per batch (batches cross file boundaries; `id` and `n` only appear in later
+    """One document per batch, or 2 per batch (batches cross file boundaries; `id` and `n` only appear in later
     batches, yet documents_where reads them), give the same files as one batch for the whole corpus."""
     clauses = dict(documents_where="coalesce(id, n, 0) <> 2", reference_where="doc_id % 2 = 0 OR split = 'val'")
     whole = run(_cfg(corpus_dir, **clauses), tmp_path / "whole")
     batched = run(_cfg(corpus_dir, batch_bytes=batch_bytes, **clauses), tmp_path / "batched")
-    assert whole["num_batches"] == 1 and batched["num_batches"] == (13 if batch_bytes == 1 else 5)
-    assert batched["peak_batch_bytes"] <= batch_bytes + max(len(_text(i).encode()) for i in range(30))
+    assert whole["num_batches"] == 1 and batched["num_batches"] == (13 if batch_bytes == 1 else 7)
+    assert batched["peak_batch_bytes"] <= max(batch_bytes, max(len(_text(i).encode()) for i in range(30)))
     for summary in (whole, batched):
         for key in ("tokens_per_s", "num_batches", "peak_batch_bytes"):
             summary.pop(key)
