@@ -154,7 +154,7 @@ def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_fi
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError:
-        if interrupt.STOP.is_set():
+        if interrupt.requested():
             raise interrupt.Interrupted(f"stopped by a signal: {run_id}'s workers saved a checkpoint; run the same "
                                         "command again to resume from it") from None
         raise
@@ -166,14 +166,14 @@ def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_fi
 
 def _forward_stop(stop_file: Path, done: threading.Event) -> None:
     while not done.is_set():
-        if interrupt.STOP.wait(0.2):
+        if interrupt.STOP.wait(0.2) or interrupt.requested():
             stop_file.touch()
             return
 
 
 def stop_requested(ranks: Ranks, stop_file: Path) -> bool:
     """Did any rank get a stop signal, or the launching process (stop_file)? The same answer on every rank."""
-    return ranks.max_int(int(interrupt.STOP.is_set() or stop_file.exists())) > 0
+    return ranks.max_int(int(interrupt.requested() or stop_file.exists())) > 0
 
 
 def free_port() -> int:

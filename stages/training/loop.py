@@ -236,7 +236,7 @@ def _train(objective: Objective, train_windows: TokenWindows, val_windows: dict[
         checkpointer.maybe_save(state, model, optimizer, schedule.total_steps)
         if on_step is not None:
             on_step(state.step)
-        stop = (interrupt.STOP.is_set() if ranks is None
+        stop = (interrupt.requested() if ranks is None
                 else distributed.stop_requested(ranks, stop_file(work_dir)))
         if stop and state.step < schedule.total_steps:
             checkpointer.save(state, model, optimizer)

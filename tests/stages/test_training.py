@@ -251,3 +251,17 @@ def test_step_ranked_selection_resumes_exactly(tokens, tmp_path):
     _assert_same_run(tmp_path / "whole", tmp_path / "resumed")
     selection = [pq.read_table(tmp_path / run / "token_selection.parquet") for run in ("whole", "resumed")]
     assert selection[0].equals(selection[1]) and sum(selection[0]["times_selected"].to_pylist()) == 8 * 64
+
+
+def test_the_runs_stop_file_is_a_stop_request(tmp_path, monkeypatch):
+    """What a cluster worker sees: the stop file named by $LMPIPE_STOP_FILE (inherited from `lmpipe run`)."""
+    from stages.training import interrupt
+
+    monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())  # this test's own flag
+    with interrupt.stop_file_for_run(tmp_path / "_stop") as stop_file:
+        assert os.environ[interrupt.STOP_FILE_ENV] == str(stop_file) and not interrupt.requested()
+        stop_file.touch()  # the signal handler of the run's process does this
+        assert interrupt.requested()
+        with pytest.raises(interrupt.Interrupted, match="stopped by a signal: shard x"):
+            interrupt.check("shard x")
+    assert interrupt.STOP_FILE_ENV not in os.environ and not stop_file.exists()
