@@ -301,6 +301,8 @@ def materialize(
     with build_lock(stage, key, root), store.lease(stage, key) if store else nullcontext():
         if (finished := _reusable(stage, key, root, upstream, force)) is not None:
             return finished  # another process finished it while we waited
+        if store and not force and (uploaded := _finish_upload(store, final, upstream)) is not None:
+            return uploaded
         check_inputs(upstream)
         work = build_dir(stage, key, root)
         work.mkdir(parents=True, exist_ok=True)
@@ -346,6 +348,23 @@ def _reusable(stage: str, key: str, root: Path, upstream: dict[str, Manifest], f
         log.warning("rebuilding %s/%s: its upstream %s changed since it was built", stage, key,
                     ", ".join(f"{role} ({manifest.upstream_refs[role].stage})" for role in roles))
         return None
+    return manifest
+
+
+def _finish_upload(store: ObjectStore, final: Path, upstream: dict[str, Manifest]) -> Manifest | None:
+    """Upload an artifact this machine finished but did not get into the store (an upload cut short), when its
+    files are intact and its upstream unchanged; None when there is none (then it is built)."""
+    if not (final / SUCCESS).exists():
+        return None
+    try:
+        manifest = load_manifest(final)
+    except CorruptArtifactError:
+        return None
+    if verify(manifest) or stale_roles(manifest, upstream):
+        return None
+    log.info("uploading %s/%s, finished here before an interrupted upload", manifest.stage, manifest.key)
+    store.upload(final, manifest)
+    store.drop_staged(manifest.stage, manifest.key)
     return manifest
 
 

@@ -112,3 +112,14 @@ def test_sql_reads_the_parquet_files_in_the_bucket(s3_root, tmp_path, monkeypatc
     assert con.execute("SELECT count(*), sum(x) FROM t").fetchone() == (4, 6)
     assert con.execute("SELECT DISTINCT artifact_key FROM t_all").fetchall() == [(manifest.key,)]
     assert not (artifact_root() / "toy").exists()  # read in the bucket, not through a mirror
+
+
+def test_an_upload_cut_short_is_finished_without_rebuilding(s3_root):
+    manifest = _build()
+    base = s3_root.removeprefix("s3://") + f"/toy/{manifest.key}"
+    _s3().rm([f"{base}/{SUCCESS}", f"{base}/manifest.json", f"{base}/t.parquet"])  # killed mid-upload
+    assert not is_built("toy", manifest.key)
+    calls = []
+    again = materialize("toy", "1", ScoreConfig(), {}, lambda out: calls.append(out))
+    assert not calls and again.created_at == manifest.created_at  # the local copy was uploaded, not rebuilt
+    assert is_built("toy", manifest.key) and verify(read_manifest("toy", manifest.key)) == []
