@@ -140,15 +140,20 @@ def open_artifact(stage: str, key: str, root: Path | None = None) -> Manifest:
     return load_manifest(local)
 
 
-def _mirrored(local: Path, remote: Manifest) -> Manifest | None:
-    """The local mirror's manifest when it holds the same content as the store's artifact, else None."""
+def _local_copy(local: Path) -> Manifest | None:
+    """The manifest of a finished local directory (a mirror), None when it has none or an unreadable one."""
     if not (local / SUCCESS).exists():
         return None
     try:
-        mirrored = load_manifest(local)
+        return load_manifest(local)
     except CorruptArtifactError:
         return None
-    return mirrored if content_digest(mirrored) == content_digest(remote) else None
+
+
+def _mirrored(local: Path, remote: Manifest) -> Manifest | None:
+    """The local mirror's manifest when it holds the same content as the store's artifact, else None."""
+    mirrored = _local_copy(local)
+    return mirrored if mirrored is not None and content_digest(mirrored) == content_digest(remote) else None
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -354,13 +359,8 @@ def _reusable(stage: str, key: str, root: Path, upstream: dict[str, Manifest], f
 def _finish_upload(store: ObjectStore, final: Path, upstream: dict[str, Manifest]) -> Manifest | None:
     """Upload an artifact this machine finished but did not get into the store (an upload cut short), when its
     files are intact and its upstream unchanged; None when there is none (then it is built)."""
-    if not (final / SUCCESS).exists():
-        return None
-    try:
-        manifest = load_manifest(final)
-    except CorruptArtifactError:
-        return None
-    if verify(manifest) or stale_roles(manifest, upstream):
+    manifest = _local_copy(final)
+    if manifest is None or verify(manifest) or stale_roles(manifest, upstream):
         return None
     log.info("uploading %s/%s, finished here before an interrupted upload", manifest.stage, manifest.key)
     store.upload(final, manifest)

@@ -132,8 +132,8 @@ def utf8_size(text: str) -> int:
 
 class DocumentBatches:
     """A source's documents as `Corpus` batches of at most batch_bytes of UTF-8 text, in order (a document longer
-    than that is a batch of its own). Iterate once; then `metadata_fields()` is
-    the schema of the whole corpus's metadata."""
+    than that is a batch of its own). Iterate once; then `metadata_fields()` is the schema of the whole corpus's
+    metadata."""
 
     def __init__(self, documents: Iterable[SourceDocument], fields: list[pa.Field], batch_bytes: int, *,
                  what: str, fix: str, paths_field: str = "tokenize.paths", drop_empty: bool = True):
