@@ -15,10 +15,12 @@ An artifact exists only while its _SUCCESS does, so a reader never sees a half-u
 mirrors an artifact checks each file's sha256 against the manifest and that _SUCCESS did not change while it
 downloaded (so a rebuild racing the download is a clear error, not a mixed artifact).
 
-Writers: one per key. Each build holds its machine's lock and writes a lease object `_leases/<stage>-<key>.json`
-(host, pid, start); a build on another host that finds a lease refuses with an error naming the holder. The
-check and the write are two requests, so two machines starting the same key in the same instant can both pass:
-give a key one writer (one `lmpipe run` per config, or a cluster whose workers share one pipeline run).
+Writers: one per key. Each build holds its machine's lock and creates a lease object `_leases/<stage>-<key>.json`
+(host, pid, start) with an exclusive write (`pipe_file(mode="create")`: on S3 a conditional PUT, If-None-Match: *,
+so of two machines racing for a key exactly one gets it); a build on another host that finds a lease refuses
+with an error naming the holder. A lease this host left behind (a killed run) is taken over: this host's
+builders are already serialised by its lock. Filesystems without an atomic exclusive write fall back to fsspec's
+check-then-write, where two machines starting the same key in the same instant could both pass.
 """
 
 import datetime as dt
@@ -29,7 +31,7 @@ import re
 import socket
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import fsspec
@@ -99,6 +101,7 @@ class ObjectStore:
             raise ValueError(f"LMPIPE_ROOT={url}: {err}; install the filesystem's package "
                              "(pip install 'lmpipe[cloud]' for s3fs)") from None
         self.base = self.base.rstrip("/")
+        self.host = socket.gethostname()  # the holder named in this store's build leases
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
@@ -219,24 +222,39 @@ class ObjectStore:
     def lease(self, stage: str, key: str) -> Iterator[None]:
         """Hold the build lease of (stage, key) in the store; LeaseHeldError when another host holds it."""
         path = self.path(LEASES, f"{stage}-{key}.json")
-        host = socket.gethostname()
-        try:
-            holder = json.loads(self.fs.cat_file(path))
-        except FileNotFoundError:
-            holder = None
-        if holder and holder.get("host") != host:
-            raise LeaseHeldError(
-                f"{stage}/{key} is being built on host {holder.get('host')} (pid {holder.get('pid')}, since "
-                f"{holder.get('started')}); an object-store root has one writer per artifact: wait for that run, "
-                f"or if it died, delete {self.full_url(path)} and run again")
         token = uuid.uuid4().hex
-        self.fs.pipe_file(path, json.dumps({"host": host, "pid": os.getpid(), "token": token,
-                                            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}).encode())
+        record = json.dumps({"host": self.host, "pid": os.getpid(), "token": token,
+                             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}).encode()
+        self._take_lease(path, record, f"{stage}/{key}")
         try:
             yield
         finally:
-            try:
-                if json.loads(self.fs.cat_file(path)).get("token") == token:
+            holder = self._read_lease(path)
+            if holder and holder.get("token") == token:
+                with suppress(FileNotFoundError):
                     self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass
+
+    def _take_lease(self, path: str, record: bytes, name: str, attempts: int = 3) -> None:
+        """Create the lease object only where none exists; take over one of this host's; refuse another's."""
+        for _ in range(attempts):
+            try:
+                self.fs.pipe_file(path, record, mode="create")
+                return
+            except FileExistsError:
+                holder = self._read_lease(path)
+            if holder is None:
+                continue  # released between our write and our read: try again
+            if holder.get("host") != self.host:
+                raise LeaseHeldError(
+                    f"{name} is being built on host {holder.get('host')} (pid {holder.get('pid')}, since "
+                    f"{holder.get('started')}); an object-store root has one writer per artifact: wait for that "
+                    f"run, or if it died, delete {self.full_url(path)} and run again")
+            self.fs.pipe_file(path, record)  # a dead build of this host (its lock is ours now)
+            return
+        raise LeaseHeldError(f"{name}: the lease {self.full_url(path)} keeps changing hands; run again")
+
+    def _read_lease(self, path: str) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None

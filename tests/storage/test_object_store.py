@@ -3,6 +3,7 @@ manifest, verify in the bucket, leases, listing and SQL over the bucket's Parque
 
 import json
 import socket
+import threading
 
 import fsspec
 import pyarrow as pa
@@ -24,7 +25,7 @@ from storage.artifacts import (
     verify,
 )
 from storage.catalog import TableSpec, connect
-from storage.object_store import LeaseHeldError, is_url, local_path
+from storage.object_store import LeaseHeldError, ObjectStore, is_url, local_path
 
 
 def _write(out, rows: int = 3) -> dict:
@@ -103,6 +104,34 @@ def test_a_lease_held_by_another_host_refuses_the_build(s3_root):
     _s3().pipe_file(lease + f"{key}.json", json.dumps({"host": socket.gethostname(), "pid": 7}).encode())
     _build()  # a lease of this host is a dead build of it (this host's lock is free): taken over
     assert is_built("toy", key) and not _s3().exists(lease + f"{key}.json")
+
+
+def test_of_machines_racing_for_one_key_exactly_one_gets_the_lease(s3_root):
+    """The lease is an exclusive create in the bucket (S3's conditional PUT), not a check and then a write."""
+    key = artifact_key("toy", "1", ScoreConfig(), {})
+    racers = 6
+    start, holding = threading.Barrier(racers), threading.Barrier(racers, timeout=30)
+    outcomes = []
+
+    def race(host: str) -> None:
+        store = ObjectStore(s3_root)
+        store.host = host
+        start.wait()
+        try:
+            with store.lease("toy", key):
+                outcomes.append(host)
+                holding.wait()  # everyone has tried while the winner still holds it
+        except LeaseHeldError:
+            outcomes.append(None)
+            holding.wait()
+
+    threads = [threading.Thread(target=race, args=(f"box-{i}",)) for i in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == racers and sum(o is not None for o in outcomes) == 1
+    assert not _s3().exists(s3_root.removeprefix("s3://") + f"/_leases/toy-{key}.json")  # released
 
 
 def test_sql_reads_the_parquet_files_in_the_bucket(s3_root, tmp_path, monkeypatch):
