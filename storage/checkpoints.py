@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
@@ -86,6 +85,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, tensors: dict, keep
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     if barrier is not None:
         barrier()
+    import torch.distributed.checkpoint as dcp  # ~0.9 s to import: kept off the path of commands that train nothing
+
     with _single_process_quiet():  # collective: returns once every rank's shards and the metadata are written
         dcp.save(tensors, checkpoint_id=tmp, no_dist=barrier is None)
     if writer:
@@ -105,6 +106,8 @@ def load_checkpoint(path: Path, tensors: dict | None = None) -> dict:
     """The plain state of a checkpoint (run.pt, weights_only) onto the CPU; with `tensors` (state dicts shaped like
     the saved ones, sharded or not), also load the saved tensors into them in place (any process count)."""
     if tensors is not None:
+        import torch.distributed.checkpoint as dcp
+
         with _single_process_quiet():
             dcp.load(tensors, checkpoint_id=Path(path), no_dist=not (dist.is_available() and dist.is_initialized()))
     return torch.load(Path(path) / RUN_STATE, map_location="cpu", weights_only=True)
@@ -136,3 +139,24 @@ def read_model_meta(directory: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} holds no saved model")
     return json.loads(path.read_text())
+
+
+def training_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state dicts by fully qualified names (sharded under FSDP), as checkpoints hold them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer)
+
+
+def set_training_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load state dicts shaped like training_state's into the model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The whole (unsharded) model state dict on the CPU; every rank must call this together."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from stages.training.distributed import Ranks
 from stages.training.rng import rng_state, set_rng_state
@@ -84,7 +83,7 @@ class Checkpointer:
 
     def save(self, state: RunState, model: nn.Module, optimizer) -> None:
         """Checkpoint now (after the current step)."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = checkpoints.training_state(model, optimizer)
         run = state.state_dict()
         if self.ranks is not None:
             run["objective"] = self.ranks.sum_state(run["objective"])
@@ -98,7 +97,7 @@ class Checkpointer:
         path = checkpoints.latest_checkpoint(self.directory)
         if path is None:
             return False
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = checkpoints.training_state(model, optimizer)
         tensors = {"model": model_sd, "optimizer": optim_sd}
         try:
             saved = checkpoints.load_checkpoint(path, tensors)
@@ -106,7 +105,7 @@ class Checkpointer:
         except (ValueError, KeyError, RuntimeError) as err:
             raise ValueError(f"{self.label}: cannot resume from {path}: {err}; delete {self.directory} "
                              "to start over") from None
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        checkpoints.set_training_state(model, optimizer, model_sd, optim_sd)
         if self.ranks is not None and not self.ranks.is_writer:
             state.objective = {}  # rank 0 carries the summed counts
         set_rng_state(saved["rng"])

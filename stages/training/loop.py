@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from schemas.configs import TrainConfig
 from schemas.tables import METRICS, PROBE_LOSSES
@@ -277,7 +276,7 @@ class _PlainCopy:
         """The plain model (None on ranks other than 0); every rank must call this together."""
         if self.ranks is None:
             return model
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = checkpoints.full_model_state(model)
         if self.copy is not None:
             self.copy.load_state_dict(full)
         return self.copy
