@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
         from flows.pipeline import pipeline
         from flows.watchdog import start_watchdog
         from stages.training.interrupt import install_handlers, stop_file_for_run
-        from storage.artifacts import artifact_root
+        from storage.artifacts import artifact_root, object_store
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
@@ -68,7 +68,8 @@ def cmd_run(args) -> int:
 
             pipeline = pipeline.with_options(
                 task_runner=configured(args.task_runner, args.parallel_tasks, args.task_runner_address))
-        with stop_file_for_run(artifact_root() / "_stop"):  # a stop signal also reaches Dask/Ray workers
+        store = object_store()  # with a bucket root the stop file is an object there: remote workers see it
+        with stop_file_for_run(f"{store.url}/_stop" if store else artifact_root() / "_stop"):
             result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
              "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}

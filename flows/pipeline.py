@@ -32,6 +32,7 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
     forced = {name for stage in (force or []) for name in select_nodes(nodes, stage)}
     wanted = {name for stage in only for name in select_nodes(nodes, stage)} if only else set(nodes)
     needed = upstream_closure(nodes, wanted)
+    stop_file = interrupt.run_stop_file()  # a task-run parameter: workers started elsewhere learn it this way
     results: dict[str, Manifest | PrefectFuture] = {}
     shard_futures: dict[str, list[PrefectFuture]] = {}
     for name, node in nodes.items():
@@ -44,9 +45,11 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
         wait_for = []
         if not node.is_built() or name in forced:
             shards = runner.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
-            wait_for = [shard_task_for(node, shard).submit(node, inputs, shard) for shard in shards]
+            wait_for = [shard_task_for(node, shard).submit(node, inputs, shard, stop_file=stop_file)
+                        for shard in shards]
         shard_futures[name] = wait_for
-        results[name] = task_for(node).submit(node, inputs, force=name in forced, wait_for=wait_for)
+        results[name] = task_for(node).submit(node, inputs, force=name in forced, stop_file=stop_file,
+                                              wait_for=wait_for)
     manifests = {}
     for name, value in results.items():
         for shard in shard_futures.get(name, []):

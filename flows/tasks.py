@@ -13,6 +13,7 @@ from prefect.cache_policies import CachePolicy
 from schemas.manifest import Manifest
 from stages import runner
 from stages.dag import Node
+from stages.training import interrupt
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -40,15 +41,17 @@ class ShardCachePolicy(CachePolicy):
 
 
 @task(cache_policy=ArtifactCachePolicy(), persist_result=True)
-def build_stage(node: Node, inputs: dict[str, Manifest], force: bool = False) -> Manifest:
-    """Build (or reuse) one node's artifact and return its manifest."""
-    return runner.build_node(node, inputs, force=force)
+def build_stage(node: Node, inputs: dict[str, Manifest], force: bool = False, stop_file: str | None = None) -> Manifest:
+    """Build (or reuse) one node's artifact and return its manifest; `stop_file`: the run's (see interrupt)."""
+    with interrupt.watching(stop_file):
+        return runner.build_node(node, inputs, force=force)
 
 
 @task(cache_policy=ShardCachePolicy(), persist_result=True)
-def build_shard(node: Node, inputs: dict[str, Manifest], shard: str) -> str:
+def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, stop_file: str | None = None) -> str:
     """Build one shard of a fanning-out stage (e.g. one split's part of the reference scores)."""
-    return runner.build_shard(node, inputs, shard)
+    with interrupt.watching(stop_file):
+        return runner.build_shard(node, inputs, shard)
 
 
 def task_for(node: Node):

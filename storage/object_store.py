@@ -96,7 +96,8 @@ class ObjectStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         try:
-            self.fs, self.base = fsspec.core.url_to_fs(self.url, **storage_options())
+            # other machines change the bucket: a listing cached in this process (s3fs keeps them) would hide that
+            self.fs, self.base = fsspec.core.url_to_fs(self.url, **{"use_listings_cache": False, **storage_options()})
         except (ImportError, ValueError) as err:
             raise ValueError(f"LMPIPE_ROOT={url}: {err}; install the filesystem's package "
                              "(pip install 'lmpipe[cloud]' for s3fs)") from None

@@ -12,6 +12,7 @@
 - Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_state` (additive objective state).
 """
 
+import contextvars
 import logging
 import os
 import re
@@ -150,7 +151,8 @@ def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_fi
              cfg.num_nodes, endpoint)
     stop_file.unlink(missing_ok=True)
     done = threading.Event()
-    threading.Thread(target=_forward_stop, args=(stop_file, done), daemon=True).start()
+    watched = contextvars.copy_context()  # the task run's stop file (interrupt.watching) goes with the thread
+    threading.Thread(target=watched.run, args=(_forward_stop, stop_file, done), daemon=True).start()
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError:

@@ -259,9 +259,52 @@ def test_the_runs_stop_file_is_a_stop_request(tmp_path, monkeypatch):
 
     monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())  # this test's own flag
     with interrupt.stop_file_for_run(tmp_path / "_stop") as stop_file:
-        assert os.environ[interrupt.STOP_FILE_ENV] == str(stop_file) and not interrupt.requested()
-        stop_file.touch()  # the signal handler of the run's process does this
+        assert os.environ[interrupt.STOP_FILE_ENV] == stop_file and not interrupt.requested()
+        interrupt.announce_stop(stop_file)  # the signal handler of the run's process does this
         assert interrupt.requested()
         with pytest.raises(interrupt.Interrupted, match="stopped by a signal: shard x"):
             interrupt.check("shard x")
-    assert interrupt.STOP_FILE_ENV not in os.environ and not stop_file.exists()
+    assert interrupt.STOP_FILE_ENV not in os.environ and not os.path.exists(stop_file)
+
+
+def test_a_task_run_watches_the_stop_file_it_was_given(tmp_path, monkeypatch):
+    """A worker started elsewhere has no $LMPIPE_STOP_FILE: the task run's parameter names the run's stop file,
+    for that task run only (another run's task runs in the same worker process go on)."""
+    import threading
+
+    from stages.training import interrupt
+
+    monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
+    monkeypatch.delenv(interrupt.STOP_FILE_ENV, raising=False)
+    ours, theirs = str(tmp_path / "run-a"), str(tmp_path / "run-b")
+    seen = {}
+
+    def task_run(name: str, stop_file: str) -> None:
+        with interrupt.watching(stop_file):
+            seen[name] = interrupt.requested()
+
+    interrupt.announce_stop(ours)
+    threads = [threading.Thread(target=task_run, args=args) for args in (("a", ours), ("b", theirs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"a": True, "b": False} and not interrupt.requested()  # outside a task run: no stop file
+
+
+def test_a_stop_file_in_the_object_store_reaches_workers_on_other_machines(s3_root, monkeypatch):
+    """With a bucket root the stop file is an object: a worker anywhere sees it, polling every few seconds."""
+    import fsspec
+
+    from stages.training import interrupt
+
+    monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
+    monkeypatch.setattr(interrupt, "STOP_POLL_SECONDS", 0.0)
+    with interrupt.stop_file_for_run(f"{s3_root}/_stop") as stop_file:
+        assert stop_file.startswith(f"{s3_root}/_stop/run-") and not interrupt.requested()
+        interrupt.announce_stop(stop_file)  # a background PUT: the handler must not block on the network
+        deadline = time.monotonic() + 10
+        while not interrupt.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert interrupt.requested() and fsspec.filesystem("s3").exists(stop_file.removeprefix("s3://"))
+    assert not fsspec.filesystem("s3", skip_instance_cache=True).exists(stop_file.removeprefix("s3://"))

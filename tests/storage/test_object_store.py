@@ -134,6 +134,15 @@ def test_of_machines_racing_for_one_key_exactly_one_gets_the_lease(s3_root):
     assert not _s3().exists(s3_root.removeprefix("s3://") + f"/_leases/toy-{key}.json")  # released
 
 
+def test_a_listing_does_not_hide_what_another_machine_publishes_later(s3_root):
+    _build()
+    store = ObjectStore(s3_root)
+    assert [stage for stage, _ in store.finished()] == ["toy"]  # a listing of the bucket
+    other_machine = fsspec.filesystem("s3", skip_instance_cache=True)
+    other_machine.pipe_file(store.path("toy", "0123456789abcdef", SUCCESS), b"later")
+    assert store.is_finished("toy", "0123456789abcdef") and len(store.finished()) == 2
+
+
 def test_sql_reads_the_parquet_files_in_the_bucket(s3_root, tmp_path, monkeypatch):
     manifest = _build(rows=4)
     monkeypatch.setenv("LMPIPE_CACHE", str(tmp_path / "reader"))  # another machine: no local copy
