@@ -66,6 +66,12 @@ def default_mirror(url: str) -> Path:
     return Path.home() / ".cache" / "lmpipe" / name
 
 
+def url_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of a URL, with $LMPIPE_STORAGE_OPTIONS and no listings cache (other
+    machines change the bucket: a listing cached in this process, as s3fs keeps them, would hide that)."""
+    return fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **storage_options()})
+
+
 def storage_options() -> dict:
     """fsspec arguments from $LMPIPE_STORAGE_OPTIONS (a JSON object), e.g. {"endpoint_url": "http://..."}."""
     text = os.environ.get("LMPIPE_STORAGE_OPTIONS", "").strip()
@@ -96,8 +102,7 @@ class ObjectStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         try:
-            # other machines change the bucket: a listing cached in this process (s3fs keeps them) would hide that
-            self.fs, self.base = fsspec.core.url_to_fs(self.url, **{"use_listings_cache": False, **storage_options()})
+            self.fs, self.base = url_filesystem(self.url)
         except (ImportError, ValueError) as err:
             raise ValueError(f"LMPIPE_ROOT={url}: {err}; install the filesystem's package "
                              "(pip install 'lmpipe[cloud]' for s3fs)") from None

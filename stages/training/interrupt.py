@@ -14,7 +14,6 @@ they look at most every STOP_POLL_SECONDS. A stop file stops the task runs watch
 
 import contextvars
 import ctypes
-import functools
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from contextlib import contextmanager, suppress
 
 import fsspec
 
-from storage.object_store import is_url, storage_options
+from storage.object_store import is_url, url_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,8 @@ STOP_FILE_ENV = "LMPIPE_STOP_FILE"
 """The environment variable naming a run's stop file (set by `lmpipe run`, inherited by its cluster workers)."""
 STOP_POLL_SECONDS = 2.0
 """How often a stop file in an object store is looked at (a local one: at every check, one stat)."""
-_last_poll = {"at": float("-inf")}
+_last_polls: dict[str, float] = {}
+"""When each stop file in an object store was last looked at (task runs of several runs share a process)."""
 _TASK_STOP_FILE: contextvars.ContextVar[str | None] = contextvars.ContextVar("lmpipe_stop_file", default=None)
 _found_stop_files: set[str] = set()
 
@@ -79,12 +79,7 @@ def die_with_parent() -> None:
 
 def _filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and path of a stop file (a local path or a URL)."""
-    return _filesystem_of_url(location) if is_url(location) else (fsspec.filesystem("file"), location)
-
-
-@functools.cache
-def _filesystem_of_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **storage_options())
+    return url_filesystem(location) if is_url(location) else (fsspec.filesystem("file"), location)
 
 
 def announce_stop(location: str) -> None:
@@ -161,11 +156,10 @@ def _stop_file_exists(location: str) -> bool:
     if not is_url(location):
         return os.path.exists(location)
     now = time.monotonic()
-    if now - _last_poll["at"] < STOP_POLL_SECONDS:
+    if now - _last_polls.get(location, float("-inf")) < STOP_POLL_SECONDS:
         return False
-    _last_poll["at"] = now
+    _last_polls[location] = now
     fs, path = _filesystem(location)
-    fs.invalidate_cache(path)  # a listing cached in this process must not hide the new object
     try:
         return fs.exists(path)
     except OSError as err:  # an unreachable store must not stop training: the next poll tries again

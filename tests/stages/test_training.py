@@ -308,3 +308,19 @@ def test_a_stop_file_in_the_object_store_reaches_workers_on_other_machines(s3_ro
             time.sleep(0.05)
         assert interrupt.requested() and fsspec.filesystem("s3").exists(stop_file.removeprefix("s3://"))
     assert not fsspec.filesystem("s3", skip_instance_cache=True).exists(stop_file.removeprefix("s3://"))
+
+
+def test_each_stop_file_in_the_bucket_is_polled_on_its_own_clock(s3_root, monkeypatch):
+    """Task runs of two runs in one worker process: a poll of one run's stop file does not delay the other's."""
+    import fsspec
+
+    from stages.training import interrupt
+
+    monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
+    monkeypatch.setattr(interrupt, "STOP_POLL_SECONDS", 60.0)
+    first, second = f"{s3_root}/_stop/run-a", f"{s3_root}/_stop/run-b"
+    fsspec.filesystem("s3").pipe_file(second.removeprefix("s3://"), b"stop")
+    with interrupt.watching(first):
+        assert not interrupt.requested()
+    with interrupt.watching(second):
+        assert interrupt.requested()
