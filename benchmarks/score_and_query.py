@@ -29,7 +29,7 @@ from schemas.tables import SPLITS, TOKEN_SCORES, TOKENS  # noqa: E402
 from stages import score_reference  # noqa: E402
 from stages.models.gpt import GPT
 from stages.models.losses import token_loss  # noqa: E402
-from stages.training.devices import resolve_device  # noqa: E402
+from stages.runtime.devices import resolve_device  # noqa: E402
 from stages.training.optim import build_optimizer  # noqa: E402
 from storage.checkpoints import save_model  # noqa: E402
 from storage.parquet import write_batches  # noqa: E402

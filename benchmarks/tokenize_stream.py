@@ -103,7 +103,7 @@ def run_stage(spec: dict) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     from schemas.configs import TokenizeConfig
     from stages import tokenize_corpus
-    from stages.corpus.progress import peak_rss_mib
+    from stages.runtime.progress import peak_rss_mib
 
     logging.basicConfig(level=logging.INFO, format="  %(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = TokenizeConfig(source="files", paths=[str(Path(spec["corpus"]) / "*.jsonl")], tokenizer=spec["tokenizer"],

@@ -130,7 +130,7 @@ def flops_per_token(num_params: int, num_layers: int, seq_len: int, d_model: int
 
 
 def autocast_ctx(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU (mirrors stages.training.devices.autocast)."""
+    """bf16 autocast on CUDA, nothing on CPU (mirrors stages.runtime.devices.autocast)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

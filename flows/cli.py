@@ -58,13 +58,13 @@ def cmd_run(args) -> int:
                                          "server` in another shell to skip its ~10 s start-up and keep run history)")
         from flows.pipeline import pipeline
         from flows.watchdog import start_watchdog
-        from stages.training.interrupt import install_handlers, stop_file_for_run
+        from stages.runtime.interrupt import install_handlers, stop_file_for_run
         from storage.artifacts import artifact_root, object_store
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
         if args.task_runner or args.parallel_tasks or args.task_runner_address:
-            from flows.runners import configured
+            from flows.task_runners import configured
 
             pipeline = pipeline.with_options(
                 task_runner=configured(args.task_runner, args.parallel_tasks, args.task_runner_address))
@@ -89,7 +89,7 @@ RUNNER_PACKAGES = {"dask": ("prefect_dask", "cluster"), "ray": ("prefect_ray", "
 
 def _stale(nodes: dict, names: set[str]) -> list[str]:
     """Built nodes whose recorded upstream content differs from the upstream artifacts now."""
-    from stages.runner import is_stale
+    from stages.node_builder import is_stale
 
     return [name for name in names if nodes[name].is_built() and is_stale(
         nodes[name], {role: read_manifest(nodes[up].stage, nodes[up].key) for role, up in nodes[name].upstream.items()
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    from stages.training.interrupt import Interrupted
+    from stages.runtime.interrupt import Interrupted
 
     try:
         return args.fn(args)

@@ -1,6 +1,6 @@
 """Prefect flows: `lmpipe` runs the whole DAG; one flow per stage re-runs a single stage on cached upstream.
 
-Target variants and score shards fan out as parallel task runs on the configured task runner (flows/runners.py:
+Target variants and score shards fan out as parallel task runs on the configured task runner (flows/task_runners.py:
 a thread pool by default, or a Dask cluster).
 """
 
@@ -11,15 +11,15 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
-from flows.runners import configured
+from flows.task_runners import configured
 from flows.tasks import shard_task_for, task_for
 from schemas.configs import PipelineConfig
 from schemas.manifest import Manifest
 from schemas.presets import default
-from stages import runner
+from stages import node_builder
 from stages.dag import Node, plan, select_nodes, upstream_closure
 from stages.registry import stages
-from stages.training import interrupt
+from stages.runtime import interrupt
 from storage.artifacts import open_artifact, require
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: l
         inputs = {role: results[up] for role, up in node.upstream.items()}
         wait_for = []
         if not node.is_built() or name in forced:
-            shards = runner.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
+            shards = node_builder.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
             wait_for = [shard_task_for(node, shard).submit(node, inputs, shard, stop_file=stop_file)
                         for shard in shards]
         shard_futures[name] = wait_for

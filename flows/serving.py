@@ -25,7 +25,7 @@ def cmd_server(args) -> int:
     # the UI asks the server where its API is: without this it points at the default port 4200 ("Oops.
     # Something went wrong" in the browser) whenever --port or --host differ
     child_env = dict(os.environ, PREFECT_UI_API_URL=api_url)
-    from stages.training.interrupt import die_with_parent
+    from stages.runtime.interrupt import die_with_parent
 
     # the server gets SIGTERM when this process dies (even by kill -9); SIGTERM here is passed on
     child = subprocess.Popen(command, env=child_env, preexec_fn=die_with_parent)

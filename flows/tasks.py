@@ -1,4 +1,4 @@
-"""Prefect tasks around stages.runner, cached on the artifact key.
+"""Prefect tasks around stages.node_builder, cached on the artifact key.
 
 The cache key is `<stage>-<key>-<finish time>` when the artifact is finished and None otherwise (None makes
 Prefect execute and not reuse), so a deleted artifact is rebuilt and a forced rebuild invalidates the
@@ -11,9 +11,9 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from schemas.manifest import Manifest
-from stages import runner
+from stages import node_builder
 from stages.dag import Node
-from stages.training import interrupt
+from stages.runtime import interrupt
 
 
 class ArtifactCachePolicy(CachePolicy):
@@ -25,7 +25,7 @@ class ArtifactCachePolicy(CachePolicy):
         if inputs.get("force"):
             return None
         stamp = node.finished_stamp()
-        if stamp is None or runner.is_stale(node, inputs.get("inputs") or {}):
+        if stamp is None or node_builder.is_stale(node, inputs.get("inputs") or {}):
             return None
         return f"{node.stage}-{node.key}-{stamp}".replace(":", "").replace("+", "")
 
@@ -35,7 +35,7 @@ class ShardCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         node: Node = inputs["node"]
-        if not runner.shard_done(node, inputs["shard"]):
+        if not node_builder.shard_done(node, inputs["shard"]):
             return None
         return f"{node.stage}-{node.key}-{inputs['shard']}"
 
@@ -44,14 +44,14 @@ class ShardCachePolicy(CachePolicy):
 def build_stage(node: Node, inputs: dict[str, Manifest], force: bool = False, stop_file: str | None = None) -> Manifest:
     """Build (or reuse) one node's artifact and return its manifest; `stop_file`: the run's (see interrupt)."""
     with interrupt.watching(stop_file):
-        return runner.build_node(node, inputs, force=force)
+        return node_builder.build_node(node, inputs, force=force)
 
 
 @task(cache_policy=ShardCachePolicy(), persist_result=True)
 def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, stop_file: str | None = None) -> str:
     """Build one shard of a fanning-out stage (e.g. one split's part of the reference scores)."""
     with interrupt.watching(stop_file):
-        return runner.build_shard(node, inputs, shard)
+        return node_builder.build_shard(node, inputs, shard)
 
 
 def task_for(node: Node):

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.training.interrupt import die_with_parent
+from stages.runtime.interrupt import die_with_parent
 
 POLL_S = 0.5
 GRACE_S = 3.0

@@ -64,9 +64,9 @@ from stages.evaluation.report import (
 )
 from stages.evaluation.seeds import seed_rows
 from stages.models.saved import load_model
+from stages.models.window_losses import token_losses
 from stages.registry import NodeDecl, Stage
-from stages.training.devices import resolve_device
-from stages.training.windowed import token_losses
+from stages.runtime.devices import resolve_device
 from storage.catalog import TableSpec
 from storage.checkpoints import read_model_meta
 from storage.parquet import read_table, write_table

@@ -44,7 +44,7 @@ from stages.registry import (
     split_parts,
     window_shard_ids,
 )
-from stages.training.devices import resolve_device
+from stages.runtime.devices import resolve_device
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
 from storage.windows import TokenWindows

@@ -1,7 +1,7 @@
 """The stage registry: one declaration per stage (`STAGE = Stage(...)` at the bottom of its module).
 
 Everything that lists stages is derived from it: the DAG plan (stages/dag.py), the builder dispatch
-(stages/runner.py), the DuckDB catalog's tables and join views (storage/catalog.py via flows/status.py), the
+(stages/node_builder.py), the DuckDB catalog's tables and join views (storage/catalog.py via flows/status.py), the
 per-stage Prefect flows and the shard fan-out (flows/). Adding a stage = one stage module with `run` and a
 `STAGE` entry, its config in schemas/configs.py, and its module name in STAGE_MODULES below.
 """

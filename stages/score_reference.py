@@ -24,6 +24,7 @@ from schemas.configs import ScoreConfig
 from schemas.manifest import Manifest
 from schemas.tables import SPLITS, TOKEN_SCORES
 from stages.models.saved import load_model
+from stages.models.window_losses import iter_window_losses
 from stages.registry import (
     NodeDecl,
     Shards,
@@ -36,8 +37,7 @@ from stages.registry import (
     split_parts,
     window_shard_ids,
 )
-from stages.training.devices import resolve_device
-from stages.training.windowed import iter_window_losses
+from stages.runtime.devices import resolve_device
 from storage.atomic import write_text_atomic
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches

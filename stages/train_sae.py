@@ -29,9 +29,9 @@ from stages.models.init_rng import seeded_generator
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
+from stages.runtime.devices import resolve_device
+from stages.runtime.progress import format_duration
 from stages.training.data import WindowOrder
-from stages.training.devices import resolve_device
-from stages.training.progress import format_duration
 from storage.catalog import TableSpec
 from storage.parquet import write_table
 from storage.windows import TokenWindows, spread_window_ids

@@ -1,20 +1,14 @@
 """Progress of one pass over a corpus: documents, MB of text and tokens so far, logged every few seconds."""
 
 import logging
-import resource
-import sys
 import time
+
+from stages.runtime.progress import peak_rss_mib
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
 """Seconds between two progress lines of a pass."""
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class Progress:

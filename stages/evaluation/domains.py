@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from schemas.manifest import Manifest
+from stages.models.window_losses import token_losses
 from stages.registry import stage
-from stages.training.windowed import token_losses
 from storage.catalog import sql_list
 from storage.windows import TokenWindows, spread_window_ids
 

@@ -14,7 +14,7 @@ import torch
 from stages.inference.generate import generate
 from stages.inference.speculative import generate_speculative
 from stages.models.gpt import GPT
-from stages.training.devices import autocast
+from stages.runtime.devices import autocast
 from storage.windows import TokenWindows
 
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from stages.training.devices import autocast
+from stages.runtime.devices import autocast
 
 
 @dataclass(frozen=True)

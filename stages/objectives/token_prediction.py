@@ -39,7 +39,7 @@ from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumn
 from stages.objectives.concepts import CONCEPT_IDS, concept_loss
 from stages.objectives.distillation import distill_loss
 from stages.objectives.selection import SelectionCounter, select_tokens, select_tokens_pooled
-from stages.training.devices import autocast
+from stages.runtime.devices import autocast
 from storage.parquet import write_table
 
 log = logging.getLogger(__name__)

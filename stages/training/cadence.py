@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from stages.models.window_losses import token_losses
 from stages.training.distributed import Ranks
 from stages.training.rng import rng_state, set_rng_state
 from stages.training.state import RunState
-from stages.training.windowed import token_losses
 from storage import checkpoints
 from storage.windows import TokenWindows, spread_window_ids
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from schemas.configs import TrainConfig
-from stages.training import interrupt
+from stages.runtime import interrupt
 
 log = logging.getLogger(__name__)
 

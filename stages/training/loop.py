@@ -27,13 +27,14 @@ from schemas.configs import TrainConfig
 from schemas.tables import METRICS, PROBE_LOSSES
 from stages.models.init_rng import seeded_generator
 from stages.objectives.base import Objective
-from stages.training import distributed, interrupt
+from stages.runtime import interrupt
+from stages.runtime.devices import resolve_device
+from stages.runtime.progress import format_duration
+from stages.training import distributed
 from stages.training.cadence import Checkpointer, Evaluator, ProbeSet
 from stages.training.data import WindowOrder, make_batch
-from stages.training.devices import resolve_device
 from stages.training.init_weights import init_from_base
 from stages.training.optim import BatchSchedule, build_optimizer, lr_at
-from stages.training.progress import format_duration
 from stages.training.state import RunState
 from storage import checkpoints
 from storage.parquet import write_table

@@ -61,7 +61,7 @@ def test_another_machine_finds_it_cached_queryable_exportable_and_verified(built
 def test_shards_finished_on_one_machine_are_reused_by_another(built, tmp_path, monkeypatch):
     from flows.pipeline import pipeline
     from schemas.loading import load_config
-    from stages import runner
+    from stages import node_builder
     from storage.artifacts import open_artifact
 
     url, _ = built
@@ -70,10 +70,10 @@ def test_shards_finished_on_one_machine_are_reused_by_another(built, tmp_path, m
     node = nodes["score_reference"]
     monkeypatch.setenv("LMPIPE_CACHE", str(tmp_path / "machine-a"))  # a worker that finished one shard, then died
     inputs = {role: open_artifact(nodes[up].stage, nodes[up].key) for role, up in node.upstream.items()}
-    done = runner.build_shard(node, inputs, "val-001")
+    done = node_builder.build_shard(node, inputs, "val-001")
     stats = (tmp_path / "machine-a" / "_tmp" / f"{node.stage}-{node.key}" / "part-val-001.json").read_bytes()
     monkeypatch.setenv("LMPIPE_CACHE", str(tmp_path / "machine-b"))
-    assert runner.shard_done(node, "val-001") and not runner.shard_done(node, "val-002")
+    assert node_builder.shard_done(node, "val-001") and not node_builder.shard_done(node, "val-002")
     result = pipeline(config=cfg, only=["score_reference"])
     final = open_artifact("score_reference", result["score_reference"]["key"])
     assert (tmp_path / "machine-b" / "score_reference" / node.key / "part-val-001.json").read_bytes() == stats

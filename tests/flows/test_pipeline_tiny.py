@@ -154,13 +154,13 @@ def test_interrupted_scoring_redoes_only_unfinished_shards(first_run, root):
     """A shard finished before an interruption is reused (its part file untouched); the rest are scored."""
     from flows.pipeline import pipeline
     from schemas.loading import load_config
-    from stages import runner
+    from stages import node_builder
     from storage.artifacts import build_dir
 
     cfg = load_config("tiny", overrides=["score.num_shards=3"])  # a new score key over the cached reference
     node = plan(cfg)["score_reference"]
     inputs = {role: load_manifest(plan(cfg)[up].path()) for role, up in node.upstream.items()}
-    done = Path(runner.build_shard(node, inputs, "val-001"))  # as if the run was killed after this shard
+    done = Path(node_builder.build_shard(node, inputs, "val-001"))  # as if the run was killed after this shard
     assert done.parent == build_dir(node.stage, node.key)
     finished_ns = done.stat().st_mtime_ns
     result = pipeline(config=cfg, only=["score_reference"])
@@ -200,7 +200,7 @@ def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind):
     the thread pool's build."""
     pytest.importorskip(f"prefect_{kind}")
     from flows.pipeline import pipeline
-    from flows.runners import task_runner
+    from flows.task_runners import task_runner
 
     nodes = plan(tiny())
     rebuilt = [name for name in nodes if name.startswith(("score_reference", "train_target"))]
@@ -228,14 +228,14 @@ def test_an_interrupted_run_on_dask_redoes_only_unfinished_shards(first_run, roo
     the interruption is kept (its file untouched), the others are scored by the workers."""
     pytest.importorskip("prefect_dask")
     from flows.pipeline import pipeline
-    from flows.runners import task_runner
+    from flows.task_runners import task_runner
     from schemas.loading import load_config
-    from stages import runner
+    from stages import node_builder
 
     cfg = load_config("tiny", overrides=["score.num_shards=5"])
     node = plan(cfg)["score_reference"]
     inputs = {role: load_manifest(plan(cfg)[up].path()) for role, up in node.upstream.items()}
-    done = Path(runner.build_shard(node, inputs, "train-003"))
+    done = Path(node_builder.build_shard(node, inputs, "train-003"))
     finished_ns = done.stat().st_mtime_ns
     result = pipeline.with_options(task_runner=task_runner("dask", 2))(config=cfg, only=["score_reference"])
     final = Path(result["score_reference"]["path"])

@@ -3,7 +3,7 @@
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runners import configured, task_runner
+from flows.task_runners import configured, task_runner
 
 
 def test_thread_pool_size_and_environment(monkeypatch):

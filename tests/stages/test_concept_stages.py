@@ -12,7 +12,7 @@ from schemas.tables import CONCEPTS, TOKEN_CONCEPTS
 from stages import extract_concepts, train_sae
 from stages.corpus.tokenizers import train_bpe
 from stages.models.saved import load_model, load_sae
-from stages.training.windowed import token_losses
+from stages.models.window_losses import token_losses
 from storage.parquet import write_table
 from storage.windows import TokenWindows
 from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest

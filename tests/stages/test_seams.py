@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from schemas.base import StrictModel
 from schemas.configs import TargetVariant
 from schemas.presets import tiny
-from stages import runner
+from stages import node_builder
 from stages.dag import plan
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumns
@@ -97,7 +97,7 @@ def test_a_toy_stage_is_planned_built_and_cataloged_with_no_edits(toy_stage, tmp
     assert "toy_weights" in nodes and nodes["toy_weights"].upstream == {"tokens": "tokenize_corpus"}
     assert list(stages())[-1] == "toy_weights"
     tokens = make_token_artifact(tmp_path / "tokens")
-    manifest = runner.build_node(nodes["toy_weights"], {"tokens": tokens}, root=tmp_path / "root")
+    manifest = node_builder.build_node(nodes["toy_weights"], {"tokens": tokens}, root=tmp_path / "root")
     assert manifest.summary["rows"] == 40 * 16
     con = connect({"toy_weights": TableSpec("toy_weights", "weights-*.parquet")}, {}, root=tmp_path / "root")
     assert con.execute("SELECT count(*) FROM toy_weights_all").fetchone()[0] == 40 * 16
@@ -105,7 +105,7 @@ def test_a_toy_stage_is_planned_built_and_cataloged_with_no_edits(toy_stage, tmp
 
 def test_a_toy_objective_reads_its_new_column_through_the_real_loop(toy_stage, tmp_path):
     tokens = make_token_artifact(tmp_path / "tokens")
-    manifest = runner.build_node(plan(tiny())["toy_weights"], {"tokens": tokens}, root=tmp_path / "root")
+    manifest = node_builder.build_node(plan(tiny())["toy_weights"], {"tokens": tokens}, root=tmp_path / "root")
     windows = TokenWindows.from_manifest(tokens, "train")
     objective = WeightedNextToken()
     lookups = token_lookups(objective.needs[0], manifest, windows)

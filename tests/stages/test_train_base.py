@@ -16,7 +16,7 @@ from schemas.configs import (
     TargetRun,
 )
 from schemas.presets import preset, tiny
-from stages import runner
+from stages import node_builder
 from stages.dag import plan
 from stages.models.gpt import GPT
 from stages.models.saved import load_model
@@ -201,7 +201,7 @@ def test_tiny_continual_pipeline_builds_through_the_base(tmp_path):
     built = {"tokenize_corpus": make_tokens(tmp_path)}  # a fake tokens artifact stands in for the corpus
     for name in ["train_base", "train_reference", "score_reference", "train_target.ntp", "train_target.slm"]:
         node = nodes[name]
-        built[name] = runner.build_node(node, {role: built[up] for role, up in node.upstream.items()}, root=root)
+        built[name] = node_builder.build_node(node, {role: built[up] for role, up in node.upstream.items()}, root=root)
     base = built["train_base"]
     assert base.summary["steps"] == 2 and load_model(base.path).num_future_tokens == 1
     assert set(base.summary["val_loss"]) == {"val", "ref_val"}

@@ -185,7 +185,7 @@ def test_batch_size_must_be_a_multiple_of_the_micro_batch(tokens, tmp_path):
 SIGNAL_CHILD = """
 import sys, time
 from pathlib import Path
-from stages.training.interrupt import Interrupted, install_handlers
+from stages.runtime.interrupt import Interrupted, install_handlers
 from tests.helpers import make_token_artifact, tiny_run
 install_handlers()
 tokens = make_token_artifact(Path(sys.argv[1]))
@@ -255,7 +255,7 @@ def test_step_ranked_selection_resumes_exactly(tokens, tmp_path):
 
 def test_the_runs_stop_file_is_a_stop_request(tmp_path, monkeypatch):
     """What a cluster worker sees: the stop file named by $LMPIPE_STOP_FILE (inherited from `lmpipe run`)."""
-    from stages.training import interrupt
+    from stages.runtime import interrupt
 
     monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())  # this test's own flag
     with interrupt.stop_file_for_run(tmp_path / "_stop") as stop_file:
@@ -272,7 +272,7 @@ def test_a_task_run_watches_the_stop_file_it_was_given(tmp_path, monkeypatch):
     for that task run only (another run's task runs in the same worker process go on)."""
     import threading
 
-    from stages.training import interrupt
+    from stages.runtime import interrupt
 
     monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
     monkeypatch.delenv(interrupt.STOP_FILE_ENV, raising=False)
@@ -296,7 +296,7 @@ def test_a_stop_file_in_the_object_store_reaches_workers_on_other_machines(s3_ro
     """With a bucket root the stop file is an object: a worker anywhere sees it, polling every few seconds."""
     import fsspec
 
-    from stages.training import interrupt
+    from stages.runtime import interrupt
 
     monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
     monkeypatch.setattr(interrupt, "STOP_POLL_SECONDS", 0.0)
@@ -314,7 +314,7 @@ def test_each_stop_file_in_the_bucket_is_polled_on_its_own_clock(s3_root, monkey
     """Task runs of two runs in one worker process: a poll of one run's stop file does not delay the other's."""
     import fsspec
 
-    from stages.training import interrupt
+    from stages.runtime import interrupt
 
     monkeypatch.setattr(interrupt, "STOP", type(interrupt.STOP)())
     monkeypatch.setattr(interrupt, "STOP_POLL_SECONDS", 60.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
-from stages.training import interrupt
+from stages.runtime import interrupt
 from storage.artifacts import (
     artifact_root,
     build_dir,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from stages.models.losses import hidden_loss_and_entropy, token_loss, token_loss_and_entropy
-from stages.training.devices import autocast
+from stages.runtime.devices import autocast
 from storage.windows import TokenWindows
 
 
