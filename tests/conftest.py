@@ -1,10 +1,12 @@
 """Test-wide settings: CPU only, quiet Prefect state in a temp dir, artifacts under a temp LMPIPE_ROOT.
 
-Run everything with `pytest` (the default excludes `-m slow`); the Prefect end-to-end tests are marked `flow`.
+`pytest` runs the unit tier; the marked tiers (pyproject.toml: flow, cluster, s3, browser, multiprocess, fault, gpu)
+run with `-m`, every tier with `pytest -m "not fault" && pytest -m fault` (docs/testing.md).
 """
 
 import logging
 import os
+import re
 import tempfile
 
 import pytest
@@ -17,7 +19,6 @@ os.environ.update({
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
-    "CUDA_VISIBLE_DEVICES": os.environ.get("LMPIPE_TEST_CUDA", ""),
 })
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -62,3 +63,20 @@ def s3_root(s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("LMPIPE_ROOT", url)
     monkeypatch.setenv("LMPIPE_CACHE", str(tmp_path / "mirror"))
     yield url
+
+
+def pytest_configure(config):
+    """CPU only (the GPU hidden before torch looks for it), except where the gpu tier is asked for (`-m gpu`) or
+    LMPIPE_TEST_CUDA names the devices to use."""
+    wants_gpu = re.search(r"(?<!not )\bgpu\b", config.option.markexpr or "")
+    if "LMPIPE_TEST_CUDA" in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["LMPIPE_TEST_CUDA"]
+    elif not wants_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the local S3 server is in the `s3` tier, whichever file it lives in."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)

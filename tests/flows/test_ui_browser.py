@@ -13,7 +13,7 @@ import pytest
 
 from tests.processes import REPO, free_port, lmpipe_env, wait_for
 
-pytestmark = pytest.mark.flow
+pytestmark = [pytest.mark.flow, pytest.mark.browser]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")

@@ -134,6 +134,7 @@ tiny_run(tokens, Path(sys.argv[2]), on_step=stall)
 """
 
 
+@pytest.mark.multiprocess  # a child process killed or signalled
 def test_resume_after_kill_9_equals_uninterrupted(uninterrupted, tmp_path):
     marker, work = tmp_path / "marker", tmp_path / "work"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -201,6 +202,7 @@ except Interrupted as err:
 """
 
 
+@pytest.mark.multiprocess  # a child process killed or signalled
 def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes(uninterrupted, tmp_path):
     marker, work = tmp_path / "marker", tmp_path / "work"
     env = dict(os.environ, PYTHONPATH=str(REPO))
