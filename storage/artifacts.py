@@ -75,10 +75,16 @@ def object_store(root: Path | None = None) -> ObjectStore | None:
 
 
 def canonical_json(value) -> str:
-    """Canonical JSON (sorted keys, no whitespace) of a config or plain value: the input of every key."""
+    """Canonical JSON (sorted keys, compact separators) of plain data, the input of every key: a pydantic model
+    anywhere inside it stands as its JSON data (model_dump(mode="json")), never as its repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_data)
+
+
+def _json_data(value) -> dict:
     if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON data: an artifact key takes plain values and "
+                    "pydantic models")
 
 
 def artifact_key(stage: str, code_version: str, config: BaseModel | dict, upstream: dict[str, str]) -> str:
