@@ -12,12 +12,12 @@ from stages.registry import stage
 from stages.runtime import interrupt
 from storage.artifacts import (
     artifact_root,
+    artifact_store,
     build_dir,
     build_lock,
     check_inputs,
     is_built,
     materialize,
-    object_store,
     open_artifact,
     read_manifest,
     stale_roles,
@@ -60,10 +60,10 @@ def shard_ids(node: Node, inputs: dict[str, Manifest]) -> list[str]:
 def shard_done(node: Node, shard: str, root: Path | None = None) -> bool:
     """True when the shard's file exists in the finished artifact or in the build dir (for an object-store root
     also: staged in the store's build area by any machine)."""
-    name, store = stage(node.stage).shards.file(shard), object_store(root)
+    name = stage(node.stage).shards.file(shard)
     if any((d / name).exists() for d in (node.path(root), build_dir(node.stage, node.key, root))):
         return True
-    return store is not None and store.has_staged(node.stage, node.key, name)
+    return artifact_store(root).has_staged(node.stage, node.key, name)
 
 
 def shard_files(work: Path, shard: str) -> list[Path]:
@@ -74,11 +74,11 @@ def shard_files(work: Path, shard: str) -> list[Path]:
 def fetch_staged_shards(node: Node, inputs: dict[str, Manifest], root: Path | None = None) -> None:
     """For an object-store root: copy the shards other machines staged in the store into this build dir, so the
     stage's run reuses them instead of redoing them."""
-    shards, store = stage(node.stage).shards, object_store(root)
-    if shards is None or store is None or node.is_built(root):
+    shards = stage(node.stage).shards
+    if shards is None or node.is_built(root):
         return
     done = {shard: shards.file(shard) for shard in shards.list(node.config, inputs)}
-    if fetched := store.fetch_staged(node.stage, node.key, build_dir(node.stage, node.key, root), done):
+    if fetched := artifact_store(root).fetch_staged(node.stage, node.key, build_dir(node.stage, node.key, root), done):
         log.info("%s: fetched %d shard(s) staged by other machines", node.name, len(fetched))
 
 
@@ -95,10 +95,9 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         check_inputs(inputs)
         work = build_dir(node.stage, node.key, root)
         work.mkdir(parents=True, exist_ok=True)
-        shards, store = stage(node.stage).shards, object_store(root)
-        if store is not None and store.fetch_staged(node.stage, node.key, work, {shard: shards.file(shard)}):
+        shards, store = stage(node.stage).shards, artifact_store(root)
+        if store.fetch_staged(node.stage, node.key, work, {shard: shards.file(shard)}):
             return str(work / shards.file(shard))  # finished by another machine
         written = shards.build(node.config, inputs, shard, work)
-        if store is not None:
-            store.stage_shard(node.stage, node.key, shard_files(work, shard), work / shards.file(shard))
+        store.stage_shard(node.stage, node.key, shard_files(work, shard), work / shards.file(shard))
         return str(written)

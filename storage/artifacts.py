@@ -1,7 +1,8 @@
-"""Content-addressed artifact store: keys, atomic builds, locks, manifests, verification.
+"""Content-addressed artifacts: keys, atomic builds, locks, local copies; where they live is the root's Store.
 
 Layout under the root ($LMPIPE_ROOT, default ./artifacts; an fsspec URL such as s3://bucket/prefix keeps the
-finished artifacts in object storage and builds in a local mirror: storage/object_store.py):
+finished artifacts in object storage and builds in a local mirror: storage/object_store.py). `artifact_store`
+chooses the Store (storage/store.py: reading, markers, verify) once; the functions here go through it:
     <stage>/<key>/           a finished artifact: its files, manifest.json, then _SUCCESS (written last)
     _tmp/<stage>-<key>/      the build directory (stable per key, so interrupted training can resume from it)
     _locks/<stage>-<key>.lock  an flock held while building, so two runs never build the same key at once
@@ -18,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,51 +27,64 @@ from pydantic import BaseModel
 
 from schemas.manifest import FileEntry, Manifest, UpstreamRef
 from storage.atomic import remove_leftover_temp_files, write_text_atomic
-from storage.object_store import ObjectStore, default_mirror, is_url, local_path
+from storage.object_store import ObjectStore, mirror_of
+from storage.store import (
+    MANIFEST,
+    SUCCESS,
+    CorruptArtifactError,
+    LocalStore,
+    MissingArtifactError,
+    Store,
+    is_url,
+    local_path,
+    sha256_of,
+    verify,
+)
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
 KEY_LENGTH = 16
-
-
-class MissingArtifactError(FileNotFoundError):
-    """An upstream artifact a stage needs has not been built."""
-
-
-class CorruptArtifactError(RuntimeError):
-    """An artifact's files do not match the sizes or hashes in its manifest."""
 
 
 def artifact_root() -> Path:
     """The local artifact root: $LMPIPE_ROOT or ./artifacts as an absolute path; for an object-store root, its
     local mirror ($LMPIPE_CACHE or ~/.cache/lmpipe/<bucket-and-prefix>)."""
     root = os.environ.get("LMPIPE_ROOT", "artifacts")
-    if is_url(root):
-        return Path(os.environ.get("LMPIPE_CACHE") or default_mirror(root)).resolve()
-    return local_path(root).resolve()
+    return mirror_of(root) if is_url(root) else local_path(root).resolve()
 
 
 @lru_cache(maxsize=4)
-def _object_store(url: str, options: str) -> ObjectStore:
-    return ObjectStore(url)
+def _object_store(url: str, options: str, mirror: Path) -> ObjectStore:
+    return ObjectStore(url, mirror)
+
+
+def artifact_store(root: Path | None = None) -> Store:
+    """The store of an artifact root, chosen here for every caller: the ObjectStore of $LMPIPE_ROOT when that is
+    a URL and `root` is its mirror (or None, the configured root); else the LocalStore of `root`."""
+    url, configured = os.environ.get("LMPIPE_ROOT", "artifacts"), artifact_root()
+    if is_url(url) and (root is None or Path(root).resolve() == configured):
+        return _object_store(url, os.environ.get("LMPIPE_STORAGE_OPTIONS", ""), configured)
+    return LocalStore(root or configured)
 
 
 def object_store(root: Path | None = None) -> ObjectStore | None:
-    """The object store holding the finished artifacts when $LMPIPE_ROOT is a URL and `root` is its mirror (or
-    None, the configured root); None for a local root."""
-    url = os.environ.get("LMPIPE_ROOT", "artifacts")
-    if not is_url(url) or (root is not None and Path(root).resolve() != artifact_root()):
-        return None
-    return _object_store(url, os.environ.get("LMPIPE_STORAGE_OPTIONS", ""))
+    """The store when it is an object store, else None: for what only a bucket has (its URL in `lmpipe doctor`,
+    a stop file that workers on other machines can see)."""
+    store = artifact_store(root)
+    return store if isinstance(store, ObjectStore) else None
 
 
 def canonical_json(value) -> str:
-    """Canonical JSON (sorted keys, no whitespace) of a config or plain value: the input of every key."""
+    """Canonical JSON (sorted keys, compact separators) of plain data, the input of every key: a pydantic model
+    anywhere inside it stands as its JSON data (model_dump(mode="json")), never as its repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_data)
+
+
+def _json_data(value) -> dict:
     if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON data: an artifact key takes plain values and "
+                    "pydantic models")
 
 
 def artifact_key(stage: str, code_version: str, config: BaseModel | dict, upstream: dict[str, str]) -> str:
@@ -80,103 +94,70 @@ def artifact_key(stage: str, code_version: str, config: BaseModel | dict, upstre
 
 
 def artifact_dir(stage: str, key: str, root: Path | None = None) -> Path:
-    """Where the artifact of this stage and key lives (built or not)."""
+    """Where the artifact of this stage and key lives locally (built or not; for an object-store root: its
+    mirror copy)."""
     return (root or artifact_root()) / stage / key
 
 
 def is_built(stage: str, key: str, root: Path | None = None) -> bool:
     """True when the artifact exists and is complete (_SUCCESS present; in the object store for a URL root)."""
-    store = object_store(root)
-    return store.is_finished(stage, key) if store else (artifact_dir(stage, key, root) / SUCCESS).exists()
+    return artifact_store(root).is_finished(stage, key)
 
 
 def success_stamp(stage: str, key: str, root: Path | None = None) -> str | None:
     """The artifact's finish time (the _SUCCESS content), None when it is not built: it changes on a rebuild."""
-    store = object_store(root)
-    if store:
-        return store.success_stamp(stage, key)
-    marker = artifact_dir(stage, key, root) / SUCCESS
-    return marker.read_text().strip() if marker.exists() else None
+    return artifact_store(root).success_stamp(stage, key)
 
 
 def read_manifest(stage: str, key: str, root: Path | None = None) -> Manifest:
     """The manifest of a finished artifact without fetching its files: for an object-store root its `path` is
     the artifact's URL (use open_artifact to read the files)."""
-    store = object_store(root)
-    if store is None:
-        return load_manifest(artifact_dir(stage, key, root))
-    url = store.full_url(store.path(stage, key))
-    if not store.is_finished(stage, key):
-        raise MissingArtifactError(f"{url} is not a finished artifact (no {SUCCESS})")
-    try:
-        return store.read_manifest(stage, key)
-    except (OSError, ValueError) as err:
-        raise CorruptArtifactError(f"the manifest of {url} is missing or unreadable ({type(err).__name__}); "
-                                   f"rebuild the artifact with `lmpipe run --force {stage}`") from None
+    return artifact_store(root).read_manifest(stage, key)
 
 
 def open_artifact(stage: str, key: str, root: Path | None = None) -> Manifest:
-    """A finished artifact whose files can be read locally: for an object-store root, its local mirror, fetched
-    (and checked against the manifest's sha256s) when missing or older than the store's."""
-    store, local = object_store(root), artifact_dir(stage, key, root)
-    if store is None:
-        return load_manifest(local)
-    remote = read_manifest(stage, key, root)
-    if (mirrored := _mirrored(local, remote)) is not None:
-        return mirrored
+    """A finished artifact whose files can be read locally: a local root's own, or for an object-store root its
+    local mirror, fetched (and checked against the manifest's sha256s) when missing or older than the store's."""
+    store, local = artifact_store(root), artifact_dir(stage, key, root)
+    found = store.read_manifest(stage, key)
+    if (mirrored := _mirrored(local, found)) is not None:
+        return mirrored  # a local root's artifact is its own mirror
     with build_lock(stage, key, local.parent.parent):
-        if (mirrored := _mirrored(local, remote)) is not None:
+        if (mirrored := _mirrored(local, found)) is not None:
             return mirrored  # another thread fetched it while we waited
         fetch = local.parent.parent / "_tmp" / f"fetch-{stage}-{key}-{time.time_ns()}"
-        log.info("fetching %s into %s", remote.path, local)
+        log.info("fetching %s into %s", found.path, local)
         try:
-            store.download(remote, fetch)
+            store.download(found, fetch)
         except BaseException as err:
             shutil.rmtree(fetch, ignore_errors=True)
             if isinstance(err, ValueError):
                 raise CorruptArtifactError(str(err)) from None
             raise
-        _publish(fetch, local, remote.model_copy(update={"path": str(local)}))
+        _publish(fetch, local, found.model_copy(update={"path": str(local)}))
     return load_manifest(local)
 
 
 def _local_copy(local: Path) -> Manifest | None:
     """The manifest of a finished local directory (a mirror), None when it has none or an unreadable one."""
-    if not (local / SUCCESS).exists():
-        return None
     try:
         return load_manifest(local)
-    except CorruptArtifactError:
+    except (MissingArtifactError, CorruptArtifactError):
         return None
 
 
-def _mirrored(local: Path, remote: Manifest) -> Manifest | None:
-    """The local mirror's manifest when it holds the same content as the store's artifact, else None."""
+def _mirrored(local: Path, found: Manifest) -> Manifest | None:
+    """The local copy's manifest when it holds the same content as the store's artifact, else None."""
     mirrored = _local_copy(local)
-    return mirrored if mirrored is not None and content_digest(mirrored) == content_digest(remote) else None
+    return mirrored if mirrored is not None and content_digest(mirrored) == content_digest(found) else None
 
 
 def load_manifest(path: Path) -> Manifest:
-    """Read the manifest of a finished artifact directory; error if it is not finished or the manifest is
-    unreadable. Its `path` is where the directory is now (so a copied or moved root keeps working)."""
+    """Read the manifest of a finished artifact directory `<root>/<stage>/<key>`; error if it is not finished or
+    the manifest is unreadable. Its `path` is where the directory is now (so a copied or moved root keeps
+    working)."""
     path = Path(path)
-    if not (path / SUCCESS).exists():
-        raise MissingArtifactError(f"{path} is not a finished artifact (no {SUCCESS})")
-    try:
-        manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptArtifactError(f"{path / MANIFEST} is missing or unreadable ({type(err).__name__}); "
-                                   f"rebuild the artifact with `lmpipe run --force {path.parent.name}`") from None
-    return manifest.model_copy(update={"path": str(path.resolve())})
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Streaming sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return LocalStore(path.parent.parent).read_manifest(path.parent.name, path.name)
 
 
 def list_files(directory: Path) -> list[FileEntry]:
@@ -186,26 +167,9 @@ def list_files(directory: Path) -> list[FileEntry]:
         rel = path.relative_to(directory).as_posix()
         if rel in (MANIFEST, SUCCESS):
             continue
-        entries.append(FileEntry(path=rel, size_bytes=path.stat().st_size, sha256=file_sha256(path)))
+        with open(path, "rb") as handle:
+            entries.append(FileEntry(path=rel, size_bytes=path.stat().st_size, sha256=sha256_of(handle)))
     return entries
-
-
-def verify(manifest: Manifest) -> list[str]:
-    """Re-hash an artifact's files (in the object store when its path is a URL); one line per problem (empty when
-    intact)."""
-    if is_url(manifest.path):
-        return object_store().verify(manifest)
-    problems = []
-    root = Path(manifest.path)
-    for entry in manifest.files:
-        path = root / entry.path
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry.size_bytes:
-            problems.append(f"{path}: size {path.stat().st_size} != {entry.size_bytes} in manifest")
-        elif file_sha256(path) != entry.sha256:
-            problems.append(f"{path}: sha256 differs from manifest (corrupt or edited)")
-    return problems
 
 
 def content_digest(manifest: Manifest) -> str:
@@ -297,16 +261,16 @@ def materialize(
     returns is the directory renamed into place, the manifest written and _SUCCESS written last.
     """
     root = root or artifact_root()
-    store = object_store(root)
+    store = artifact_store(root)
     upstream_keys = {role: m.key for role, m in upstream.items()}
     key = artifact_key(stage, code_version, config, upstream_keys)
     final = artifact_dir(stage, key, root)
     if (finished := _reusable(stage, key, root, upstream, force)) is not None:
         return finished
-    with build_lock(stage, key, root), store.lease(stage, key) if store else nullcontext():
+    with build_lock(stage, key, root), store.lease(stage, key):
         if (finished := _reusable(stage, key, root, upstream, force)) is not None:
             return finished  # another process finished it while we waited
-        if store and not force and (uploaded := _finish_upload(store, final, upstream)) is not None:
+        if not force and (uploaded := _finish_upload(store, final, upstream)) is not None:
             return uploaded
         check_inputs(upstream)
         work = build_dir(stage, key, root)
@@ -335,10 +299,7 @@ def materialize(
             build_seconds=round(time.perf_counter() - started, 3),
         )
         _publish(work, final, manifest)
-        if store:
-            log.info("uploading %s/%s to %s", stage, key, store.url)
-            store.upload(final, manifest)
-            store.drop_staged(stage, key)
+        store.publish(final, manifest)
         log.info("built %s/%s in %.1fs", stage, key, manifest.build_seconds)
         return manifest
 
@@ -356,15 +317,15 @@ def _reusable(stage: str, key: str, root: Path, upstream: dict[str, Manifest], f
     return manifest
 
 
-def _finish_upload(store: ObjectStore, final: Path, upstream: dict[str, Manifest]) -> Manifest | None:
-    """Upload an artifact this machine finished but did not get into the store (an upload cut short), when its
-    files are intact and its upstream unchanged; None when there is none (then it is built)."""
+def _finish_upload(store: Store, final: Path, upstream: dict[str, Manifest]) -> Manifest | None:
+    """Publish an artifact this machine finished but did not get into the store (an upload cut short), when its
+    files are intact and its upstream unchanged; None when there is none (then it is built). A local root has
+    none: its local copy is the artifact, which _reusable has already looked at."""
     manifest = _local_copy(final)
-    if manifest is None or verify(manifest) or stale_roles(manifest, upstream):
+    if manifest is None or stale_roles(manifest, upstream) or verify(manifest):
         return None
-    log.info("uploading %s/%s, finished here before an interrupted upload", manifest.stage, manifest.key)
-    store.upload(final, manifest)
-    store.drop_staged(manifest.stage, manifest.key)
+    log.info("publishing %s/%s, finished here before an interrupted upload", manifest.stage, manifest.key)
+    store.publish(final, manifest)
     return manifest
 
 
@@ -385,35 +346,22 @@ def _publish(work: Path, final: Path, manifest: Manifest) -> None:
 
 def require(stage: str, key: str, *, built_by: str, root: Path | None = None) -> Manifest:
     """The manifest of an upstream artifact (read_manifest), or fail with the command that builds it."""
-    if not is_built(stage, key, root):
-        store = object_store(root)
-        where = store.full_url(store.path(stage, key)) if store else artifact_dir(stage, key, root)
+    store = artifact_store(root)
+    if not store.is_finished(stage, key):
+        where = store.location(stage, key)
         raise MissingArtifactError(
             f"upstream artifact {stage}/{key} is missing ({where} has no {SUCCESS}); build it with: {built_by}"
         )
-    return read_manifest(stage, key, root)
+    return store.read_manifest(stage, key)
 
 
 def iter_manifests(root: Path | None = None, stage: str | None = None) -> Iterator[Manifest | CorruptArtifactError]:
     """Every finished artifact under the root (optionally of one stage); an unreadable manifest is yielded as
     the error, so callers report it and go on with the rest."""
-    if (store := object_store(root)) is not None:
-        for found_stage, key in store.finished(stage):
-            try:
-                yield read_manifest(found_stage, key, root)
-            except CorruptArtifactError as err:
-                yield err
-        return
-    root = root or artifact_root()
-    if not root.is_dir():
-        raise MissingArtifactError(f"artifact root {root} does not exist (set LMPIPE_ROOT or run `lmpipe run`)")
-    stage_dirs = [root / stage] if stage else [p for p in sorted(root.iterdir()) if not p.name.startswith("_")]
-    for stage_dir in stage_dirs:
-        if not stage_dir.is_dir():
-            continue
-        for path in sorted(stage_dir.iterdir()):
-            if (path / SUCCESS).exists():
-                try:
-                    yield load_manifest(path)
-                except CorruptArtifactError as err:
-                    yield err
+    store = artifact_store(root)
+    store.check_root()
+    for found_stage, key in store.finished(stage):
+        try:
+            yield store.read_manifest(found_stage, key)
+        except CorruptArtifactError as err:
+            yield err

@@ -15,8 +15,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.artifacts import SUCCESS, artifact_root, object_store
-from storage.object_store import ObjectStore
+from storage.artifacts import artifact_root, artifact_store
+from storage.store import SUCCESS, Store
 
 
 @dataclass(frozen=True)
@@ -42,47 +42,25 @@ def sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-class Locations:
-    """Where the catalog finds artifact directories and their Parquet files: the local root, or the object store
-    of a URL root (files named by URL, which DuckDB reads through the registered fsspec filesystem)."""
+def _finished_dir(store: Store, directory: Path) -> str | None:
+    """A current node's artifact directory (a local path under the store's root) where it is finished, as the
+    store names it (the bucket's path for a mirror path), else None."""
+    directory = Path(directory)
+    if directory.parent.parent == store.root:
+        stage, key = directory.parent.name, directory.name
+        return store.path(stage, key) if store.is_finished(stage, key) else None
+    return str(directory) if (directory / SUCCESS).exists() else None
 
-    def __init__(self, root: Path, store: ObjectStore | None):
-        self.root, self.store = root, store
 
-    def finished(self, stage: str) -> list[tuple[str, str]]:
-        """(key, directory) of every finished artifact of a stage."""
-        if self.store:
-            return [(key, self.store.path(stage, key)) for _, key in self.store.finished(stage)]
-        stage_dir = self.root / stage
-        dirs = sorted(p for p in stage_dir.iterdir() if (p / SUCCESS).exists()) if stage_dir.is_dir() else []
-        return [(p.name, str(p)) for p in dirs]
-
-    def of(self, directory: Path) -> str | None:
-        """A current node's artifact directory where it is finished (in the store for a mirror path), else None."""
-        directory = Path(directory)
-        if self.store and directory.parent.parent == self.root:
-            stage, key = directory.parent.name, directory.name
-            return self.store.path(stage, key) if self.store.is_finished(stage, key) else None
-        return str(directory) if (directory / SUCCESS).exists() else None
-
-    def files(self, directory: str, pattern: str) -> list[str]:
-        """The files matching a glob pattern in an artifact directory, as DuckDB names them."""
-        if self.store:
-            return [self.store.full_url(p) for p in sorted(self.store.fs.glob(f"{directory}/{pattern}"))]
-        return [str(p) for p in sorted(Path(directory).glob(pattern))]
-
-    def unreadable(self, files: list[str]) -> str | None:
-        """The first file whose Parquet footer cannot be read (cheap: metadata only), or None."""
-        for name in files:
-            try:
-                if self.store:
-                    with self.store.fs.open(name, "rb") as handle:
-                        pq.read_metadata(handle)
-                else:
-                    pq.read_metadata(name)
-            except (OSError, pa.ArrowException):
-                return name
-        return None
+def _unreadable(store: Store, files: list[str]) -> str | None:
+    """The first file whose Parquet footer cannot be read (cheap: metadata only), or None."""
+    for name in files:
+        try:
+            with store.fs.open(name, "rb") as handle:
+                pq.read_metadata(handle)
+        except (OSError, pa.ArrowException):
+            return name
+    return None
 
 
 def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: dict[str, Path] | None = None,
@@ -90,16 +68,14 @@ def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: d
     """A DuckDB connection with the catalog views (tables and join views as the stage registry declares them).
 
     `current` maps node name -> artifact dir of the config."""
-    root = root or artifact_root()
-    locations = Locations(root, object_store(root))
+    store = artifact_store(root or artifact_root())
     con = duckdb.connect(database)
-    if locations.store:
-        con.register_filesystem(locations.store.fs)
+    store.attach(con)
     registered = set()
     for table, spec in tables.items():
-        if _register_all(con, locations, table, spec):
+        if _register_all(con, store, table, spec):
             registered.add(f"{table}_all")
-        if current and _register_current(con, locations, current, table, spec):
+        if current and _register_current(con, store, current, table, spec):
             registered.add(table)
     for name, view in views.items():
         if view.needs <= registered:
@@ -107,10 +83,10 @@ def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: d
     return con
 
 
-def _create_view(con, locations: Locations, name: str, selects: list[str], files: list[str]) -> None:
+def _create_view(con, store: Store, name: str, selects: list[str], files: list[str]) -> None:
     """The union view, or, when one of its files is unreadable, a view whose every query fails naming the file
     (so one damaged file breaks only the views that read it)."""
-    bad = locations.unreadable(files)
+    bad = _unreadable(store, files)
     if bad is None:
         con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(selects))
         return
@@ -119,30 +95,30 @@ def _create_view(con, locations: Locations, name: str, selects: list[str], files
     con.execute(f"CREATE VIEW {name} AS SELECT error('{message}') AS error")
 
 
-def _register_all(con, locations: Locations, table: str, spec: TableSpec) -> bool:
+def _register_all(con, store: Store, table: str, spec: TableSpec) -> bool:
     selects, all_files = [], []
-    for key, directory in locations.finished(spec.stage):
-        files = locations.files(directory, spec.pattern)
+    for stage, key in store.finished(spec.stage):
+        files = store.files(store.path(stage, key), spec.pattern)
         if files:
             all_files += files
             selects.append(f"SELECT '{key}' AS artifact_key, * FROM read_parquet({sql_list(files)})")
     if selects:
-        _create_view(con, locations, f"{table}_all", selects, all_files)
+        _create_view(con, store, f"{table}_all", selects, all_files)
     return bool(selects)
 
 
-def _register_current(con, locations: Locations, current: dict[str, Path], table: str, spec: TableSpec) -> bool:
+def _register_current(con, store: Store, current: dict[str, Path], table: str, spec: TableSpec) -> bool:
     selects, all_files = [], []
     for node, path in current.items():
-        if node.split(".")[0] != spec.stage or (directory := locations.of(path)) is None:
+        if node.split(".")[0] != spec.stage or (directory := _finished_dir(store, path)) is None:
             continue
-        files = locations.files(directory, spec.pattern)
+        files = store.files(directory, spec.pattern)
         if files:
             all_files += files
             label = f"'{node}' AS model, " if spec.per_model else ""
             selects.append(f"SELECT {label}* FROM read_parquet({sql_list(files)})")
     if selects:
-        _create_view(con, locations, table, selects, all_files)
+        _create_view(con, store, table, selects, all_files)
     return bool(selects)
 
 

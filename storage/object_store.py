@@ -24,8 +24,8 @@ check-then-write, where two machines starting the same key in the same instant c
 """
 
 import datetime as dt
-import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -34,30 +34,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import fsspec
-
 from schemas.manifest import Manifest
 from storage.atomic import atomic_path
+from storage.store import MANIFEST, SUCCESS, Store, url_filesystem
 
-SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
 LEASES = "_leases"
-LOCAL_PROTOCOLS = ("file", "local")
 
 
 class LeaseHeldError(RuntimeError):
     """Another machine is building the same artifact in the same object store."""
-
-
-def is_url(root: str) -> bool:
-    """True for an fsspec URL naming a remote store (s3://, gs://, memory://; file:// is a local path)."""
-    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", root)
-    return bool(match) and match.group(1).lower() not in LOCAL_PROTOCOLS
-
-
-def local_path(root: str) -> Path:
-    """A local root given as a path or a file:// URL."""
-    return Path(root[len("file://"):] if root.lower().startswith("file://") else root)
 
 
 def default_mirror(url: str) -> Path:
@@ -66,80 +53,51 @@ def default_mirror(url: str) -> Path:
     return Path.home() / ".cache" / "lmpipe" / name
 
 
-def url_filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of a URL, with $LMPIPE_STORAGE_OPTIONS and no listings cache (other
-    machines change the bucket: a listing cached in this process, as s3fs keeps them, would hide that)."""
-    return fsspec.core.url_to_fs(url, **{"use_listings_cache": False, **storage_options()})
+def mirror_of(url: str) -> Path:
+    """The local mirror of a remote root: $LMPIPE_CACHE, else default_mirror(url), as an absolute path."""
+    return Path(os.environ.get("LMPIPE_CACHE") or default_mirror(url)).resolve()
 
 
-def storage_options() -> dict:
-    """fsspec arguments from $LMPIPE_STORAGE_OPTIONS (a JSON object), e.g. {"endpoint_url": "http://..."}."""
-    text = os.environ.get("LMPIPE_STORAGE_OPTIONS", "").strip()
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LMPIPE_STORAGE_OPTIONS is not JSON ({err.msg}); give an object such as "
-                         "'{\"endpoint_url\": \"http://localhost:9000\"}'") from None
-    if not isinstance(options, dict):
-        raise ValueError("LMPIPE_STORAGE_OPTIONS must be a JSON object of fsspec arguments")
-    return options
+class ObjectStore(Store):
+    """Finished artifacts under an fsspec URL: upload with the commit protocol, listing, a filesystem for DuckDB,
+    shards staged for other machines and build leases (reading, download and verify: storage/store.py)."""
 
-
-def sha256_of(handle, chunk_bytes: int = 1 << 22) -> str:
-    """Streaming sha256 of an open binary file."""
-    digest = hashlib.sha256()
-    while chunk := handle.read(chunk_bytes):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-class ObjectStore:
-    """Finished artifacts under an fsspec URL: existence, manifests, upload with the commit protocol, download
-    into a local directory, re-hashing, listing and build leases."""
-
-    def __init__(self, url: str):
+    def __init__(self, url: str, root: Path | None = None):
         self.url = url.rstrip("/")
         try:
-            self.fs, self.base = url_filesystem(self.url)
+            fs, base = url_filesystem(self.url)
         except (ImportError, ValueError) as err:
             raise ValueError(f"LMPIPE_ROOT={url}: {err}; install the filesystem's package "
                              "(pip install 'lmpipe[cloud]' for s3fs)") from None
-        self.base = self.base.rstrip("/")
+        super().__init__(fs, base, root if root is not None else mirror_of(url))
         self.host = socket.gethostname()  # the holder named in this store's build leases
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
 
-    def path(self, *parts: str) -> str:
-        """The fsspec path (no scheme) of a location under the root."""
-        return "/".join([self.base, *parts])
-
     def full_url(self, path: str) -> str:
         """The URL (with scheme) of an fsspec path, as DuckDB and error messages see it."""
         return self.fs.unstrip_protocol(path)
 
-    def is_finished(self, stage: str, key: str) -> bool:
-        return self.fs.exists(self.path(stage, key, SUCCESS))
-
-    def success_stamp(self, stage: str, key: str) -> str | None:
-        """The _SUCCESS content (the finish time), None when the artifact is not finished."""
-        try:
-            return self.fs.cat_file(self.path(stage, key, SUCCESS)).decode().strip()
-        except FileNotFoundError:
-            return None
-
-    def read_manifest(self, stage: str, key: str) -> Manifest:
-        """The manifest of a finished artifact, its `path` the artifact's URL."""
-        text = self.fs.cat_file(self.path(stage, key, MANIFEST)).decode()
-        return Manifest.model_validate_json(text).model_copy(update={"path": self.full_url(self.path(stage, key))})
-
     def finished(self, stage: str | None = None) -> list[tuple[str, str]]:
-        """(stage, key) of every finished artifact (of one stage), sorted."""
+        """(stage, key) of every finished artifact (of one stage), sorted: one listing of the bucket."""
         pattern = self.path(stage or "*", "*", SUCCESS)
         found = [p[len(self.base) + 1:].split("/")[:2] for p in self.fs.glob(pattern)]
         return sorted((s, k) for s, k in found if not s.startswith("_"))
+
+    def files(self, directory: str, pattern: str) -> list[str]:
+        """The objects matching a glob pattern under an artifact's path, as URLs."""
+        return [self.full_url(p) for p in sorted(self.fs.glob(f"{directory}/{pattern}"))]
+
+    def attach(self, con) -> None:
+        """Register the bucket's filesystem with a DuckDB connection, which then reads the Parquet files by URL."""
+        con.register_filesystem(self.fs)
+
+    def publish(self, local_dir: Path, manifest: Manifest) -> None:
+        """Upload a finished local artifact directory, then drop the shards staged for its build."""
+        log.info("uploading %s/%s to %s", manifest.stage, manifest.key, self.url)
+        self.upload(local_dir, manifest)
+        self.drop_staged(manifest.stage, manifest.key)
 
     def upload(self, local_dir: Path, manifest: Manifest) -> None:
         """Publish a finished local artifact directory with the commit protocol of the module docstring."""
@@ -156,43 +114,6 @@ class ObjectStore:
         self.fs.pipe_file(f"{prefix}/{MANIFEST}", manifest.model_dump_json(indent=2).encode())
         self.fs.pipe_file(f"{prefix}/{SUCCESS}", (manifest.created_at + "\n").encode())
 
-    def download(self, manifest: Manifest, dest: Path) -> None:
-        """Copy a finished artifact's files into `dest`, each checked against the manifest's size and sha256;
-        ValueError when a file differs or the artifact was rebuilt while downloading."""
-        stage, key = manifest.stage, manifest.key
-        stamp = self.success_stamp(stage, key)
-        for entry in manifest.files:
-            source, target = self.path(stage, key, entry.path), dest / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(source, str(target))
-            with open(target, "rb") as handle:
-                digest = sha256_of(handle)
-            if target.stat().st_size != entry.size_bytes or digest != entry.sha256:
-                raise ValueError(f"{self.full_url(source)}: size or sha256 differs from its manifest (corrupt or "
-                              f"edited in the bucket); rebuild it with `lmpipe run --force {stage}`")
-        if self.success_stamp(stage, key) != stamp:
-            raise ValueError(f"{self.full_url(self.path(stage, key))} was rebuilt while it was being downloaded; "
-                          "run again to fetch the new artifact")
-
-    def verify(self, manifest: Manifest) -> list[str]:
-        """Re-hash a finished artifact's objects in the store; one line per problem (empty when intact)."""
-        problems = []
-        for entry in manifest.files:
-            path = self.path(manifest.stage, manifest.key, entry.path)
-            url = self.full_url(path)
-            try:
-                size = self.fs.size(path)
-            except FileNotFoundError:
-                problems.append(f"{url}: missing")
-                continue
-            if size != entry.size_bytes:
-                problems.append(f"{url}: size {size} != {entry.size_bytes} in manifest")
-                continue
-            with self.fs.open(path, "rb") as handle:
-                if sha256_of(handle) != entry.sha256:
-                    problems.append(f"{url}: sha256 differs from manifest (corrupt or edited)")
-        return problems
-
     def stage_shard(self, stage: str, key: str, files: list[Path], done: Path) -> None:
         """Upload a finished shard's files into the store's build area `_tmp/<stage>-<key>/` (`done`, the file
         whose presence marks the shard finished, last), so a build on another machine can use them."""
@@ -200,6 +121,7 @@ class ObjectStore:
             self.fs.put_file(str(path), self.path("_tmp", f"{stage}-{key}", path.name))
 
     def has_staged(self, stage: str, key: str, name: str) -> bool:
+        """True when the shard file `name` of (stage, key) is staged in the store's build area."""
         return self.fs.exists(self.path("_tmp", f"{stage}-{key}", name))
 
     def fetch_staged(self, stage: str, key: str, dest: Path, done_files: dict[str, str]) -> list[str]:

@@ -23,9 +23,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-import fsspec
-
-from storage.object_store import is_url, url_filesystem
+from storage.store import filesystem, is_url
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +75,10 @@ def die_with_parent() -> None:
         pass
 
 
-def _filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of a stop file (a local path or a URL)."""
-    return url_filesystem(location) if is_url(location) else (fsspec.filesystem("file"), location)
-
-
 def announce_stop(location: str) -> None:
     """Create the stop file; for an object store in a background thread (a signal handler must not block on the
     network), logged if it fails."""
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     if not is_url(location):
         fs.touch(path)
         return
@@ -105,7 +98,7 @@ def stop_file_for_run(directory: str) -> Iterator[str]:
     `_stop` URL) for the duration of a run (before its task runner starts cluster workers, so they inherit it);
     the file is removed afterwards."""
     directory = str(directory).rstrip("/")
-    fs, base = _filesystem(directory)
+    fs, base = filesystem(directory)
     if not is_url(directory):
         fs.makedirs(base, exist_ok=True)
     location = f"{directory}/run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -115,7 +108,7 @@ def stop_file_for_run(directory: str) -> Iterator[str]:
         yield location
     finally:
         with suppress(FileNotFoundError):
-            fs.rm_file(_filesystem(location)[1])
+            fs.rm_file(filesystem(location)[1])
         if previous is None:
             os.environ.pop(STOP_FILE_ENV, None)
         else:
@@ -159,7 +152,7 @@ def _stop_file_exists(location: str) -> bool:
     if now - _last_polls.get(location, float("-inf")) < STOP_POLL_SECONDS:
         return False
     _last_polls[location] = now
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     try:
         return fs.exists(path)
     except OSError as err:  # an unreachable store must not stop training: the next poll tries again

@@ -25,7 +25,8 @@ from storage.artifacts import (
     verify,
 )
 from storage.catalog import TableSpec, connect
-from storage.object_store import LeaseHeldError, ObjectStore, is_url, local_path
+from storage.object_store import LeaseHeldError, ObjectStore
+from storage.store import is_url, local_path
 
 
 def _write(out, rows: int = 3) -> dict:
