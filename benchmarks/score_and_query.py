@@ -142,11 +142,11 @@ def query_times(con, queries: dict[str, str]) -> dict[str, float]:
 
 
 def readme_queries() -> dict[str, str]:
-    """The ```sql blocks of the README, named by their first line."""
+    """The ```sql blocks of the SQL cookbook (docs/sql.md), numbered."""
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return {f"README {i + 1}": q for i, q in enumerate(re.findall(r"```sql\n(.*?)```", text, re.S))}
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sql.md").read_text()
+    return {f"sql.md {i + 1}": q for i, q in enumerate(re.findall(r"```sql\n(.*?)```", text, re.S))}
 
 
 def main() -> None:
@@ -156,7 +156,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000, help="synthetic token_scores rows for DuckDB")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--catalog-preset", help="also time the README queries on this preset's built artifacts")
+    parser.add_argument("--catalog-preset",
+                        help="also time the SQL cookbook's queries (docs/sql.md) on this preset's built artifacts")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     import duckdb

@@ -93,12 +93,12 @@ def test_every_readme_query_runs_and_returns_rows(first_run, root):
 
     from flows.status import catalog_for
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    queries = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    cookbook = (Path(__file__).parents[2] / "docs" / "sql.md").read_text()
+    queries = re.findall(r"```sql\n(.*?)```", cookbook, re.S)
     assert len(queries) >= 5
     con = catalog_for(tiny())
     for query in queries:
-        assert con.execute(query).fetchall(), f"no rows from README query:\n{query}"
+        assert con.execute(query).fetchall(), f"no rows from docs/sql.md query:\n{query}"
 
 
 def test_one_module_level_flow_per_stage():
