@@ -187,13 +187,13 @@ def test_reference_scores_rank_over_the_step_without_a_forward_pre_pass(monkeypa
     batches = [_batch(0, with_scores=True), _batch(1, with_scores=True)]
     for score, column in [("reference_loss", "ref_loss"), ("reference_entropy", "ref_entropy")]:
         objective = _slm(score, keep_ratio=0.3)
-        monkeypatch.setattr(objective, "_target_token_losses", _no_pre_pass)
+        monkeypatch.setattr(objective.selection, "_target_token_losses", _no_pre_pass)
         _, outs, _ = _accumulate(objective, batches)
         k = round(0.3 * 2 * 4 * T)
         keep_BT = _pooled_topk([-b.per_token[column] for b in batches], k)
         assert all(torch.equal(out.selected_BT, keep) for out, keep in zip(outs, keep_BT, strict=True))
     objective = _slm("reference_loss_and_entropy", keep_ratio=0.3)
-    monkeypatch.setattr(objective, "_target_token_losses", _no_pre_pass)
+    monkeypatch.setattr(objective.selection, "_target_token_losses", _no_pre_pass)
     model, outs, _ = _accumulate(objective, batches)
     by_loss = _pooled_topk([-b.per_token["ref_loss"] for b in batches], k)
     by_entropy = _pooled_topk([-b.per_token["ref_entropy"] for b in batches], k)
@@ -216,7 +216,7 @@ def test_heads_rank_over_the_step(head_selection, mtp_backward):
     batches = [_batch(0, with_scores=True), _batch(1, with_scores=True)]
     objective = _slm("excess_loss", num_future_tokens=2, head_selection=head_selection, mtp_backward=mtp_backward)
     model, outs, grads = _accumulate(objective, batches)
-    masks = objective.step_selection.masks_BT  # [micro-batch][head]
+    masks = objective.selection.step.masks_BT  # [micro-batch][head]
     model.zero_grad()
     logits = [model.forward_heads(b.inputs_BT)[0] for b in batches]
     expected = 0.0
