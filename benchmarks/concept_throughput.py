@@ -8,7 +8,7 @@ Usage: python benchmarks/concept_throughput.py [--steps 8] [--warmup 2] [--quick
 - `forward`: reference model(inputs) under inference_mode (the floor of any per-token pass);
 - `extract`: extract_concepts.window_concepts (forward to the SAE site, forward + backward of the remaining
   blocks for dL/dh, SAE encode, attribution over the active latents, top-4), batch 32 windows;
-- training rows: stages.training.loop.train_step with each variant's real objective (random concept labels
+- training rows: stages.training.run.Trainer.step with each variant's real objective (random concept labels
   for cocomix; the reference as the kd teacher); ratio = variant tokens/s / ntp tokens/s. The official CoCoMix
   code runs its teacher forward+backward every step (a ratio of ~0.3 per research/cocomix.md); lmpipe reads
   offline labels instead.
@@ -44,7 +44,7 @@ from stages.models.gpt import GPT  # noqa: E402
 from stages.models.sae import TopKSAE  # noqa: E402
 from stages.objectives.factory import build_objective  # noqa: E402
 from stages.training.data import WindowOrder  # noqa: E402
-from stages.training.loop import train_step  # noqa: E402
+from stages.training.loop import Trainer, TrainRun  # noqa: E402
 from stages.training.optim import BatchSchedule, build_optimizer  # noqa: E402
 from storage.windows import TokenWindows  # noqa: E402
 
@@ -112,9 +112,10 @@ def main() -> None:
         model = objective.build_model(VOCAB, SEQ_LEN)
         optimizer = build_optimizer(model, cfg, device)
         order = WindowOrder(len(windows), 0)
-        lookups = {"concept_ids": labels} if variant.concepts else None
-        seconds = median_seconds(lambda o=objective, m=model, opt=optimizer, w=order, lk=lookups, n=variant.name:
-                                 train_step(o, m, opt, w, windows, cfg, schedule, device, lk, n, 0), steps, warmup)
+        lookups = {"concept_ids": labels} if variant.concepts else {}
+        run = TrainRun(objective, windows, {}, cfg, tmp, vocab_size=VOCAB, label=variant.name, lookups=lookups)
+        trainer = Trainer(run, model, optimizer, order, schedule, device)
+        seconds = median_seconds(lambda t=trainer: t.step(0), steps, warmup)
         rows.append({"measurement": f"train {variant.name}", "tokens_per_s": MICRO * SEQ_LEN / seconds,
                      "params": sum(p.numel() for p in model.parameters())})
     forward_tps = rows[0]["tokens_per_s"]

@@ -42,7 +42,7 @@ def run_row(spec: dict) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     from schemas.configs import ModelConfig, TargetVariant, TrainConfig
     from stages.objectives.token_prediction import TokenPrediction
-    from stages.training.loop import train
+    from stages.training.loop import TrainRun, train
     from storage.windows import TokenWindows
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,8 +56,8 @@ def run_row(spec: dict) -> dict:
                           device=spec["device"], num_processes=spec["processes"],
                           parallelism=spec["parallelism"] if spec["processes"] > 1 else "ddp")
         model_cfg = ModelConfig()
-        summary = train(TokenPrediction(model_cfg, TargetVariant(name="ntp")), train_windows, val, cfg,
-                        Path(tmp) / "work", vocab_size=VOCAB, label="bench")
+        summary = train(TrainRun(TokenPrediction(model_cfg, TargetVariant(name="ntp")), train_windows, val, cfg,
+                                 Path(tmp) / "work", vocab_size=VOCAB, label="bench"))
     usage = [resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return {"processes": spec["processes"], "parallelism": spec["parallelism"] if spec["processes"] > 1 else "-",
             "tokens": summary["tokens_seen"], "tokens_per_s": summary["tokens_per_s"],

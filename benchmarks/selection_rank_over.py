@@ -14,7 +14,7 @@ depend on the data):
   of the whole step, then the training forward + backward per micro-batch with the fixed masks;
 - `slm_step_ref`: rank_over="step" with the reference_loss score, which ranks from the reference's per-token
   lookups (no pre-pass): the cost of the step-level ranking itself.
-Each step is the trainer's own `stages.training.loop.train_step` (make_batch from a memory-mapped stream,
+Each step is the trainer's own `stages.training.run.Trainer.step` (make_batch from a memory-mapped stream,
 begin_step, the objective's forward + backward, grad clip, AdamW).
 
 Definitions:
@@ -87,11 +87,11 @@ def write_stream(directory: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def build_variant(name: str, device: torch.device, stream_path: Path,
                   lookups: dict[str, np.ndarray]) -> Callable[[], None]:
-    """The model, optimizer and data order of one variant; returns a function running its next train_step."""
+    """The model, optimizer and data order of one variant; returns a function running its next Trainer.step."""
     from schemas.configs import ModelConfig, SelectionConfig, TargetVariant, TrainConfig
     from stages.objectives.token_prediction import TokenPrediction
     from stages.training.data import WindowOrder
-    from stages.training.loop import train_step
+    from stages.training.loop import Trainer, TrainRun
     from stages.training.optim import BatchSchedule, build_optimizer, lr_at
     from storage.windows import TokenWindows
 
@@ -108,14 +108,16 @@ def build_variant(name: str, device: torch.device, stream_path: Path,
     order, schedule = WindowOrder(len(windows), seed=0), BatchSchedule.of(cfg, SHAPE["seq_len"])
     if schedule.accum_steps != SHAPE["accum_steps"]:
         raise RuntimeError(f"expected {SHAPE['accum_steps']} micro-batches per step, got {schedule.accum_steps}")
-    used_lookups = lookups if objective.needs else None
+    run = TrainRun(objective, windows, {}, cfg, stream_path.parent, vocab_size=SHAPE["vocab_size"], label=name,
+                   lookups=lookups if objective.needs else {})
+    trainer = Trainer(run, model, optimizer, order, schedule, device)
     model.train()
     done = [0]
 
     def step() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(done[0], cfg, schedule.total_steps)
-        train_step(objective, model, optimizer, order, windows, cfg, schedule, device, used_lookups, name, done[0])
+        trainer.step(done[0])
         done[0] += 1
 
     return step

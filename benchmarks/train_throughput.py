@@ -4,7 +4,7 @@ Usage: python benchmarks/train_throughput.py [--steps 10] [--warmup 2] [--device
                                              [--configs default,large] [--no-compile] [--json-out PATH]
 
 Measured, per model config x implementation x (eager, torch.compile):
-- `ours`: the real step of stages/training.py (`train_step`: make_batch from a memory-mapped token stream,
+- `ours`: the real step of stages/training/run.py (`Trainer.step`: make_batch from a memory-mapped token stream,
   the TokenPrediction objective with one head and all tokens, autocast, backward, grad-norm clip, AdamW from
   training.optim.build_optimizer, lr from lr_at) on `stages.models.gpt.GPT`;
 - `plain`: a minimal reference written below with no lmpipe import: the same architecture (RMSNorm pre-norm,
@@ -35,7 +35,6 @@ Definitions:
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -180,7 +179,7 @@ def build_ours(spec: dict, device: torch.device, stream_path: Path):
     from schemas.configs import ModelConfig, TargetVariant, TrainConfig
     from stages.objectives.token_prediction import TokenPrediction
     from stages.training.data import WindowOrder
-    from stages.training.loop import compile_blocks, train_step
+    from stages.training.loop import Trainer, TrainRun, compile_blocks
     from stages.training.optim import BatchSchedule, build_optimizer, lr_at
     from storage.windows import TokenWindows
 
@@ -198,20 +197,14 @@ def build_ours(spec: dict, device: torch.device, stream_path: Path):
     order, plan = WindowOrder(len(windows), seed=0), BatchSchedule.of(train_cfg, cfg["seq_len"])
     model.train()
     step_count = [0]
-    # train_step is the trainer's own step; pass its arguments by name so added ones (e.g. state_counts)
-    # only need a value here, not a new position.
-    accepted = inspect.signature(train_step).parameters
-    known = {"objective": objective, "model": model, "optimizer": optimizer, "order": order, "windows": windows,
-             "cfg": train_cfg, "schedule": plan, "device": device, "lookups": None, "label": "bench",
-             "ranks": None}  # one process
-    missing = [name for name in accepted if name not in known and name != "step"]
-    if missing:
-        raise RuntimeError(f"stages.training.train_step takes new arguments {missing}: update the benchmark")
+    # the trainer's own step (one process); the run's work_dir is never written by a step
+    run = TrainRun(objective, windows, {}, train_cfg, stream_path.parent, vocab_size=cfg["vocab_size"], label="bench")
+    trainer = Trainer(run, model, optimizer, order, plan, device)
 
     def step() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step_count[0], train_cfg, plan.total_steps)
-        train_step(**{name: known[name] for name in accepted if name != "step"}, step=step_count[0])
+        trainer.step(step_count[0])
         step_count[0] += 1
 
     return model, step

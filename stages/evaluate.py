@@ -65,6 +65,8 @@ from stages.evaluation.report import (
 from stages.evaluation.seeds import seed_rows
 from stages.models.saved import load_model
 from stages.models.window_losses import token_losses
+from stages.objectives.distillation import TEACHER
+from stages.objectives.factory import evaluate_upstream
 from stages.registry import NodeDecl, Stage
 from stages.runtime.devices import resolve_device
 from storage.catalog import TableSpec
@@ -260,7 +262,8 @@ def speculative_prompts(stream_N: np.ndarray, seq_len: int, count: int, length: 
 
 def compute_ledger(metrics: dict[str, pa.Table], inputs: dict[str, Manifest], targets: dict[str, Manifest],
                    baseline_models: list[str]) -> list[dict]:
-    """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when distilling),
+    """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when the target
+    read a teacher),
     and the one-off FLOPs of the upstream artifacts each target reads (flops.upstream_flops)."""
     reference = inputs["reference"]
     reference_spec = read_model_meta(Path(reference.path))
@@ -271,7 +274,7 @@ def compute_ledger(metrics: dict[str, pa.Table], inputs: dict[str, Manifest], ta
     fpt, params, upstream = {}, {}, {}
     for name, target in targets.items():
         spec = read_model_meta(Path(target.path))
-        teacher = reference_spec if target.config["variant"].get("distill") else None
+        teacher = reference_spec if TEACHER in target.upstream else None  # the reference, run per token
         fpt[name] = training_flops_per_token(spec, teacher)
         params[name] = int(target.summary.get("num_params", 0))
         upstream[name] = upstream_flops(set(target.upstream), reference_cost, scored, sae, labelled)
@@ -295,11 +298,8 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
     upstream |= {f"target.{name}": f"train_target.{name}"
                  for v in cfg.target.variants for name in (replica_name(v.name, r) for r in range(cfg.target.seeds))}
-    if any(v.needs_reference_scores for v in cfg.target.variants):
-        upstream["scores"] = "score_reference"  # selection by reference-subset side, scoring cost
-    if any(v.concepts is not None for v in cfg.target.variants):
-        upstream["sae"] = "train_sae"  # its final quality goes into the report
-        upstream["concepts"] = "extract_concepts"  # labelling cost
+    for variant in cfg.target.variants:  # what the variants' objective parts are reported from
+        upstream |= evaluate_upstream(variant)
     return [NodeDecl("evaluate", cfg.evaluate, upstream)]
 
 

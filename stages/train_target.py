@@ -25,7 +25,7 @@ from stages.models.saved import load_model
 from stages.objectives.base import TokenColumns, UpstreamModel
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, stage
-from stages.training.loop import ProbeSet, train
+from stages.training.loop import ProbeSet, TrainRun, train
 from stages.training.next_token_run import init_model, init_upstream
 from storage.catalog import JoinView, TableSpec
 from storage.token_columns import dense_token_columns
@@ -79,9 +79,10 @@ def run(cfg: TargetRun, inputs: dict[str, Manifest], out: Path) -> dict:
     probe = ProbeSet(PROBE_SPLIT, probe_ids) if len(probe_ids) else None
     meta = {"stage": "train_target", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key,
             "upstream_keys": {role: m.key for role, m in inputs.items()}}
-    return train(objective, train_windows, val_windows, cfg.train, Path(out),
-                 vocab_size=int(tokens.summary["vocab_size"]), label=f"target/{variant.name} seed {cfg.train.seed}",
-                 lookups=lookups, upstream_models=models, probe=probe, meta=meta, init_from=init_model(inputs))
+    return train(TrainRun(objective, train_windows, val_windows, cfg.train, Path(out),
+                          vocab_size=int(tokens.summary["vocab_size"]),
+                          label=f"target/{variant.name} seed {cfg.train.seed}", lookups=lookups,
+                          upstream_models=models, probe=probe, meta=meta, init_from=init_model(inputs)))
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:

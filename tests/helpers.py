@@ -57,14 +57,14 @@ def tiny_run(tokens: Manifest, work_dir: Path, cfg: TrainConfig | None = None, *
     """Train a TINY_MODEL next-token objective on `train`, evaluating on `val` and `ref_val`, with a probe."""
     from schemas.configs import TargetVariant
     from stages.objectives.factory import build_objective
-    from stages.training.loop import ProbeSet, train
+    from stages.training.loop import ProbeSet, TrainRun, train
     from storage.windows import TokenWindows
 
     objective = objective or build_objective(TINY_MODEL, TargetVariant(name="ntp"))
     val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
-    return train(objective, TokenWindows.from_manifest(tokens, "train"), val, cfg or tiny_train_config(),
-                 work_dir, vocab_size=int(tokens.summary["vocab_size"]), label="tiny", on_step=on_step,
-                 probe=ProbeSet("val", np.arange(probe_windows)), meta={"test": True})
+    return train(TrainRun(objective, TokenWindows.from_manifest(tokens, "train"), val, cfg or tiny_train_config(),
+                          work_dir, vocab_size=int(tokens.summary["vocab_size"]), label="tiny",
+                          probe=ProbeSet("val", np.arange(probe_windows)), meta={"test": True}), on_step)
 
 
 SEQ_LEN = 16

@@ -2,8 +2,6 @@
 
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,33 +10,26 @@ from torch import nn
 from stages.models.window_losses import token_losses
 from stages.training.distributed import Ranks
 from stages.training.rng import rng_state, set_rng_state
+from stages.training.run import TrainRun
 from stages.training.state import RunState
 from storage import checkpoints
-from storage.windows import TokenWindows, spread_window_ids
+from storage.windows import spread_window_ids
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """Fixed validation windows whose per-token losses are recorded at every evaluation."""
-
-    split: str
-    window_ids: np.ndarray
 
 
 class Evaluator:
     """Mean loss on every validation split every `every` steps (and at the end), plus probe per-token losses."""
 
-    def __init__(self, val_windows: dict[str, TokenWindows], probe: ProbeSet | None, every: int, max_windows: int,
-                 batch_size: int, device: torch.device, label: str):
+    def __init__(self, run: TrainRun, device: torch.device):
+        val_windows, probe, label = run.val_windows, run.probe, run.label
         if probe is not None and probe.split not in val_windows:
             raise ValueError(f"{label}: probe split {probe.split!r} is not a validation split ({list(val_windows)})")
         for split in [split for split, windows in val_windows.items() if len(windows) == 0]:
             log.warning("%s: validation split %s has no complete window; it is not evaluated", label, split)
         self.val_windows = {split: windows for split, windows in val_windows.items() if len(windows)}
-        self.probe, self.every, self.max_windows = probe, every, max_windows
-        self.batch_size, self.device, self.label = batch_size, device, label
+        self.probe, self.every, self.max_windows = probe, run.cfg.eval_every_steps, run.cfg.eval_max_windows
+        self.batch_size, self.device, self.label = run.cfg.micro_batch_size, device, label
         self.last: dict[str, float] = {}
 
     def due(self, step: int, total_steps: int) -> bool:
@@ -72,9 +63,9 @@ class Checkpointer:
     takes part and rank 0 writes the run state; the objective's state is summed over ranks first (it is additive:
     counts), so after a resume rank 0 holds it all and the other ranks start from zero."""
 
-    def __init__(self, work_dir: Path, every: int, label: str, ranks: Ranks | None = None):
-        self.directory, self.every, self.label = checkpoints.checkpoint_dir(work_dir), every, label
-        self.ranks = ranks
+    def __init__(self, run: TrainRun, ranks: Ranks | None = None):
+        self.directory = checkpoints.checkpoint_dir(run.work_dir)
+        self.every, self.label, self.ranks = run.cfg.checkpoint_every_steps, run.label, ranks
 
     def maybe_save(self, state: RunState, model: nn.Module, optimizer, total_steps: int) -> None:
         """Checkpoint after this step when due."""

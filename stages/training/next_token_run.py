@@ -9,7 +9,7 @@ from schemas.manifest import Manifest
 from stages.models.gpt import GPT
 from stages.models.saved import load_model
 from stages.objectives.factory import build_objective
-from stages.training.loop import train
+from stages.training.loop import TrainRun, train
 from storage.windows import TokenWindows
 
 INIT_ROLE = "init"
@@ -40,5 +40,6 @@ def train_next_token(model_cfg: ModelConfig, train_cfg: TrainConfig, inputs: dic
     meta = {"stage": stage, "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key}
     if INIT_ROLE in inputs:
         meta["init_key"] = inputs[INIT_ROLE].key
-    return train(build_objective(model_cfg, variant), train_windows, val_windows, train_cfg, Path(out),
-                 vocab_size=int(tokens.summary["vocab_size"]), label=name, meta=meta, init_from=init_model(inputs))
+    return train(TrainRun(build_objective(model_cfg, variant), train_windows, val_windows, train_cfg, Path(out),
+                          vocab_size=int(tokens.summary["vocab_size"]), label=name, meta=meta,
+                          init_from=init_model(inputs)))

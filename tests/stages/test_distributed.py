@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from schemas.configs import SelectionConfig, TargetVariant
 from stages.objectives.token_prediction import TokenPrediction
-from stages.training.loop import ProbeSet, train
+from stages.training.loop import ProbeSet, TrainRun, train
 from storage.checkpoints import list_checkpoints
 from storage.windows import TokenWindows
 from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
@@ -48,8 +48,8 @@ def run(tokens, work: Path, variant: str = "ntp", **train_overrides) -> dict:
     lookups = {name: rng.random(windows.num_tokens + 1).astype(np.float32) for name in ("ref_loss", "ref_entropy")}
     cfg = tiny_train_config(batch_size_tokens=256, max_tokens=8 * 256, **train_overrides)
     val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
-    return train(TokenPrediction(TINY_MODEL, VARIANTS[variant]), windows, val, cfg, work, vocab_size=64,
-                 label=variant, lookups=lookups, probe=ProbeSet("val", np.arange(3)), meta={})
+    return train(TrainRun(TokenPrediction(TINY_MODEL, VARIANTS[variant]), windows, val, cfg, work, vocab_size=64,
+                          label=variant, lookups=lookups, probe=ProbeSet("val", np.arange(3))))
 
 
 def metrics(work: Path) -> dict[tuple[int, str], float]:

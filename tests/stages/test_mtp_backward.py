@@ -69,11 +69,12 @@ def test_shifted_selection_trains_later_heads_on_head_one_choices():
     model = objective.build_model(V, T)
     b = batch()
     trunk = model.trunk(b.inputs_BT)
-    _, mask1 = objective._head_term(model, trunk, b, 0, None, None, {})
-    from stages.objectives.token_prediction import head_loss
+    _, stats1 = objective.selection.head_loss(model.logits(model.head(trunk, 0)), b, 0, None)
+    mask1 = stats1["mask"]
+    from stages.objectives.selection_part import head_loss
 
     logits2 = model.logits(model.head(trunk, 1))[:, : T - 1]
-    loss2, _ = objective._head_term(model, trunk, b, 1, None, mask1, {})
+    loss2, _ = objective.selection.head_loss(logits2, b, 1, mask1)
     expected, _ = head_loss(logits2, b.targets_BT[:, 1:], selection, mask_BT=mask1[:, 1:])
     torch.testing.assert_close(loss2, expected)
 

@@ -19,7 +19,7 @@ from stages.objectives.base import Batch, LossOutput, ObjectiveBase, TokenColumn
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, TokenTable, register, stages, unregister
 from stages.train_target import token_lookups
-from stages.training.loop import train
+from stages.training.loop import TrainRun, train
 from storage.catalog import TableSpec, connect
 from storage.parquet import write_table
 from storage.windows import TokenWindows
@@ -109,8 +109,8 @@ def test_a_toy_objective_reads_its_new_column_through_the_real_loop(toy_stage, t
     windows = TokenWindows.from_manifest(tokens, "train")
     objective = WeightedNextToken()
     lookups = token_lookups(objective.needs[0], manifest, windows)
-    summary = train(objective, windows, {}, tiny_train_config(max_tokens=2 * 128), tmp_path / "run",
-                    vocab_size=64, label="toy", lookups=lookups)
+    summary = train(TrainRun(objective, windows, {}, tiny_train_config(max_tokens=2 * 128), tmp_path / "run",
+                             vocab_size=64, label="toy", lookups=lookups))
     assert summary["steps"] == 2 and len(objective.seen_weights) == 4
     for targets_BT, weight_BT in objective.seen_weights:  # each target got the weight of its own token
         torch.testing.assert_close(weight_BT, torch.where(targets_BT % 2 == 0, 3.0, 1.0))

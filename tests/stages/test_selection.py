@@ -6,7 +6,7 @@ import torch
 from schemas.configs import SelectionConfig
 from stages.models.losses import token_loss
 from stages.objectives.selection import num_to_keep, select_tokens, selection_scores, top_k_mask
-from stages.objectives.token_prediction import head_loss
+from stages.objectives.selection_part import head_loss
 
 
 def test_top_k_keeps_exactly_k_highest_and_never_invalid():

@@ -85,7 +85,7 @@ def test_selection_counts_are_written_per_training_token(tmp_path):
 
     from schemas.configs import SelectionConfig, TargetVariant
     from stages.objectives.token_prediction import TokenPrediction
-    from stages.training.loop import train
+    from stages.training.loop import TrainRun, train
     from storage.windows import TokenWindows
     from tests.helpers import TINY_MODEL, make_token_artifact, tiny_train_config
 
@@ -94,8 +94,8 @@ def test_selection_counts_are_written_per_training_token(tmp_path):
     variant = TargetVariant(name="slm", selection=SelectionConfig(kind="top_k", keep_ratio=0.5))
     cfg = tiny_train_config()
     lookup = {name: np.zeros(windows.num_tokens, np.float32) for name in ("ref_loss", "ref_entropy")}
-    train(TokenPrediction(TINY_MODEL, variant), windows, {}, cfg, tmp_path / "work",
-          vocab_size=int(tokens.summary["vocab_size"]), label="slm", lookups=lookup)
+    train(TrainRun(TokenPrediction(TINY_MODEL, variant), windows, {}, cfg, tmp_path / "work",
+                   vocab_size=int(tokens.summary["vocab_size"]), label="slm", lookups=lookup))
     table = pq.read_table(tmp_path / "work" / "token_selection.parquet").to_pydict()
     seen, selected = np.array(table["times_seen"]), np.array(table["times_selected"])
     tokens_per_micro_batch = cfg.micro_batch_size * windows.seq_len
@@ -187,13 +187,13 @@ def test_reference_scores_rank_over_the_step_without_a_forward_pre_pass(monkeypa
     batches = [_batch(0, with_scores=True), _batch(1, with_scores=True)]
     for score, column in [("reference_loss", "ref_loss"), ("reference_entropy", "ref_entropy")]:
         objective = _slm(score, keep_ratio=0.3)
-        monkeypatch.setattr(objective, "_target_token_losses", _no_pre_pass)
+        monkeypatch.setattr(objective.selection, "_target_token_losses", _no_pre_pass)
         _, outs, _ = _accumulate(objective, batches)
         k = round(0.3 * 2 * 4 * T)
         keep_BT = _pooled_topk([-b.per_token[column] for b in batches], k)
         assert all(torch.equal(out.selected_BT, keep) for out, keep in zip(outs, keep_BT, strict=True))
     objective = _slm("reference_loss_and_entropy", keep_ratio=0.3)
-    monkeypatch.setattr(objective, "_target_token_losses", _no_pre_pass)
+    monkeypatch.setattr(objective.selection, "_target_token_losses", _no_pre_pass)
     model, outs, _ = _accumulate(objective, batches)
     by_loss = _pooled_topk([-b.per_token["ref_loss"] for b in batches], k)
     by_entropy = _pooled_topk([-b.per_token["ref_entropy"] for b in batches], k)
@@ -216,7 +216,7 @@ def test_heads_rank_over_the_step(head_selection, mtp_backward):
     batches = [_batch(0, with_scores=True), _batch(1, with_scores=True)]
     objective = _slm("excess_loss", num_future_tokens=2, head_selection=head_selection, mtp_backward=mtp_backward)
     model, outs, grads = _accumulate(objective, batches)
-    masks = objective.step_selection.masks_BT  # [micro-batch][head]
+    masks = objective.selection.step.masks_BT  # [micro-batch][head]
     model.zero_grad()
     logits = [model.forward_heads(b.inputs_BT)[0] for b in batches]
     expected = 0.0
@@ -242,7 +242,7 @@ def test_step_ranking_through_the_train_loop_keeps_exactly_k_per_step(tmp_path):
     """The real loop: begin_step gets each step's micro-batches, so the selection counts are k per STEP."""
     import pyarrow.parquet as pq
 
-    from stages.training.loop import train
+    from stages.training.loop import TrainRun, train
     from storage.windows import TokenWindows
     from tests.helpers import make_token_artifact, tiny_train_config
 
@@ -255,7 +255,8 @@ def test_step_ranking_through_the_train_loop_keeps_exactly_k_per_step(tmp_path):
     counts: list[int] = []
     observe = objective.observe
     objective.observe = lambda batch, out: (counts.append(int(out.selected_BT.sum())), observe(batch, out))
-    summary = train(objective, windows, {}, cfg, tmp_path / "work", vocab_size=64, label="slm", lookups=lookup)
+    summary = train(TrainRun(objective, windows, {}, cfg, tmp_path / "work", vocab_size=64, label="slm",
+                             lookups=lookup))
     step_tokens = cfg.batch_size_tokens
     per_step = [a + b for a, b in zip(counts[::2], counts[1::2], strict=True)]
     assert len(per_step) == summary["steps"] and set(per_step) == {round(0.3 * step_tokens)}

@@ -226,7 +226,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_resumes(uninterr
 def _slm_step_run(tokens, work_dir: Path, on_step=None) -> dict:
     """tiny_run's run with Rho-1 selection by excess loss ranked over the whole step (random reference scores)."""
     from schemas.configs import SelectionConfig
-    from stages.training.loop import ProbeSet, train
+    from stages.training.loop import ProbeSet, TrainRun, train
     from storage.windows import TokenWindows
 
     selection = SelectionConfig(kind="top_k", score="excess_loss", keep_ratio=0.5, rank_over="step")
@@ -235,8 +235,9 @@ def _slm_step_run(tokens, work_dir: Path, on_step=None) -> dict:
     rng = np.random.default_rng(0)
     lookups = {name: rng.random(windows.num_tokens + 1).astype(np.float32) for name in ("ref_loss", "ref_entropy")}
     val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
-    return train(objective, windows, val, tiny_train_config(), work_dir, vocab_size=int(tokens.summary["vocab_size"]),
-                 label="slm", lookups=lookups, on_step=on_step, probe=ProbeSet("val", np.arange(3)))
+    return train(TrainRun(objective, windows, val, tiny_train_config(), work_dir,
+                          vocab_size=int(tokens.summary["vocab_size"]), label="slm", lookups=lookups,
+                          probe=ProbeSet("val", np.arange(3))), on_step)
 
 
 def test_step_ranked_selection_resumes_exactly(tokens, tmp_path):
