@@ -43,8 +43,8 @@ from schemas.tables import (
     SPECULATIVE,
     TOKEN_DYNAMICS,
 )
+from stages.corpus.files import FileSettings, read_documents
 from stages.corpus.packing import pack_stream
-from stages.corpus.sources import FileSettings, read_documents
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
 from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
