@@ -33,7 +33,8 @@ class SelectionConfig(StrictModel):
     needs the target's losses first, so every step starts with a no-grad forward over its micro-batches (one
     micro-batch's activations at a time, so memory does not grow): 0.75x ntp's tokens/s (one more forward per
     micro-batch, +33% step time), peak memory unchanged (default model, 2 micro-batches per step, 2 CPU cores;
-    benchmarks/selection_rank_over.py). A step of one micro-batch is ranked the same either way."""
+    measured once by benchmarks/selection_rank_over.py, retired since: see git history). A step of one
+    micro-batch is ranked the same either way."""
 
     @model_serializer(mode="wrap")
     def _drop_default_rank_over(self, handler):
