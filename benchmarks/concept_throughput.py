@@ -17,16 +17,14 @@ development machines are shared (a second torch process on 2 cores distorts ever
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, load_average, step_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,14 +53,7 @@ NUM_WINDOWS = 256
 
 def median_seconds(fn, steps: int, warmup: int) -> float:
     """Median wall time of fn() over `steps` calls after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
+    return statistics.median(step_seconds(fn, steps, warmup=warmup))
 
 
 def main() -> None:
@@ -123,14 +114,11 @@ def main() -> None:
     for row in rows:
         base = forward_tps if not row["measurement"].startswith("train") else ntp_tps
         row["ratio"] = row["tokens_per_s"] / base
-    result = {"rows": rows, "load_average_1m": os.getloadavg()[0], "torch_threads": torch.get_num_threads(),
+    result = {"rows": rows, "load_average_1m": load_average(), "torch_threads": torch.get_num_threads(),
               "steps": steps, "warmup": warmup}
-    print(json.dumps(result, indent=1))
-    print("\n| measurement | tokens/s | ratio (extract: to forward; train: to ntp) |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['measurement']} | {row['tokens_per_s']:,.0f} | {row['ratio']:.2f} |")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    table = ["| measurement | tokens/s | ratio (extract: to forward; train: to ntp) |", "|---|---|---|"]
+    table += [f"| {row['measurement']} | {row['tokens_per_s']:,.0f} | {row['ratio']:.2f} |" for row in rows]
+    emit(result, "\n".join(table), args.json_out)
 
 
 if __name__ == "__main__":

@@ -23,17 +23,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from report_output import emit
-from train_throughput import flops_per_token, matmul_peak_flops
+from common import REPO_ROOT, emit, flops_per_token, load_average, matmul_peak_flops, pick_device, spawn_worker
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB, SEQ_LEN = 4096, 128
 
 
@@ -92,8 +89,7 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(run_row(json.loads(args.worker))))
         return
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     counts = sorted({int(n) for n in args.processes.split(",")} | {1})
     kinds = [k.strip() for k in args.parallelism.split(",") if k.strip()]
     if set(kinds) - {"ddp", "fsdp"}:
@@ -103,15 +99,11 @@ def main() -> None:
     report = {"device": device.type, "cpu_count": os.cpu_count(), "torch": torch.__version__,
               "gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
               "peak_flops": peak, "peak_dtype": str(peak_dtype).removeprefix("torch."), "tokens": args.tokens,
-              "load_average_1min": {"before": os.getloadavg()[0]}, "results": []}
+              "load_average_1min": {"before": load_average()}, "results": []}
     for count in counts:
         for kind in (["-"] if count == 1 else kinds):
             spec = {"processes": count, "parallelism": kind, "tokens": args.tokens, "device": str(device.type)}
-            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                  text=True, cwd=REPO_ROOT, check=False)
-            if done.returncode != 0:
-                raise SystemExit(f"row {spec} failed:\n{done.stderr[-3000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = spawn_worker(__file__, spec, cwd=REPO_ROOT)
             print(f"# {count} process(es) {kind}: {row['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
             report["results"].append(row)
     base = report["results"][0]["tokens_per_s"]
@@ -119,7 +111,7 @@ def main() -> None:
         row["ratio"] = row["tokens_per_s"] / base
         devices = row["processes"] if device.type == "cuda" else 1
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * devices)
-    report["load_average_1min"]["after"] = os.getloadavg()[0]
+    report["load_average_1min"]["after"] = load_average()
     emit(report, markdown_table(report), args.json_out)
 
 

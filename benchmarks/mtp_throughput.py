@@ -13,14 +13,12 @@ repetitive text) and a random one (drafts rarely right): the speed-up depends on
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import emit, peak_mib, pick_device, spawn_worker, step_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -33,7 +31,7 @@ def train_worker(spec: dict) -> dict:
     from stages.objectives.base import Batch
     from stages.objectives.factory import build_objective
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     T, B, V = 128, 16, spec["vocab"]
     variant = TargetVariant(name="b", num_future_tokens=spec["heads"], mtp_backward=spec["backward"])
     objective = build_objective(ModelConfig(num_layers=4, num_heads=4, d_model=128), variant)
@@ -42,21 +40,15 @@ def train_worker(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rows = torch.randint(0, V, (B, T + 1), device=device)
     batch = Batch(rows[:, :-1], rows[:, 1:], torch.zeros(B, T, dtype=torch.long, device=device))
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
+
+    def step() -> None:
         objective.step(model, batch, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - tick)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {**spec, "tokens_per_s": B * T / statistics.median(times), "peak_mib": peak, "device": device.type}
+
+    times = step_seconds(step, spec["steps"], warmup=spec["warmup"], device=device)
+    return {**spec, "tokens_per_s": B * T / statistics.median(times), "peak_mib": peak_mib(device),
+            "device": device.type}
 
 
 def decoding_rows(quick: bool) -> list[dict]:
@@ -96,21 +88,20 @@ def main() -> None:
             for backward in (("joint",) if heads == 1 else ("joint", "sequential")):
                 spec = {"shape": shape, **sizes, "heads": heads, "backward": backward, "steps": steps,
                         "warmup": warmup}
-                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                      text=True, check=True)
-                train.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                train.append(spawn_worker(__file__, spec))
     decode = decoding_rows(args.quick)
-    result = {"train": train, "decode": decode}
-    print(json.dumps(result, indent=1))
-    print("\n| shape | heads | backward | tokens/s | peak MiB |\n|---|---|---|---|---|")
-    for r in train:
-        print(f"| {r['shape']} | {r['heads']} | {r['backward']} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |")
-    print("\n| model | drafts | tokens/forward | tokens/s | speed-up |\n|---|---|---|---|---|")
-    for r in decode:
-        print(f"| {r['model']} | {r['draft']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['speedup']:.2f}x |")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    emit({"train": train, "decode": decode}, markdown(train, decode), args.json_out)
+
+
+def markdown(train: list[dict], decode: list[dict]) -> str:
+    """The training rows and the decoding rows as two Markdown tables."""
+    lines = ["| shape | heads | backward | tokens/s | peak MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['heads']} | {r['backward']} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |"
+              for r in train]
+    lines += ["", "| model | drafts | tokens/forward | tokens/s | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['draft']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['speedup']:.2f}x |" for r in decode]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

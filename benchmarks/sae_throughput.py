@@ -31,20 +31,25 @@ Definitions:
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from report_output import emit
+from common import (
+    MEMORY_METHOD,
+    REPO_ROOT,
+    PeakMemory,
+    best_seconds,
+    emit,
+    load_average,
+    pick_device,
+    spawn_worker,
+    step_seconds,
+)
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("sparse", "dense", "plain", "sparse_auxk")
 FULL = {"d_model": 128, "num_latents": 4096, "k": 32, "batch": 4096}
 QUICK = {"d_model": 64, "num_latents": 1024, "k": 16, "batch": 512}
@@ -78,20 +83,6 @@ class PlainTopKSAE(nn.Module):
     def remove_parallel_grad_(self) -> None:
         w_DL, g_DL = self.dec.weight, self.dec.weight.grad
         g_DL.sub_((g_DL * w_DL).sum(dim=0, keepdim=True) * w_DL)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def current_rss_mib() -> float:
-    """Resident set size of this process now (VmRSS), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build_step(spec: dict, device: torch.device, pool: list[torch.Tensor]):
@@ -150,39 +141,14 @@ def run_worker(spec: dict) -> dict:
     x = torch.randn(POOL_BATCHES, cfg["batch"], cfg["d_model"], device=device)
     x = (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + 1e-5)  # what layer_norm_stats gives
     pool = list(x.unbind(0))
-    rss_before_mib = current_rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory = PeakMemory(device)
     model, step = build_step(spec, device, pool)
-    for _ in range(spec["warmup"]):
-        step()
-    step_seconds = []
-    for _ in range(spec["steps"]):
-        sync(device)
-        tick = time.perf_counter()
-        step()
-        sync(device)
-        step_seconds.append(time.perf_counter() - tick)
+    seconds = step_seconds(step, spec["steps"], warmup=spec["warmup"], device=device)
     row = {"variant": spec["variant"], "device": device.type,
            "num_params": sum(p.numel() for p in model.parameters()),
-           "rows_per_s": cfg["batch"] / statistics.median(step_seconds),
-           "rows_per_s_best": cfg["batch"] / min(step_seconds), "step_seconds": step_seconds}
-    if device.type == "cuda":
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        row["mem_delta_mib"] = row["peak_mem_mib"] - rss_before_mib
-    return row
-
-
-def spawn_worker(spec: dict) -> dict:
-    """Run one measurement in a fresh Python process (its own peak RSS)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['variant']} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+           "rows_per_s": cfg["batch"] / statistics.median(seconds),
+           "rows_per_s_best": cfg["batch"] / min(seconds), "step_seconds": seconds}
+    return {**row, **memory.row()}
 
 
 def topk_ms(device: torch.device, batch: int, num_latents: int, k: int) -> dict:
@@ -190,14 +156,7 @@ def topk_ms(device: torch.device, batch: int, num_latents: int, k: int) -> dict:
     pre_NL = torch.randn(batch, num_latents, device=device)
     result = {}
     for sorted_ in (True, False):
-        pre_NL.topk(k, dim=-1, sorted=sorted_)
-        best = float("inf")
-        for _ in range(10):
-            sync(device)
-            tick = time.perf_counter()
-            pre_NL.topk(k, dim=-1, sorted=sorted_)
-            sync(device)
-            best = min(best, time.perf_counter() - tick)
+        best = best_seconds(lambda s=sorted_: pre_NL.topk(k, dim=-1, sorted=s), 10, warmup=1, device=device)
         result["sorted" if sorted_ else "unsorted"] = 1e3 * best
     return result
 
@@ -216,13 +175,8 @@ def decode_ms(device: torch.device, batch: int, num_latents: int, k: int, d_mode
     }
     result = {}
     for name, decode in ways.items():
-        best = float("inf")
-        for _ in range(11):  # the first is a warmup
-            sync(device)
-            tick = time.perf_counter()
-            torch.autograd.grad(decode(), (W_LD, vals_NK), grad_ND)
-            sync(device)
-            best = min(best, time.perf_counter() - tick)
+        best = best_seconds(lambda d=decode: torch.autograd.grad(d(), (W_LD, vals_NK), grad_ND), 10, warmup=1,
+                            device=device)
         result[name] = 1e3 * best
     return result
 
@@ -272,8 +226,7 @@ def main() -> None:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     config = {name: getattr(args, name) or value for name, value in (QUICK if args.quick else FULL).items()}
     steps, warmup = (3, 1) if args.quick else (args.steps, args.warmup)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -288,18 +241,16 @@ def main() -> None:
 
     report = {"device": device.type, "num_threads": torch.get_num_threads(), "torch": torch.__version__,
               "steps": steps, "warmup": warmup, "config": config, "dead_fraction": args.dead_fraction,
-              "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                         "subprocess ru_maxrss (peak) and ru_maxrss - VmRSS before model build (delta)"),
-              "load_average_1min": {"before": os.getloadavg()[0]}, "results": []}
+              "memory": MEMORY_METHOD[device.type], "load_average_1min": {"before": load_average()}, "results": []}
     for variant in variants:
         spec = {"variant": variant, "config": config, "device": str(device), "steps": steps, "warmup": warmup,
                 "dead_fraction": args.dead_fraction}
-        row = spawn_worker(spec)
+        row = spawn_worker(__file__, spec)
         report["results"].append(row)
         print(f"# {variant}: {row['rows_per_s']:,.0f} rows/s", file=sys.stderr)
     report["topk_ms"] = topk_ms(device, config["batch"], config["num_latents"], config["k"])
     report["decode_ms"] = decode_ms(device, config["batch"], config["num_latents"], config["k"], config["d_model"])
-    report["load_average_1min"]["after"] = os.getloadavg()[0]
+    report["load_average_1min"]["after"] = load_average()
     emit(report, markdown_table(report), args.json_out)
 
 

@@ -11,15 +11,14 @@ Measured in one run, on the same model (ModelConfig() defaults unless flags say 
 """
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
+from common import best_seconds, emit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,7 +26,7 @@ from schemas.configs import ModelConfig, ScoreConfig, TrainConfig  # noqa: E402
 from schemas.manifest import Manifest  # noqa: E402
 from schemas.tables import SPLITS, TOKEN_SCORES, TOKENS  # noqa: E402
 from stages import score_reference  # noqa: E402
-from stages.models.gpt import GPT
+from stages.models.gpt import GPT  # noqa: E402
 from stages.models.losses import token_loss  # noqa: E402
 from stages.runtime.devices import resolve_device  # noqa: E402
 from stages.training.optim import build_optimizer  # noqa: E402
@@ -58,12 +57,7 @@ def synthetic_tokens(root: Path, num_tokens: int, vocab_size: int, seq_len: int)
 
 def timed(fn, repeats: int = 2) -> float:
     """Best wall time of `repeats` calls (seconds)."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return best_seconds(fn, repeats)
 
 
 def model_throughput(tokens: Manifest, model: GPT, batch_size: int, device: torch.device, root: Path) -> dict:
@@ -180,20 +174,22 @@ def main() -> None:
         from schemas.presets import preset
 
         result["duckdb_catalog_ms"] = query_times(catalog_for(preset(args.catalog_preset)), readme_queries())
-    print(json.dumps(result, indent=1))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    emit(result, markdown(result), args.json_out)
+
+
+def markdown(result: dict) -> str:
+    """Scoring throughputs and query times as one Markdown table."""
     scoring = result["scoring"]
-    print("\n| measurement | value |\n|---|---|")
-    print(f"| plain forward tokens/s | {scoring['forward_tokens_per_s']:,.0f} |")
-    print(f"| score_reference tokens/s (forward + loss/entropy + Parquet) | {scoring['score_tokens_per_s']:,.0f} "
-          f"({scoring['score_vs_forward']:.2f}x forward) |")
-    print(f"| training tokens/s (fwd + bwd + AdamW) | {scoring['train_tokens_per_s']:,.0f} "
-          f"(scoring is {scoring['score_vs_train']:.1f}x faster) |")
+    lines = ["| measurement | value |", "|---|---|",
+             f"| plain forward tokens/s | {scoring['forward_tokens_per_s']:,.0f} |",
+             f"| score_reference tokens/s (forward + loss/entropy + Parquet) | {scoring['score_tokens_per_s']:,.0f} "
+             f"({scoring['score_vs_forward']:.2f}x forward) |",
+             f"| training tokens/s (fwd + bwd + AdamW) | {scoring['train_tokens_per_s']:,.0f} "
+             f"(scoring is {scoring['score_vs_train']:.1f}x faster) |"]
     for section in ("duckdb_synthetic_ms", "duckdb_catalog_ms"):
-        for name, ms in result.get(section, {}).items():
-            if name != "rows":
-                print(f"| {section.removeprefix('duckdb_').removesuffix('_ms')}: {name} | {ms:.1f} ms |")
+        lines += [f"| {section.removeprefix('duckdb_').removesuffix('_ms')}: {name} | {ms:.1f} ms |"
+                  for name, ms in result.get(section, {}).items() if name != "rows"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

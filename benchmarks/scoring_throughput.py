@@ -20,8 +20,6 @@ and after are in the JSON; rerun when the median and best disagree much.
 """
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import emit, load_average
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,10 +75,6 @@ def wait_quiet(max_seconds: float, threshold: float = 0.25) -> float:
     while busy > threshold and time.monotonic() < deadline:
         busy = cpu_busy_fraction()
     return busy
-
-
-def load_average() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def build(batch: int, seed: int = 0):
@@ -184,16 +179,14 @@ def main() -> None:
         "max_abs_diff_vs_old": check_outputs(model, inputs_BT, targets_BT),
         "rows": rows,
     }
-    print(json.dumps(result, indent=1))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
-    print(f"\n{args.batch} x {SEQ_LEN} tokens per batch, {args.repeats} repeats x {args.calls} calls, "
-          f"{torch.get_num_threads()} threads; CPU busy before {busy:.0%}\n")
-    print("| variant | tokens/s (median) | best tokens/s | ms/batch | overhead ms | ratio | ratio best |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, row in rows.items():
-        print(f"| {name} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s_best']:,.0f} | {row['ms_per_batch']:.1f} "
-              f"| {row['overhead_ms']:+.1f} | {row['ratio']:.3f} | {row['ratio_best']:.3f} |")
+    lines = [f"{args.batch} x {SEQ_LEN} tokens per batch, {args.repeats} repeats x {args.calls} calls, "
+             f"{torch.get_num_threads()} threads; CPU busy before {busy:.0%}", "",
+             "| variant | tokens/s (median) | best tokens/s | ms/batch | overhead ms | ratio | ratio best |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {row['tokens_per_s']:,.0f} | {row['tokens_per_s_best']:,.0f} | {row['ms_per_batch']:.1f} "
+              f"| {row['overhead_ms']:+.1f} | {row['ratio']:.3f} | {row['ratio_best']:.3f} |"
+              for name, row in rows.items()]
+    emit(result, "\n".join(lines), args.json_out)
 
 
 if __name__ == "__main__":

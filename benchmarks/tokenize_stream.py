@@ -25,16 +25,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from report_output import emit
+from common import REPO_ROOT, emit, load_average, spawn_worker
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB_WORDS = 4000
 ZIPF_EXPONENT = 1.1
 WORDS_PER_DOCUMENT = (30, 5000)
@@ -127,16 +125,14 @@ def measure(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
     print(f"generated {size_gb} GB: {corpus_info} in {time.perf_counter() - generated:.0f}s", file=sys.stderr)
     spec = {"corpus": str(corpus), "out": str(out), "tokenizer": args.tokenizer, "vocab_size": args.vocab_size,
             "batch_mb": args.batch_mb}
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     try:
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], stdout=subprocess.PIPE,
-                              text=True, check=True)
+        result = spawn_worker(__file__, spec, show_stderr=True)  # the stage's progress log goes to the terminal
     finally:
         shutil.rmtree(corpus, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     seconds = result["seconds"]
-    return {"size_gb": size_gb, **corpus_info, **result, "load_before": load_before, "load_after": os.getloadavg()[0],
+    return {"size_gb": size_gb, **corpus_info, **result, "load_before": load_before, "load_after": load_average(),
             "mb_per_s": corpus_info["text_bytes"] / 1e6 / seconds,
             "tokens_per_s": result["document_tokens"] / seconds,
             "encode_tokens_per_s": result["summary"]["tokens_per_s"]}

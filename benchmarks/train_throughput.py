@@ -37,22 +37,27 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from report_output import emit
+from common import (
+    MEMORY_METHOD,
+    REPO_ROOT,
+    PeakMemory,
+    emit,
+    flops_per_token,
+    load_average,
+    matmul_peak_flops,
+    pick_device,
+    spawn_worker,
+    step_seconds,
+)
 from torch import nn
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
     # The default preset's model (schemas.presets.default: ModelConfig() 4 x 128, 4 heads, vocab 4096, ctx 128,
@@ -123,44 +128,11 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.norm(x_BTD))
 
 
-def flops_per_token(num_params: int, num_layers: int, seq_len: int, d_model: int) -> int:
-    """6N + 12*L*T*d training FLOPs per token (N without the input embedding table)."""
-    return 6 * num_params + 12 * num_layers * seq_len * d_model
-
-
 def autocast_ctx(device: torch.device):
     """bf16 autocast on CUDA, nothing on CPU (mirrors stages.runtime.devices.autocast)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued CUDA work so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def current_rss_mib() -> float:
-    """Resident set size of this process now (VmRSS), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """Best-of-10 FLOP/s of an n x n x n matmul (2 n^3 FLOPs) on `device` in `dtype`."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(10):
-        sync(device)
-        tick = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - tick)
-    return 2 * n**3 / best
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,9 +219,7 @@ def run_worker(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         stream_path = Path(tmp) / "stream-train.npy"
         stream = write_stream(stream_path, cfg["vocab_size"], cfg["seq_len"])
-        rss_before_mib = current_rss_mib()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        memory = PeakMemory(device)
         if spec["impl"] == "ours":
             model, step = build_ours(spec, device, stream_path)
         else:
@@ -258,48 +228,23 @@ def run_worker(spec: dict) -> dict:
         num_params = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
         if model.lm_head.weight is model.embed.weight:
             num_params += model.lm_head.weight.numel()
-        first_step_s = 0.0
-        for i in range(spec["warmup"]):
-            sync(device)
-            tick = time.perf_counter()
-            step()
-            sync(device)
-            if i == 0:
-                first_step_s = time.perf_counter() - tick
-        step_seconds = []
-        for _ in range(spec["steps"]):
-            sync(device)
-            tick = time.perf_counter()
-            step()
-            sync(device)
-            step_seconds.append(time.perf_counter() - tick)
+        first_step_s = step_seconds(step, 1, device=device)[0]  # the first warmup step: compilation happens here
+        seconds = step_seconds(step, spec["steps"], warmup=spec["warmup"] - 1, device=device)
     step_tokens = cfg["micro_batch"] * cfg["seq_len"]
     row = {"config": spec["config_name"], "impl": spec["impl"], "mode": "compile" if spec["compile"] else "eager",
            "device": device.type, "num_params": num_params,
            "flops_per_token": flops_per_token(num_params, cfg["num_layers"], cfg["seq_len"], cfg["d_model"]),
-           "tokens_per_s": step_tokens / statistics.median(step_seconds),
-           "tokens_per_s_best": step_tokens / min(step_seconds), "tokens_per_s_mean": step_tokens * len(
-               step_seconds) / sum(step_seconds), "step_seconds": step_seconds, "first_step_s": first_step_s}
-    if device.type == "cuda":
-        row["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        row["mem_delta_mib"] = row["peak_mem_mib"] - rss_before_mib
-    return row
+           "tokens_per_s": step_tokens / statistics.median(seconds),
+           "tokens_per_s_best": step_tokens / min(seconds), "tokens_per_s_mean": step_tokens * len(
+               seconds) / sum(seconds), "step_seconds": seconds, "first_step_s": first_step_s}
+    return {**row, **memory.row()}
 
 
-def spawn_worker(spec: dict) -> dict:
+def spawn_fresh(spec: dict) -> dict:
     """Run one measurement in a fresh Python process (own peak RSS, own compile caches)."""
     with tempfile.TemporaryDirectory() as cache_dir:
         # A fresh Inductor cache per worker: `first step s` is then the cold compile time a first run pays.
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir,
-               "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {spec['config_name']}/{spec['impl']}/compile={spec['compile']} failed:\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return spawn_worker(__file__, spec, env={"TORCHINDUCTOR_CACHE_DIR": cache_dir})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,8 +291,7 @@ def main() -> None:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = pick_device(args.device)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -366,22 +310,21 @@ def main() -> None:
               "steps": args.steps, "warmup": args.warmup, "peak_flops": peak, "mfu_peak_dtype": mfu_dtype,
               "flops_formula": "6*N + 12*L*T*d (N = params without the input embedding table, tied unembedding "
                                "counted; L layers, T seq_len, d d_model)",
-              "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                         "subprocess ru_maxrss (peak) and ru_maxrss - VmRSS before model build (delta)"),
+              "memory": MEMORY_METHOD[device.type],
               "configs": {n: {**CONFIGS[n], **({"micro_batch": args.micro_batch} if args.micro_batch else {})}
                           for n in names},
-              "load_average_1min": {"before": os.getloadavg()[0]}, "results": []}
+              "load_average_1min": {"before": load_average()}, "results": []}
     modes = [False] if args.no_compile else [False, True]
     for name in names:
         for compile_ in modes:
             for impl in impls:
                 spec = {"config_name": name, "config": report["configs"][name], "impl": impl, "compile": compile_,
                         "device": str(device), "steps": args.steps, "warmup": args.warmup}
-                row = spawn_worker(spec)
+                row = spawn_fresh(spec)
                 row["mfu"] = row["tokens_per_s_best"] * row["flops_per_token"] / peak[mfu_dtype]
                 report["results"].append(row)
                 print(f"# {name} {impl} {row['mode']}: {row['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
-    report["load_average_1min"]["after"] = os.getloadavg()[0]
+    report["load_average_1min"]["after"] = load_average()
     emit(report, markdown_table(report), args.json_out)
 
 

@@ -34,24 +34,22 @@ def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
     from flows import env
     from flows.last_run import remember
-    from stages.dag import plan, select_nodes, upstream_closure
+    from stages.run_plan import RunPlan
 
     cfg = load_config(args.preset or "default", args.config, args.overrides)  # run: never the remembered one
-    nodes = plan(cfg)
-    for name in (args.only or []) + (args.force or []):
-        select_nodes(nodes, name)  # an unknown stage is an error now, not after Prefect's ~10 s start-up
+    run = RunPlan.of(cfg, args.only, args.force)  # an unknown stage is an error now, not after Prefect's start-up
+    nodes = run.nodes
     kind = args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")
     if kind in RUNNER_PACKAGES and not importlib.util.find_spec(RUNNER_PACKAGES[kind][0]):
         package, extra = RUNNER_PACKAGES[kind]
         raise ValueError(f"--task-runner {kind} needs {package.replace('_', '-')}: pip install -e '.[{extra}]'")
     remember(args, cfg)
-    wanted = {n for stage in args.only for n in select_nodes(nodes, stage)} if args.only else set(nodes)
-    before = {name: node.finished_stamp() for name, node in nodes.items()}
+    before = run.finished_stamps()
     started = time.perf_counter()
-    closure = upstream_closure(nodes, wanted)
-    if not args.force and all(before[name] for name in closure) and not any(_stale(nodes, closure)):
+    if run.up_to_date(before):
         # nothing to build: no Prefect server, no flow run (a couple of seconds instead of 10-30)
-        result = {name: read_manifest(nodes[name].stage, nodes[name].key).model_dump(mode="json") for name in wanted}
+        result = {name: read_manifest(nodes[name].stage, nodes[name].key).model_dump(mode="json")
+                  for name in run.wanted}
     else:
         api_url = env.configure()
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
@@ -85,15 +83,6 @@ def cmd_run(args) -> int:
 
 RUNNER_PACKAGES = {"dask": ("prefect_dask", "cluster"), "ray": ("prefect_ray", "ray")}
 """Task runner -> (the module it needs, the extra that installs it): checked before Prefect starts."""
-
-
-def _stale(nodes: dict, names: set[str]) -> list[str]:
-    """Built nodes whose recorded upstream content differs from the upstream artifacts now."""
-    from stages.node_builder import is_stale
-
-    return [name for name in names if nodes[name].is_built() and is_stale(
-        nodes[name], {role: read_manifest(nodes[up].stage, nodes[up].key) for role, up in nodes[name].upstream.items()
-                      if nodes[up].is_built()})]
 
 
 def cmd_status(args) -> int:

@@ -88,6 +88,7 @@ def _generate_speculative(model, tokenizer, args) -> int:
     """Greedy self-speculative decoding: the text, tokens/s and tokens per forward (vs plain greedy timing)."""
     import time
 
+    from stages.corpus.tokenizers import EOT
     from stages.inference.generate import generate
     from stages.inference.speculative import generate_speculative
 
@@ -100,7 +101,7 @@ def _generate_speculative(model, tokenizer, args) -> int:
     prompt_ids = tokenizer.encode(args.prompt).ids
     if not prompt_ids:
         raise ValueError("prompt encodes to no tokens")
-    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    eos_id = tokenizer.token_to_id(EOT)
     start = time.perf_counter()
     new_ids, stats = generate_speculative(model, prompt_ids, args.max_new_tokens, draft=args.draft, eos_id=eos_id)
     seconds = time.perf_counter() - start

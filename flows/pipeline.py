@@ -17,8 +17,9 @@ from schemas.configs import PipelineConfig
 from schemas.manifest import Manifest
 from schemas.presets import default
 from stages import node_builder
-from stages.dag import Node, plan, select_nodes, upstream_closure
+from stages.dag import Node
 from stages.registry import stages
+from stages.run_plan import RunPlan
 from stages.runtime import interrupt
 from storage.artifacts import open_artifact, require
 
@@ -28,35 +29,32 @@ log = logging.getLogger(__name__)
 def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: list[str] | None = None) -> dict:
     """Build the selected nodes (default: all) in DAG order; `only` nodes need their upstream already built."""
     interrupt.install_handlers()  # over Prefect's: SIGTERM/Ctrl-C stop stages at a safe point, with a checkpoint
-    nodes = plan(config)
-    forced = {name for stage in (force or []) for name in select_nodes(nodes, stage)}
-    wanted = {name for stage in only for name in select_nodes(nodes, stage)} if only else set(nodes)
-    needed = upstream_closure(nodes, wanted)
+    run = RunPlan.of(config, only, force)
     stop_file = interrupt.run_stop_file()  # a task-run parameter: workers started elsewhere learn it this way
     results: dict[str, Manifest | PrefectFuture] = {}
     shard_futures: dict[str, list[PrefectFuture]] = {}
-    for name, node in nodes.items():
-        if name not in wanted:
-            if name in needed:
+    for name, node in run.nodes.items():
+        if name not in run.wanted:
+            if name in run.needed:
                 results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage} "
                                         "(or a plain `lmpipe run`, which builds every missing stage)")
             continue
         inputs = {role: results[up] for role, up in node.upstream.items()}
         wait_for = []
-        if not node.is_built() or name in forced:
+        if run.builds(name):
             shards = node_builder.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
             wait_for = [shard_task_for(node, shard).submit(node, inputs, shard, stop_file=stop_file)
                         for shard in shards]
         shard_futures[name] = wait_for
-        results[name] = task_for(node).submit(node, inputs, force=name in forced, stop_file=stop_file,
+        results[name] = task_for(node).submit(node, inputs, force=name in run.forced, stop_file=stop_file,
                                               wait_for=wait_for)
     manifests = {}
     for name, value in results.items():
         for shard in shard_futures.get(name, []):
             _resolve(shard)  # a failed shard raises its own error here (not "Run is in PENDING state" below)
-        if name in wanted:
+        if name in run.wanted:
             manifests[name] = _resolve(value)
-    _publish(nodes, manifests)
+    _publish(run.nodes, manifests)
     return {name: m.model_dump(mode="json") for name, m in manifests.items()}
 
 

@@ -23,7 +23,6 @@ Output files in `out`:
 """
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,8 @@ from schemas.tables import (
     SPECULATIVE,
     TOKEN_DYNAMICS,
 )
+from stages.corpus.files import FileSettings, read_documents
 from stages.corpus.packing import pack_stream
-from stages.corpus.sources import FileSettings, read_documents
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
 from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
@@ -64,7 +63,7 @@ from stages.evaluation.report import (
 )
 from stages.evaluation.seeds import seed_rows
 from stages.models.saved import load_model
-from stages.models.window_losses import token_losses
+from stages.models.window_losses import perplexity, token_losses
 from stages.objectives.distillation import TEACHER
 from stages.objectives.factory import evaluate_upstream
 from stages.registry import NodeDecl, Stage
@@ -164,7 +163,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         for split, stream_N in streams.items():
             num_tokens, loss = mean_window_loss(model, stream_N, seq_len, cfg.max_windows, device)
             eval_rows.append({"model": name, "split": split, "num_tokens": num_tokens, "loss": loss,
-                              "perplexity": math.exp(min(loss, 700.0))})
+                              "perplexity": perplexity(loss)})
             log.info("%s on %s: loss %.4f over %d tokens", name, split, loss, num_tokens)
         if model.num_future_tokens > 1:
             head_rows += multi_token_heads(model, name, streams, seq_len, cfg.max_windows, device)
@@ -199,7 +198,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         row = {"model": name}
         for split in VAL_SPLITS:
             row[f"{split}_loss"] = losses[name, split]
-            row[f"{split}_perplexity"] = math.exp(min(losses[name, split], 700.0))
+            row[f"{split}_perplexity"] = perplexity(losses[name, split])
         for split in VAL_SPLITS:
             row[f"tokens_to_baseline_{split}"], row[f"ratio_to_baseline_{split}"] = reach[split].get(name, (None, None))
         for category, column in zip(dynamics.CATEGORIES, FRACTION_COLUMNS, strict=True):

@@ -3,7 +3,7 @@
 Everything that lists stages is derived from it: the DAG plan (stages/dag.py), the builder dispatch
 (stages/node_builder.py), the DuckDB catalog's tables and join views (storage/catalog.py via flows/status.py), the
 per-stage Prefect flows and the shard fan-out (flows/). Adding a stage = one stage module with `run` and a
-`STAGE` entry, its config in schemas/configs.py, and its module name in STAGE_MODULES below.
+`STAGE` entry, its config in schemas/configs/ (re-exported by its __init__), and its module name in STAGE_MODULES below.
 """
 
 import importlib

@@ -2,7 +2,7 @@
 
 Reading a source can be slow (a streamed dataset) or only possible once, and the stage needs the documents
 several times (filter, splits, BPE training, encoding), so the first pass writes every batch of
-sources.DocumentBatches to `<directory>/batch-<k>.parquet` (the documents table before filtering: doc_id,
+documents.DocumentBatches to `<directory>/batch-<k>.parquet` (the documents table before filtering: doc_id,
 source, text, num_chars, then the batch's metadata columns) and every later pass reads them back one batch at a
 time, in the final metadata schema. Only small per-document numpy arrays (masks, hashes, lengths) are kept in
 memory across batches.
@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages.corpus.documents import Corpus, DocumentBatches
+from stages.corpus.metadata import conform
 from stages.corpus.progress import Progress
-from stages.corpus.sources import Corpus, DocumentBatches, conform
 
 BASE_FIELDS = [
     pa.field("doc_id", pa.int64()),

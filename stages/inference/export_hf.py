@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from stages.corpus.tokenizers import EOT
 from stages.models.gpt import GPT, Block, mlp_hidden_size
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ A research model trained on a small corpus: not evaluated for any use beyond exp
 """
 
 
-def export_llama(model: GPT, tokenizer_json: Path, out_dir: Path, *, eos_token: str = "<|endoftext|>") -> Path:
+def export_llama(model: GPT, tokenizer_json: Path, out_dir: Path, *, eos_token: str = EOT) -> Path:
     """Write `model` and its tokenizer as a folder that `AutoModelForCausalLM.from_pretrained` loads as Llama."""
     from tokenizers import Tokenizer
     from transformers import GenerationConfig, PreTrainedTokenizerFast

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from stages.corpus.tokenizers import EOT
 from stages.models.gpt import GPT, KVCache
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def generate(model: GPT, prompt_ids: list[int], max_new_tokens: int, *, temperat
 
 
 def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 64, *, temperature: float = 0.0,
-                  top_k: int | None = None, seed: int = 0, eos_token: str | None = "<|endoftext|>") -> str:
+                  top_k: int | None = None, seed: int = 0, eos_token: str | None = EOT) -> str:
     """Decoded continuation of `prompt` (a `tokenizers.Tokenizer`); stops at `eos_token` when it is in the vocab."""
     prompt_ids = tokenizer.encode(prompt).ids
     if not prompt_ids:

@@ -7,6 +7,7 @@ states and lm_head weight: the same numbers without the (B, T, V) logits tensor 
 tokens/s on CPU where forward + token_loss_and_entropy reaches 0.88x; benchmarks/scoring_throughput.py).
 """
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +17,9 @@ from torch import nn
 from stages.models.losses import hidden_loss_and_entropy, token_loss, token_loss_and_entropy
 from stages.runtime.devices import autocast
 from storage.windows import TokenWindows
+
+MAX_LOG_PERPLEXITY = 700.0
+"""Losses above this give exp(700) ~ 1e304 as perplexity: a diverged model's number, not an OverflowError."""
 
 
 @torch.inference_mode()
@@ -48,3 +52,8 @@ def token_losses(model: nn.Module, windows: TokenWindows, window_ids: np.ndarray
     """Next-token loss (nats) of every target of the windows, float32 (N, T)."""
     rows = [loss_BT for _, _, loss_BT, _ in iter_window_losses(model, windows, window_ids, batch_size, device)]
     return np.concatenate(rows) if rows else np.zeros((0, windows.seq_len), dtype=np.float32)
+
+
+def perplexity(loss: float) -> float:
+    """Perplexity of a mean next-token loss in nats: exp(loss), capped at exp(MAX_LOG_PERPLEXITY)."""
+    return math.exp(min(loss, MAX_LOG_PERPLEXITY))

@@ -1,13 +1,12 @@
 """The train loop's periodic components: evaluation on validation splits (+ probe set) and checkpointing."""
 
 import logging
-import math
 
 import numpy as np
 import torch
 from torch import nn
 
-from stages.models.window_losses import token_losses
+from stages.models.window_losses import perplexity, token_losses
 from stages.training.distributed import Ranks
 from stages.training.rng import rng_state, set_rng_state
 from stages.training.run import TrainRun
@@ -43,7 +42,7 @@ class Evaluator:
             loss = float(token_losses(model, windows, ids, self.batch_size, self.device).astype(np.float64).mean())
             self.last[split] = loss
             state.log(f"val/{split}/loss", loss)
-            state.log(f"val/{split}/ppl", math.exp(min(loss, 700.0)))
+            state.log(f"val/{split}/ppl", perplexity(loss))
         if self.probe is not None:
             windows = self.val_windows[self.probe.split]
             loss_NT = token_losses(model, windows, self.probe.window_ids, self.batch_size, self.device)

@@ -1,7 +1,12 @@
 """Config validation: presets validate, unknown fields and cross-field errors name the field, overrides."""
 
-import pytest
+import importlib
+import pkgutil
 
+import pytest
+from pydantic import BaseModel
+
+from schemas import configs
 from schemas.configs import ModelConfig, PipelineConfig, TargetConfig, TargetVariant, TokenizeConfig
 from schemas.loading import ConfigError, load_config
 from schemas.presets import PRESETS
@@ -55,14 +60,27 @@ def test_frozen():
         PRESETS["tiny"]().tokenize.seq_len = 3  # type: ignore[misc]
 
 
-def test_every_field_has_a_description():
-    from schemas import configs
+def _config_classes() -> list[type[BaseModel]]:
+    """Every pydantic model defined in a module of the schemas.configs package."""
+    found = {}
+    for info in pkgutil.iter_modules(configs.__path__, prefix="schemas.configs."):
+        module = importlib.import_module(info.name)
+        found |= {obj.__qualname__: obj for obj in vars(module).values()
+                  if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == module.__name__}
+    return [found[name] for name in sorted(found)]
 
-    for model in (configs.TokenizeConfig, configs.ModelConfig, configs.TrainConfig, configs.SelectionConfig,
-                  configs.TargetVariant, configs.ScoreConfig, configs.TargetConfig, configs.EvaluateConfig,
-                  configs.PipelineConfig, configs.DynamicsConfig, configs.ReferenceConfig):
+
+def test_every_field_has_a_description():
+    classes = _config_classes()
+    assert len(classes) >= 18 and PipelineConfig in classes
+    for model in classes:
         missing = [name for name, field in model.model_fields.items() if not field.description]
         assert not missing, f"{model.__name__}: no docstring for {missing}"
+
+
+def test_the_package_exports_every_config_class():
+    """`from schemas.configs import X` works for every config, wherever in the package X is defined."""
+    assert [cls for cls in _config_classes() if getattr(configs, cls.__name__, None) is not cls] == []
 
 
 def test_changing_the_source_drops_the_presets_sotu_filters(tmp_path):

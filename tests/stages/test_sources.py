@@ -1,4 +1,4 @@
-"""Tests of reading users' files (stages/corpus/sources.py): text units, metadata columns and the README example."""
+"""Tests of reading users' files (stages/corpus/files.py, metadata.py): text units, metadata columns, README example."""
 
 import json
 import re
@@ -11,16 +11,9 @@ import pytest
 
 from schemas.loading import load_config
 from stages import tokenize_corpus
-from stages.corpus.sources import (
-    FileSettings,
-    MissingFileError,
-    concat_batches,
-    conform,
-    file_batches,
-    read_documents,
-    read_files,
-    split_text,
-)
+from stages.corpus.documents import concat_batches
+from stages.corpus.files import FileSettings, MissingFileError, file_batches, read_documents, read_files, split_text
+from stages.corpus.metadata import conform
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WORDS = "the people of the union congress budget freedom war peace nation economy schools roads liberty".split()

@@ -1,0 +1,47 @@
+"""Stage configs and the PipelineConfig that bundles them, one module per stage group.
+
+Every field has a docstring: it is the help text in the Prefect UI form and in `lmpipe config --explain`.
+Cross-field checks run at construction, so a bad config fails before any compute, naming the field.
+Artifact keys hash a config's data (its JSON dump), never its class or module, so where a class lives is free.
+
+    corpus        TokenizeConfig (tokenize_corpus), TextUnit, PACKAGED_DATASET_BUILDERS
+    models        ModelConfig (the transformer shape)
+    objectives    TargetVariant and its parts: SelectionConfig, ConceptsConfig, PauseConfig, DistillConfig;
+                  ScoreConfig (score_reference, the scores selection ranks by)
+    training      TrainConfig, BaseConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
+                  replica_name, variant_of
+    sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts)
+    evaluation    EvaluateConfig (evaluate)
+    pipeline      PipelineConfig
+"""
+
+from schemas.configs.corpus import PACKAGED_DATASET_BUILDERS, TextUnit, TokenizeConfig
+from schemas.configs.evaluation import EvaluateConfig
+from schemas.configs.models import ModelConfig
+from schemas.configs.objectives import (
+    ConceptsConfig,
+    DistillConfig,
+    PauseConfig,
+    ScoreConfig,
+    SelectionConfig,
+    TargetVariant,
+)
+from schemas.configs.pipeline import PipelineConfig
+from schemas.configs.sae_concepts import ExtractConfig, SAEConfig
+from schemas.configs.training import (
+    BaseConfig,
+    DynamicsConfig,
+    ReferenceConfig,
+    TargetConfig,
+    TargetRun,
+    TrainConfig,
+    replica_name,
+    variant_of,
+)
+
+__all__ = [
+    "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
+    "ExtractConfig", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig", "ScoreConfig",
+    "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TextUnit", "TokenizeConfig", "TrainConfig",
+    "replica_name", "variant_of",
+]

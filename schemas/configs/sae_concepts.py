@@ -1,0 +1,61 @@
+"""Configs of the CoCoMix concept stages: the sparse autoencoder (train_sae) and the concept labels
+(extract_concepts).
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import StrictModel
+
+
+class SAEConfig(StrictModel):
+    """TopK sparse autoencoder on the reference model's residual stream (Gao et al. 2024 recipe)."""
+
+    layer: int | None = Field(None, ge=0)
+    """Residual stream after this reference block (0-based). None: the middle, reference num_layers // 2 - 1
+    (the stream entering block num_layers // 2)."""
+    expansion: int = Field(16, ge=1)
+    """Latents = expansion * d_model."""
+    k: int | None = Field(None, ge=1)
+    """Active latents per token. None: min(32, d_model // 8) (k = 32 for d_model >= 256; fewer for small widths,
+    where 32 of a 128-wide stream would not be sparse)."""
+    max_tokens: int = Field(1_000_000, ge=1)
+    """Activation rows (tokens of the train split) to train on; the split is cycled when shorter."""
+    batch_rows: int = Field(4096, ge=1)
+    """Activation rows per Adam step."""
+    lr: float = Field(5e-4, gt=0)
+    """Adam learning rate (no weight decay; constant after a short warmup)."""
+    aux_k: int | None = Field(None, ge=1)
+    """Dead latents used by the AuxK loss. None: d_model // 2."""
+    aux_coef: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK loss."""
+    dead_tokens: int = Field(200_000, ge=1)
+    """A latent that has not fired for this many tokens is dead (AuxK trains it back to life)."""
+    eval_every_steps: int = Field(25, ge=1)
+    """Evaluate FVU, L0, dead fraction and the spliced-in loss every this many steps (and at the end)."""
+    eval_windows: int = Field(32, ge=1)
+    """Validation windows (spread over `val`) for the evaluation metrics."""
+    seed: int = 0
+    """Seed for init and row order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the reference forward and SAE training."""
+
+
+class ExtractConfig(StrictModel):
+    """Attribution-selected concept labels for every target token (CoCoMix Sec. 3.1), computed once offline."""
+
+    top: int = Field(4, ge=1)
+    """Concepts kept per token (K): the top-K active latents by attribution score a_i * dL/da_i."""
+    splits: list[Literal["train", "val", "ref_train", "ref_val"]] = ["train", "val"]
+    """Splits to label (train for the target's concept loss, val to evaluate concept prediction)."""
+    batch_size: int = Field(32, ge=1)
+    """Windows per reference forward/backward."""
+    num_shards: int = Field(2, ge=1)
+    """Shards per split; each is its own task run that resumes."""
+    contexts_per_concept: int = Field(3, ge=1)
+    """Top-activating contexts stored per latent in the `concepts` table."""
+    context_tokens: int = Field(6, ge=1)
+    """Tokens shown on each side of the peak token in a context."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the reference forward/backward."""
