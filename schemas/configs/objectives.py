@@ -117,18 +117,11 @@ class TargetVariant(StrictModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset_parts(self, handler):
-        # parts added after the first release are left out while unset (in dumps and in the repr that artifact
-        # keys hash), so variants that do not use them keep their artifact keys
+        # parts added after the first release are left out while unset (in the JSON data that artifact keys
+        # hash), so variants that do not use them keep their artifact keys
         data = handler(self)
         return {k: v for k, v in data.items() if not (k in _LATER_PARTS and v == _LATER_PARTS[k])}
 
-    def __repr_args__(self):
-        return [(k, v) for k, v in super().__repr_args__() if not (k in _LATER_PARTS and v == _LATER_PARTS[k])]
-
-    @property
-    def needs_reference_scores(self) -> bool:
-        """True when the objective reads per-token reference scores."""
-        return self.selection.kind == "top_k"
 
 
 _LATER_PARTS = {"concepts": None, "pause": None, "distill": None, "head_weights": None,
