@@ -142,11 +142,16 @@ def connect(tables: dict[str, TableSpec], views: dict[str, JoinView], current: d
 
 
 def _spill_directory(store: Store) -> str:
-    """Where DuckDB spills what does not fit in memory: under the root's `_tmp/` where the root exists (the disk
-    meant for big files; DuckDB's default is the working directory), else in the system's temp directory. DuckDB
-    creates it when it first spills and removes it when the connection closes."""
-    base = store.root / "_tmp" if store.root.is_dir() else Path(tempfile.gettempdir())
-    base.mkdir(exist_ok=True)
+    """Where DuckDB spills what does not fit in memory: under the root's `_tmp/` (the disk meant for big files;
+    DuckDB's default is the working directory), else (no root yet, or not writable) in the system's temp
+    directory. DuckDB creates it when it first spills and removes it when the connection closes."""
+    base = Path(tempfile.gettempdir())
+    if store.root.is_dir():
+        try:
+            (store.root / "_tmp").mkdir(exist_ok=True)
+            base = store.root / "_tmp" if os.access(store.root / "_tmp", os.W_OK) else base
+        except OSError:  # another user's or a read-only root: the system's temp directory
+            pass
     return str(base / f"sql-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
