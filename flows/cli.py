@@ -101,16 +101,20 @@ def cmd_sql(args) -> int:
     from flows.status import catalog_for
     from storage.catalog import check_read_only
 
-    con = catalog_for(_load(args))
-    if not args.query:
-        return _sql_prompt(con)
-    check_read_only(con, args.query)
+    catalog = catalog_for(_load(args), sandbox=args.sandbox)
+    for line in catalog.warnings():  # damaged artifacts: their views are refused, the rest work
+        print(f"lmpipe sql: warning: {line}", file=sys.stderr)
     try:
-        result = con.execute(args.query)
-    except duckdb.Error as err:
-        raise ValueError(f"SQL error: {err}") from None
-    columns = [d[0] for d in result.description]
-    rows = [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
+        if not args.query:
+            return _sql_prompt(catalog)
+        check_read_only(catalog, args.query)
+        try:
+            columns, values = catalog.rows(args.query)
+        except duckdb.Error as err:
+            raise ValueError(f"SQL error: {err}") from None
+    finally:
+        catalog.close()  # DuckDB removes its spill directory
+    rows = [dict(zip(columns, row, strict=True)) for row in values]
     if args.json:
         print(json.dumps(rows, default=str, indent=1))
     elif args.csv:
@@ -124,10 +128,12 @@ def cmd_sql(args) -> int:
     return 0
 
 
-def _sql_prompt(con) -> int:
+def _sql_prompt(catalog) -> int:
     from storage.catalog import check_read_only, list_views
 
-    print("views: " + ", ".join(list_views(con)) + "\nend a query with ';'; Ctrl-D quits")
+    views = list_views(catalog)
+    print(("views: " + ", ".join(views) if views else "no views: " + next(iter(catalog.unavailable.values()), ""))
+          + "\nend a query with ';'; Ctrl-D quits")
     buffer = ""
     while True:
         try:
@@ -138,10 +144,9 @@ def _sql_prompt(con) -> int:
         buffer += line + "\n"
         if buffer.strip().endswith(";"):
             try:
-                check_read_only(con, buffer)
-                result = con.execute(buffer)
-                columns = [d[0] for d in result.description] if result.description else []
-                print(_format_table([dict(zip(columns, r, strict=True)) for r in result.fetchall()], columns))
+                check_read_only(catalog, buffer)
+                columns, values = catalog.rows(buffer)
+                print(_format_table([dict(zip(columns, r, strict=True)) for r in values], columns))
             except Exception as err:  # noqa: BLE001 - an interactive prompt reports and continues
                 print(f"error: {err}")
             buffer = ""
@@ -274,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = sql.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON")
+    sql.add_argument("--sandbox", action="store_true",
+                     help="read only the artifacts: no other file, no network, no extension installs (for queries "
+                          "from a web page)")
     sql.set_defaults(fn=cmd_sql)
     sub.add_parser("verify", help=cmd_verify.__doc__).set_defaults(fn=cmd_verify)
     sub.add_parser("doctor", help=cmd_doctor.__doc__.splitlines()[0]).set_defaults(fn=cmd_doctor)

@@ -4,7 +4,7 @@ from schemas.configs import PipelineConfig
 from stages.dag import plan
 from stages.registry import stages
 from storage.artifacts import CorruptArtifactError, read_manifest
-from storage.catalog import connect
+from storage.catalog import Catalog, connect
 
 
 def _human_bytes(num: int) -> str:
@@ -38,10 +38,12 @@ def status_rows(cfg: PipelineConfig) -> list[dict]:
     return rows
 
 
-def catalog_for(cfg: PipelineConfig):
-    """A DuckDB connection whose plain views point at this config's artifacts."""
+def catalog_for(cfg: PipelineConfig, *, sandbox: bool = False) -> Catalog:
+    """The DuckDB catalog (storage.catalog.Catalog, used like a connection) whose plain views point at this
+    config's artifacts; `sandbox` confines it to the artifacts (storage.catalog.connect)."""
     registry = stages()
     tables = {name: spec for stage in registry.values() for name, spec in stage.tables.items()}
     views = {name: view for stage in registry.values() for name, view in stage.views.items()}
-    return connect(tables, views, {name: node.path() for name, node in plan(cfg, registry).items()})
+    current = {name: node.path() for name, node in plan(cfg, registry).items()}
+    return connect(tables, views, current, sandbox=sandbox)
 

@@ -1,4 +1,6 @@
-"""CLI errors a user meets before anything is built."""
+"""CLI errors a user meets before anything is built, and what `lmpipe sql` says of damaged or unbuilt views."""
+
+from pathlib import Path
 
 
 def test_unknown_stage_is_rejected_before_prefect_starts(monkeypatch, capsys, tmp_path):
@@ -104,3 +106,69 @@ def test_doctor_prints_versions_devices_root_and_prefect_api(monkeypatch, capsys
     for name in ("python", "torch", "prefect", "cuda", "artifact root", "GiB free", "prefect api", "last run"):
         assert name in out, name
     assert "not created yet" in out
+
+
+def _built_with_table(node, name: str) -> Path:
+    """A finished artifact of a plan node holding one small Parquet table (manifest with sizes and sha256s)."""
+    import pyarrow as pa
+
+    from schemas.manifest import Manifest
+    from storage.artifacts import MANIFEST, SUCCESS, list_files
+    from storage.parquet import write_table
+
+    path = node.path()
+    path.mkdir(parents=True)
+    write_table(path / name, {"x": list(range(50))}, pa.schema([("x", pa.int64())]))
+    manifest = Manifest(stage=node.stage, key=node.key, path=str(path), code_version=node.code_version, config={},
+                        upstream={}, files=list_files(path), created_at="2026-01-01T00:00:00")
+    (path / MANIFEST).write_text(manifest.model_dump_json())
+    (path / SUCCESS).write_text(manifest.created_at)
+    return path / name
+
+
+def test_sql_refuses_a_damaged_artifact_with_a_warning_and_serves_the_rest(monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+    from schemas.presets import tiny
+    from stages.dag import plan
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    nodes = plan(tiny())
+    vocab = _built_with_table(nodes["tokenize_corpus"], "vocab.parquet")
+    _built_with_table(nodes["train_reference"], "metrics.parquet")
+    data = bytearray(vocab.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sha256 tells
+    vocab.write_bytes(bytes(data))
+    assert main(["sql", "--preset", "tiny", "select count(*) as n from reference_metrics"]) == 0
+    captured = capsys.readouterr()
+    assert "50" in captured.out
+    assert captured.err.startswith("lmpipe sql: warning: views vocab_all, vocab unavailable:")
+    assert f"{vocab}: sha256 differs" in captured.err
+    assert main(["sql", "--preset", "tiny", "select count(*) from vocab"]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("lmpipe: error: view vocab is refused:") and str(vocab) in error
+    assert "lmpipe run --force tokenize_corpus" in error
+
+
+def test_sql_before_any_run_says_what_to_run(monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path / "fresh"))
+    assert main(["sql", "--preset", "tiny", "select count(*) from tokens"]) == 2
+    err = capsys.readouterr().err
+    assert f"nothing is built yet under {tmp_path / 'fresh'}" in err and "`lmpipe run --preset tiny`" in err
+    assert "pg_constraint" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fresh").exists()  # a query creates no root
+
+
+def test_sql_sandbox_reads_the_artifacts_only(monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+    from schemas.presets import tiny
+    from stages.dag import plan
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    _built_with_table(plan(tiny())["train_reference"], "metrics.parquet")
+    assert main(["sql", "--preset", "tiny", "--sandbox", "--csv", "select count(*) as n from reference_metrics"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "50"]
+    assert main(["sql", "--preset", "tiny", "--sandbox", "select * from read_csv('/etc/passwd')"]) == 2
+    assert "Permission Error" in capsys.readouterr().err
+    assert main(["sql", "--preset", "tiny", "select count(*) > 0 from read_csv('/etc/passwd')"]) == 0
