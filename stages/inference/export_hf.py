@@ -11,7 +11,8 @@ Writes into `out_dir`:
 - `tokenizer.json` + `tokenizer_config.json`: the tokenizer as a `PreTrainedTokenizerFast`;
 - `README.md`: a short model card.
 
-Why the mapping is exact: our blocks are Llama blocks. Rotary uses the rotate-half pairing (i, i + K/2) with
+Why the mapping is exact: our blocks are Llama blocks (grouped-query ones too: num_key_value_heads, query head
+h reading key/value head h // group as Llama's repeat_kv). Rotary uses the rotate-half pairing (i, i + K/2) with
 inv_freq = theta^(-2i/K) like `LlamaRotaryEmbedding`; attention is causal SDPA with scale K^-0.5 and no
 biases; the MLP is down(silu(gate(x)) * up(x)); `nn.RMSNorm` on fp32 activations computes
 weight * x * rsqrt(mean(x^2) + eps) exactly as `LlamaRMSNorm` (which upcasts to fp32 first, a no-op in fp32).
@@ -50,8 +51,8 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
         intermediate_size=mlp_hidden_size(cfg),
         num_hidden_layers=model.num_trunk_layers + 1,
         num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.d_model // cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
         hidden_act="silu",
         max_position_embeddings=model.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
@@ -139,7 +140,8 @@ A small decoder-only language model trained with `lmpipe`, exported to a stock `
 |---|---|
 | parameters | {num_params:,} |
 | layers | {config["num_hidden_layers"]} ({cfg.num_layers} trained; {dropped} extra multi-token heads dropped) |
-| d_model / heads / MLP width | {cfg.d_model} / {cfg.num_heads} / {config["intermediate_size"]} (SwiGLU) |
+| d_model / heads (key/value) / MLP width | {cfg.d_model} / {cfg.num_heads} ({cfg.kv_heads}) / \
+{config["intermediate_size"]} (SwiGLU) |
 | vocabulary | {model.vocab_size} (byte-level BPE, `tokenizer.json`) |
 | context | {model.max_seq_len} tokens, rotary theta {cfg.rope_theta:g} |
 | tied embeddings | {cfg.tie_embeddings} |
