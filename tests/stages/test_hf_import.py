@@ -130,6 +130,17 @@ def test_new_model_fields_stay_out_of_the_json_at_their_default():
         ModelConfig(num_heads=4, num_kv_heads=3)
 
 
+def test_the_flops_ledger_counts_an_imported_models_matrices(checkpoints):
+    from stages.evaluation.flops import forward_flops_per_token
+
+    model = import_llama(checkpoints["gqa_untied"], max_seq_len=40)
+    cfg, spec = model.cfg, model.build_spec()
+    matrices = sum(m.weight.numel() for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "_blocks." in name)
+    attention = cfg.num_layers * 4 * 40 * cfg.d_model
+    assert forward_flops_per_token(spec) == 2 * matrices + attention + 2 * cfg.d_model * model.vocab_size
+
+
 def _one_line_error(match: str, call) -> str:
     with pytest.raises(ValueError, match=match) as err:
         call()
