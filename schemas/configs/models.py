@@ -1,8 +1,12 @@
-"""The transformer shape shared by the base, reference and target models."""
+"""The transformer shape shared by the base, reference and target models.
+
+Fields added after the first release are left out of dumps while at their default, so the artifact keys of
+configs that do not use them stay what they were.
+"""
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from schemas.base import StrictModel
 
@@ -13,13 +17,18 @@ class ModelConfig(StrictModel):
     num_layers: int = Field(4, ge=1)
     """Transformer blocks in total, prediction heads included (multi-token heads replace trunk layers)."""
     num_heads: int = Field(4, ge=1)
-    """Attention heads per block."""
+    """Attention (query) heads per block."""
+    num_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads per block (grouped-query attention: query head h reads key/value head
+    h // (num_heads / num_kv_heads)); None: num_heads (multi-head attention). Must divide num_heads."""
     d_model: int = Field(128, ge=8)
     """Residual stream width."""
     mlp: Literal["swiglu", "gelu"] = "swiglu"
     """MLP type: SwiGLU (Llama-style, exportable to transformers) or GELU."""
     mlp_ratio: float = Field(8 / 3, gt=0)
     """MLP hidden width as a multiple of d_model (rounded up to a multiple of 8)."""
+    mlp_hidden: int | None = Field(None, ge=1)
+    """MLP hidden width given exactly (an imported checkpoint's intermediate_size); None: from mlp_ratio."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
     rope_theta: float = 10000.0
@@ -36,4 +45,28 @@ class ModelConfig(StrictModel):
         if (self.d_model // self.num_heads) % 2:
             raise ValueError(f"model: head dim d_model/num_heads = {self.d_model // self.num_heads} "
                              "must be even (rotary)")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+                             f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
         return self
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per block (num_heads unless grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.num_heads
+
+    @model_serializer(mode="wrap")
+    def _drop_later_defaults(self, handler):
+        # fields added after the first release are left out while at their default (in the JSON data that artifact
+        # keys hash), so models that do not use them keep their artifact keys
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+
+
+_LATER_FIELDS = {"num_kv_heads": None, "mlp_hidden": None}
+"""Fields added after the first release, and their defaults (left out of dumps and keys while at the default)."""

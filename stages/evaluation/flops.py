@@ -2,7 +2,8 @@
 
 Forward FLOPs per token (matmuls only, 2 per multiply-add; PaLM's accounting, attention not halved for
 causality):
-- a block: 2 * (4 d^2 + MLP matrices) per position, plus attention scores and values 2 * 2 * context * d;
+- a block: 2 * (4 d^2 + MLP matrices) per position (with grouped-query attention 2 d^2 + 2 d * kv_heads *
+  head_dim instead of 4 d^2), plus attention scores and values 2 * 2 * context * d;
 - a block after an interleaving insert runs 2 positions per token over a context twice as long;
 - every head's unembedding 2 * d * V; a concept insert 2 * d * L (prediction) + 2 * k * d (sparse compression);
 training = 3 x forward (backward = 2 x forward). A distillation teacher adds its forward pass per token.
@@ -13,15 +14,13 @@ encoder's dense 2 d L and the decoder's sparse 2 k d); concept extraction (a ref
 3 x forward, plus the SAE encoder, per labelled token).
 """
 
-import math
-
 from schemas.configs import ModelConfig
+from stages.models.gpt import mlp_hidden_size
 
 
 def mlp_matrix_params(cfg: ModelConfig) -> int:
     """Weights of one MLP (SwiGLU: gate, up, down; GELU: up, down)."""
-    hidden = 8 * math.ceil(cfg.mlp_ratio * cfg.d_model / 8)
-    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * hidden
+    return (3 if cfg.mlp == "swiglu" else 2) * cfg.d_model * mlp_hidden_size(cfg)
 
 
 def forward_flops_per_token(spec: dict) -> float:
@@ -30,7 +29,7 @@ def forward_flops_per_token(spec: dict) -> float:
     d, seq_len, vocab = cfg.d_model, int(spec["seq_len"]), int(spec["vocab_size"])
     heads = int(spec.get("num_future_tokens", 1))
     inserts = {int(layer): insert for layer, insert in spec.get("inserts", {}).items()}
-    block_params = 4 * d * d + mlp_matrix_params(cfg)
+    block_params = 2 * d * d + 2 * d * cfg.kv_heads * cfg.head_dim + mlp_matrix_params(cfg)  # q, o; k, v (GQA)
     slots, total = 1, 0.0
     trunk = cfg.num_layers - heads
     for layer in range(cfg.num_layers):

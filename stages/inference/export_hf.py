@@ -6,12 +6,14 @@ Writes into `out_dir`:
 - `model.safetensors`: fp32 weights under Llama names (`model.embed_tokens.weight`,
   `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
   `model.layers.{i}.input_layernorm.weight`, `model.layers.{i}.post_attention_layernorm.weight`,
-  `model.norm.weight`, and `lm_head.weight` unless the embeddings are tied);
+  `model.norm.weight`, and `lm_head.weight` unless the embeddings are tied; the names come from
+  stages.models.hf_import, which reads such a folder back);
 - `generation_config.json`: bos/eos/pad ids;
 - `tokenizer.json` + `tokenizer_config.json`: the tokenizer as a `PreTrainedTokenizerFast`;
 - `README.md`: a short model card.
 
-Why the mapping is exact: our blocks are Llama blocks. Rotary uses the rotate-half pairing (i, i + K/2) with
+Why the mapping is exact: our blocks are Llama blocks (grouped-query ones too: num_key_value_heads, query head
+h reading key/value head h // group as Llama's repeat_kv). Rotary uses the rotate-half pairing (i, i + K/2) with
 inv_freq = theta^(-2i/K) like `LlamaRotaryEmbedding`; attention is causal SDPA with scale K^-0.5 and no
 biases; the MLP is down(silu(gate(x)) * up(x)); `nn.RMSNorm` on fp32 activations computes
 weight * x * rsqrt(mean(x^2) + eps) exactly as `LlamaRMSNorm` (which upcasts to fp32 first, a no-op in fp32).
@@ -30,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from stages.corpus.tokenizers import EOT
-from stages.models.gpt import GPT, Block, mlp_hidden_size
+from stages.models.gpt import GPT, mlp_hidden_size
+from stages.models.hf_import import layer_parameters, llama_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +53,8 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
         intermediate_size=mlp_hidden_size(cfg),
         num_hidden_layers=model.num_trunk_layers + 1,
         num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        head_dim=cfg.d_model // cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
         hidden_act="silu",
         max_position_embeddings=model.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
@@ -71,17 +74,6 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
     return config
 
 
-def _block_weights(block: Block, prefix: str) -> dict[str, torch.Tensor]:
-    """One block's weights under the names of a Llama decoder layer at `prefix`."""
-    weights = {f"{prefix}.input_layernorm.weight": block.attn_norm.weight,
-               f"{prefix}.post_attention_layernorm.weight": block.mlp_norm.weight}
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        weights[f"{prefix}.self_attn.{name}.weight"] = getattr(block.attn, name).weight
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        weights[f"{prefix}.mlp.{name}.weight"] = getattr(block.mlp, name).weight
-    return weights
-
-
 def _standalone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fp32, contiguous, each tensor its own storage (safetensors needs that)."""
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in weights.items()}
@@ -89,20 +81,14 @@ def _standalone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under Llama names: the trunk blocks, then head 1 as the last layer."""
-    blocks: list[Block] = [*model.trunk_blocks, model.head_blocks[0]]
-    weights = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    for i, block in enumerate(blocks):
-        weights |= _block_weights(block, f"model.layers.{i}")
-    if not model.cfg.tie_embeddings:
-        weights["lm_head.weight"] = model.lm_head.weight
-    return _standalone(weights)
+    return _standalone(llama_parameters(model))
 
 
 def extra_heads_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The multi-token heads 2..n as Llama decoder layers `extra_heads.{j}` (head j + 2)."""
     weights = {}
     for j, block in enumerate(model.head_blocks[1:]):
-        weights |= _block_weights(block, f"extra_heads.{j}")
+        weights |= layer_parameters(block, f"extra_heads.{j}")
     return _standalone(weights)
 
 
@@ -139,7 +125,8 @@ A small decoder-only language model trained with `lmpipe`, exported to a stock `
 |---|---|
 | parameters | {num_params:,} |
 | layers | {config["num_hidden_layers"]} ({cfg.num_layers} trained; {dropped} extra multi-token heads dropped) |
-| d_model / heads / MLP width | {cfg.d_model} / {cfg.num_heads} / {config["intermediate_size"]} (SwiGLU) |
+| d_model / heads (key/value) / MLP width | {cfg.d_model} / {cfg.num_heads} ({cfg.kv_heads}) / \
+{config["intermediate_size"]} (SwiGLU) |
 | vocabulary | {model.vocab_size} (byte-level BPE, `tokenizer.json`) |
 | context | {model.max_seq_len} tokens, rotary theta {cfg.rope_theta:g} |
 | tied embeddings | {cfg.tie_embeddings} |

@@ -12,7 +12,11 @@ Built for the methods that plug in later:
 - `features(idx)` is what the unembedding reads (scoring fuses lm_head with the loss: stages.models.losses), and a
   KV cache serves generation.
 
-Shapes: B batch, T time (tokens), S stream positions (T * slots), D d_model, H heads, K head dim, V vocab.
+Attention is grouped-query when model.num_kv_heads < num_heads (query head h reads key/value head h // group,
+as Llama's repeat_kv); the KV cache then holds only the key/value heads.
+
+Shapes: B batch, T time (tokens), S stream positions (T * slots), D d_model, H heads, G key/value heads, K head
+dim, V vocab.
 """
 
 import math
@@ -28,8 +32,14 @@ from stages.models.inserts import build_insert
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
-    """MLP width: mlp_ratio * d_model rounded up to a multiple of 8."""
+    """MLP width: model.mlp_hidden when given, else mlp_ratio * d_model rounded up to a multiple of 8."""
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
     return 8 * math.ceil(cfg.mlp_ratio * cfg.d_model / 8)
+
+
+_SDPA_GQA = torch.__version__ >= (2, 5)
+"""scaled_dot_product_attention takes fewer key/value heads than query heads (enable_gqa) from torch 2.5 on."""
 
 
 def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,10 +130,9 @@ class KVCache:
 
     def __init__(self, model: "GPT", batch_size: int, device: torch.device, dtype: torch.dtype):
         cfg = model.cfg
-        head_dim = cfg.d_model // cfg.num_heads
         self.keys, self.values = [], []
         for layer in range(cfg.num_layers):
-            shape = (batch_size, cfg.num_heads, model.max_seq_len * model.slots_at(layer), head_dim)
+            shape = (batch_size, cfg.kv_heads, model.max_seq_len * model.slots_at(layer), cfg.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.pos = 0
@@ -136,35 +145,42 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with rotary positions."""
+    """Causal self-attention with rotary positions: multi-head, or grouped-query with fewer key/value heads."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x_BTD, cos_TK, sin_TK, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         """`start`: cache slots already filled for this layer (queries sit at slots start..start+T-1)."""
         B, T, D = x_BTD.shape
-        split = lambda t: t.view(B, T, self.num_heads, D // self.num_heads).transpose(1, 2)  # noqa: E731
-        q_BHTK = apply_rotary(split(self.q_proj(x_BTD)), cos_TK, sin_TK)
-        k_BHTK = apply_rotary(split(self.k_proj(x_BTD)), cos_TK, sin_TK)
-        v_BHTK = split(self.v_proj(x_BTD))
+        split = lambda t, heads: t.view(B, T, heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q_BHTK = apply_rotary(split(self.q_proj(x_BTD), self.num_heads), cos_TK, sin_TK)
+        k_BGTK = apply_rotary(split(self.k_proj(x_BTD), self.kv_heads), cos_TK, sin_TK)
+        v_BGTK = split(self.v_proj(x_BTD), self.kv_heads)
         mask = None
         is_causal = T > 1
         if cache is not None:
-            cache.keys[layer][:, :, start:start + T] = k_BHTK
-            cache.values[layer][:, :, start:start + T] = v_BHTK
-            k_BHTK = cache.keys[layer][:, :, : start + T]
-            v_BHTK = cache.values[layer][:, :, : start + T]
+            cache.keys[layer][:, :, start:start + T] = k_BGTK
+            cache.values[layer][:, :, start:start + T] = v_BGTK
+            k_BGTK = cache.keys[layer][:, :, : start + T]
+            v_BGTK = cache.values[layer][:, :, : start + T]
             if start > 0:  # queries at absolute positions start..start+T-1 see keys up to their own position
                 is_causal = False
                 mask = torch.arange(start + T, device=x_BTD.device)[None, :] <= (
                     start + torch.arange(T, device=x_BTD.device)[:, None])
-        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTK, attn_mask=mask, is_causal=is_causal)
+        gqa = {}
+        if self.kv_heads != self.num_heads:  # query head h reads key/value head h // group (contiguous groups)
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                group = self.num_heads // self.kv_heads
+                k_BGTK, v_BGTK = k_BGTK.repeat_interleave(group, dim=1), v_BGTK.repeat_interleave(group, dim=1)
+        y_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BGTK, v_BGTK, attn_mask=mask, is_causal=is_causal, **gqa)
         return self.o_proj(y_BHTK.transpose(1, 2).reshape(B, T, D))
 
 
@@ -247,7 +263,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.d_model // cfg.num_heads, max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights(generator)

@@ -41,14 +41,18 @@ def tokens(tmp_path_factory):
     return make_token_artifact(tmp_path_factory.mktemp("tokens"))
 
 
-def run(tokens, work: Path, variant: str = "ntp", **train_overrides) -> dict:
+GQA_MODEL = TINY_MODEL.model_copy(update={"num_kv_heads": 1})
+"""TINY_MODEL with grouped-query attention (2 query heads share 1 key/value head)."""
+
+
+def run(tokens, work: Path, variant: str = "ntp", model=TINY_MODEL, **train_overrides) -> dict:
     """Train VARIANTS[variant] on the tiny stream (4 micro-batches per step, checkpoints every 3 steps)."""
     windows = TokenWindows.from_manifest(tokens, "train")
     rng = np.random.default_rng(0)
     lookups = {name: rng.random(windows.num_tokens + 1).astype(np.float32) for name in ("ref_loss", "ref_entropy")}
     cfg = tiny_train_config(batch_size_tokens=256, max_tokens=8 * 256, **train_overrides)
     val = {split: TokenWindows.from_manifest(tokens, split) for split in ("val", "ref_val")}
-    return train(TrainRun(TokenPrediction(TINY_MODEL, VARIANTS[variant]), windows, val, cfg, work, vocab_size=64,
+    return train(TrainRun(TokenPrediction(model, VARIANTS[variant]), windows, val, cfg, work, vocab_size=64,
                           label=variant, lookups=lookups, probe=ProbeSet("val", np.arange(3))))
 
 
@@ -97,6 +101,13 @@ def test_two_processes_train_like_one(tokens, single, tmp_path, variant, paralle
         # which tokens make the cut can differ where two excess losses are within float error of the threshold:
         # the processes' matmuls reduce in another order (other batch shapes), so agreement, not identity
         assert (selected_one == selected_two).mean() > 0.99
+
+
+def test_grouped_query_attention_trains_on_two_processes_like_one(tokens, tmp_path):
+    run(tokens, tmp_path / "one", "ntp", GQA_MODEL)
+    run(tokens, tmp_path / "two", "ntp", GQA_MODEL, num_processes=2, parallelism="ddp")
+    assert load_file(tmp_path / "one" / "model.safetensors")["trunk_blocks.0.attn.k_proj.weight"].shape == (16, 32)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 def test_micro_batches_must_divide_among_processes(tokens, tmp_path):

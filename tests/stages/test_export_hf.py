@@ -39,9 +39,10 @@ def tokenizer(tokenizer_path):
 
 
 def tiny_model(vocab_size: int, tie: bool = True, mlp: str = "swiglu", num_future_tokens: int = 1,
-               num_layers: int = 2) -> GPT:
+               num_layers: int = 2, num_heads: int = 2, num_kv_heads: int | None = None) -> GPT:
     torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=num_layers, num_heads=2, d_model=32, tie_embeddings=tie, mlp=mlp)
+    cfg = ModelConfig(num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, d_model=32,
+                      tie_embeddings=tie, mlp=mlp)
     return GPT(cfg, vocab_size=vocab_size, max_seq_len=MAX_SEQ_LEN, num_future_tokens=num_future_tokens)
 
 
@@ -134,6 +135,22 @@ def test_multi_token_heads_are_saved_beside_the_llama(tmp_path, tokenizer_path, 
             out_h = out_h[0] if isinstance(out_h, tuple) else out_h
             logits = hf.lm_head(hf.model.norm(out_h))
             assert (logits - ours[j + 1]).abs().max().item() <= 1e-4
+
+
+def test_grouped_query_export_loads_as_llama_and_matches(tmp_path, tokenizer_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(tokenizer.get_vocab_size(), tie=False, num_heads=4, num_kv_heads=2).eval()
+    out = export_llama(model, tokenizer_path, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert hf.config.num_key_value_heads == 2 and hf.model.layers[0].self_attn.k_proj.weight.shape == (16, 32)
+    idx_BT = torch.randint(0, model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(idx_BT).logits - model(idx_BT)).abs().max().item() <= 1e-5
+    prompt = tokenizer.encode("the quick").ids
+    hf_out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=12, pad_token_id=0)
+    assert generate(model, prompt, 12) == hf_out[0, len(prompt):].tolist()
 
 
 def test_gelu_export_raises(tmp_path, tokenizer_path, tokenizer):
