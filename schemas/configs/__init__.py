@@ -17,6 +17,7 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
 
 from schemas.configs.corpus import PACKAGED_DATASET_BUILDERS, TextUnit, TokenizeConfig
 from schemas.configs.evaluation import EvaluateConfig
+from schemas.configs.later_fields import LaterFields
 from schemas.configs.models import ModelConfig
 from schemas.configs.objectives import (
     ConceptsConfig,
@@ -41,7 +42,7 @@ from schemas.configs.training import (
 
 __all__ = [
     "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
-    "ExtractConfig", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig", "ScoreConfig",
-    "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TextUnit", "TokenizeConfig", "TrainConfig",
-    "replica_name", "variant_of",
+    "ExtractConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig",
+    "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TextUnit", "TokenizeConfig",
+    "TrainConfig", "replica_name", "variant_of",
 ]
