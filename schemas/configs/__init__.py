@@ -8,7 +8,7 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
     models        ModelConfig (the transformer shape)
     objectives    TargetVariant and its parts: SelectionConfig, ConceptsConfig, PauseConfig, DistillConfig;
                   ScoreConfig (score_reference, the scores selection ranks by)
-    training      TrainConfig, BaseConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
+    training      TrainConfig, BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
                   replica_name, variant_of
     sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts)
     evaluation    EvaluateConfig (evaluate)
@@ -35,6 +35,7 @@ from schemas.configs.training import (
     ReferenceConfig,
     TargetConfig,
     TargetRun,
+    TeacherConfig,
     TrainConfig,
     replica_name,
     variant_of,
@@ -43,6 +44,6 @@ from schemas.configs.training import (
 __all__ = [
     "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
     "ExtractConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig",
-    "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TextUnit", "TokenizeConfig",
-    "TrainConfig", "replica_name", "variant_of",
+    "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TeacherConfig", "TextUnit",
+    "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
 ]
