@@ -1,5 +1,6 @@
 """Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `compare` (default x 3 seeds),
-`full` (every variant, twice the tokens), `continual` (default from a shared base model), `gpt2_small` (GPU)."""
+`full` (every variant, twice the tokens), `continual` (default from a base
+pretrained on the general split), `gpt2_small` (GPU)."""
 
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from schemas.configs import (
     SelectionConfig,
     TargetConfig,
     TargetVariant,
+    TeacherConfig,
     TokenizeConfig,
     TrainConfig,
 )
@@ -34,7 +36,20 @@ COCOMIX_VARIANTS = [
     TargetVariant(name="pause", pause=PauseConfig()),
 ]
 """The CoCoMix comparison (arXiv 2502.08524): concept prediction + interleaved mixing (lambda 0.1, the middle
-block), against knowledge distillation from the same reference and the pause-vector compute control."""
+block), against knowledge distillation from the same teacher and the pause-vector compute control."""
+
+DEFAULT_MODEL = ModelConfig(num_layers=4, num_heads=4, d_model=128)
+"""The default targets' shape (~1.32M parameters with the 4,096-token vocabulary)."""
+
+MATCHED_CONTROLS = [
+    TargetVariant(name="ntp_wide", model=DEFAULT_MODEL.model_copy(update={"d_model": 144})),
+    TargetVariant(name="ntp_l3", model=DEFAULT_MODEL.model_copy(update={"num_layers": 3})),
+]
+"""Matched controls of the default: `ntp_wide` has cocomix's parameter count (d 144: 1.586M against cocomix's
+1.579M with the default SAE's 1,024 latents; the paper widens its NTP baselines the same way, same depth and
+heads); `ntp_l3` has mtp2's next-token depth (3 blocks: mtp2's 2 trunk blocks + its head-1 block), so mtp2 against
+ntp_l3 measures the objective and ntp_l3 against ntp the depth it costs. (The other control, mtp2 with 5 layers,
+would add a block to the multi-token model instead; ntp_l3 answers the same question at 0.75x ntp's cost.)"""
 
 MTP_VARIANTS = [
     TargetVariant(name="mtp2", num_future_tokens=2),
@@ -42,12 +57,13 @@ MTP_VARIANTS = [
 ]
 """Multi-token prediction (arXiv 2404.19737), compute-matched: n one-block heads taken from the model's layers."""
 
-ALL_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS
+ALL_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS + MATCHED_CONTROLS
 """Every objective of the three papers with its controls (the `full` preset)."""
 
-DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS[:2] + MTP_VARIANTS[:1]
-"""The main job's comparison: ntp, slm, cocomix, kd, mtp2 (the pause and mtp4 controls, which did not learn or
-lost clearly at this size, run in `full`)."""
+DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS[:1] + MATCHED_CONTROLS
+"""The main job's comparison: ntp, slm, cocomix, kd, pause, mtp2 and the matched controls ntp_wide and ntp_l3
+(mtp4 runs in `full`)."""
+
 
 
 def tiny() -> PipelineConfig:
@@ -57,33 +73,52 @@ def tiny() -> PipelineConfig:
                         eval_every_steps=4, eval_max_windows=16, log_every_steps=4, checkpoint_every_steps=4)
     return PipelineConfig(
         tokenize=TokenizeConfig(documents_where="year >= 2014", reference_where="year >= 2019", vocab_size=512,
-                                seq_len=64, val_fraction=0.25),
+                                seq_len=64, val_fraction=0.25, general_where="year >= 2008"),
+        teacher=TeacherConfig(model=model, train=train.model_copy(update={"max_tokens": 12_288}),
+                              splits=["general", "train"]),
         reference=ReferenceConfig(model=model, train=train),
         score=ScoreConfig(batch_size=32, num_shards=2),
         sae=SAEConfig(max_tokens=16_384, batch_rows=1024, eval_every_steps=8, eval_windows=8, dead_tokens=4096),
         concepts=ExtractConfig(num_shards=2),
-        target=TargetConfig(model=model, train=train, variants=ALL_VARIANTS),
+        target=TargetConfig(model=model, train=train, variants=[
+            v if v.model is None else v.model_copy(update={"model": _scaled(v.model, model)}) for v in ALL_VARIANTS]),
         evaluate=EvaluateConfig(max_windows=32, speculative_prompts=4, speculative_new_tokens=24),
     )
 
 
+def _scaled(control: ModelConfig, model: ModelConfig) -> ModelConfig:
+    """A matched control's shape carried over to another preset's model: the same width ratio and depth change."""
+    return model.model_copy(update={
+        "d_model": model.d_model * control.d_model // DEFAULT_MODEL.d_model // (2 * model.num_heads)
+        * (2 * model.num_heads),
+        "num_layers": model.num_layers + control.num_layers - DEFAULT_MODEL.num_layers})
+
+
 def default() -> PipelineConfig:
     """The README main job on 2 CPU cores: ~1.3M-parameter models; the reference trains 600k tokens (about 2
-    epochs of its ~270k-token `ref_train`), the SAE 600k activation rows, and ntp, slm, cocomix, kd and mtp2
-    600k tokens each (0.87 epochs of the targets' ~690k-token `train`), once (seed 0).
+    epochs of its ~270k-token `ref_train`); the teacher (concept source and distillation teacher) 1.8M tokens of
+    the general split (the addresses before 1913, which no target trains or is evaluated on) and `train` joined,
+    3x a target's training FLOPs; the SAE 1.2M activation rows of the teacher; and ntp, slm, cocomix, kd, pause,
+    mtp2 and the matched controls ntp_wide and ntp_l3 600k tokens each (0.87 epochs of the targets' ~690k-token
+    `train`), once (seed 0), evaluated every 7 steps (22 points per curve: tokens-to-reach resolves to 4.8% of
+    the budget).
 
     Sized from measurements here: ntp trains at 5-7k tokens/s on a 2-core machine with a 120 GFLOP/s matmul
     peak (15.8k tokens/s on one with 415 GFLOP/s).
     """
-    model = ModelConfig(num_layers=4, num_heads=4, d_model=128)
+    model = DEFAULT_MODEL
     train = TrainConfig(max_tokens=600_000, batch_size_tokens=4096, micro_batch_size=16, lr=3e-3,
-                        warmup_steps=20, eval_every_steps=25, eval_max_windows=48, log_every_steps=10,
+                        warmup_steps=20, eval_every_steps=7, eval_max_windows=32, log_every_steps=10,
                         checkpoint_every_steps=50)
     return PipelineConfig(
-        tokenize=TokenizeConfig(documents_where="year >= 1913", vocab_size=4096, seq_len=128),
-        reference=ReferenceConfig(model=model, train=train),
+        tokenize=TokenizeConfig(documents_where="year >= 1913", general_where="year < 1913", vocab_size=4096,
+                                seq_len=128),
+        teacher=TeacherConfig(model=model, train=train.model_copy(update={"max_tokens": 1_800_000,
+                                                                           "eval_every_steps": 25}),
+                              splits=["general", "train"]),
+        reference=ReferenceConfig(model=model, train=train.model_copy(update={"eval_every_steps": 25})),
         score=ScoreConfig(batch_size=32, num_shards=4),
-        sae=SAEConfig(max_tokens=600_000, batch_rows=4096),
+        sae=SAEConfig(max_tokens=1_200_000, batch_rows=4096, expansion=8, dead_tokens=100_000),
         concepts=ExtractConfig(num_shards=2),
         target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
         evaluate=EvaluateConfig(max_windows=None),
@@ -126,15 +161,27 @@ def compare() -> PipelineConfig:
     return cfg.model_copy(update={"target": cfg.target.model_copy(update={"seeds": 3})})
 
 
+CONTINUAL_LR_RATIO = 8e-5 / 3e-4
+"""Rho-1's continual-pretraining peak lr (8e-5, TinyLlama-1.1B math) over a 3e-4-scale pretraining peak."""
+
+
 def continual() -> PipelineConfig:
-    """`default` as continual pretraining (Rho-1 Sec. 3.1): a base model pretrained on `train` for 1.2M tokens,
-    the reference fine-tuned from it on `ref_train` for 300k tokens at a third of the learning rate, and every
-    target continuing from it for the default's 600k tokens."""
+    """`default` as continual pretraining (Rho-1 Sec. 3.1): a base model pretrained for 1.2M tokens on the
+    `general` split (the addresses before 1913: disjoint from `ref_train`, `val`, `ref_val` and from the targets'
+    `train`), the reference fine-tuned from it on `ref_train` for 300k tokens, and every target continuing from it
+    on `train` for the default's 600k tokens. Both continue at the default's peak lr times Rho-1's ratio
+    8e-5 / 3e-4 (3e-3 -> 8e-4), with a short warmup. The matched-width and matched-depth controls are left out
+    (their shapes differ from the base's)."""
     cfg = default()
-    reference_train = cfg.reference.train.model_copy(update={"max_tokens": 300_000, "lr": 1e-3, "warmup_steps": 5})
+    lr = cfg.target.train.lr * CONTINUAL_LR_RATIO
+    reference_train = cfg.reference.train.model_copy(update={"max_tokens": 300_000, "lr": lr, "warmup_steps": 5})
+    target_train = cfg.target.train.model_copy(update={"lr": lr, "warmup_steps": 5})
+    variants = [v for v in cfg.target.variants if v.model is None]
     continual_cfg = cfg.model_copy(update={
-        "base": BaseConfig(model=cfg.target.model, train=cfg.target.train.model_copy(update={"max_tokens": 1_200_000})),
+        "base": BaseConfig(model=cfg.target.model, split="general", train=cfg.target.train.model_copy(
+            update={"max_tokens": 1_200_000, "eval_every_steps": 25})),
         "reference": cfg.reference.model_copy(update={"train": reference_train}),
+        "target": cfg.target.model_copy(update={"train": target_train, "variants": variants}),
     })
     return PipelineConfig.model_validate(continual_cfg.model_dump())  # model_copy skips the cross-stage checks
 

@@ -62,12 +62,14 @@ from stages.evaluation.report import (
     seeds_markdown,
 )
 from stages.evaluation.seeds import seed_rows
+from stages.evaluation.upstream_models import UPSTREAM_MODELS, teacher_markdown, teacher_rows, upstream_names
 from stages.models.saved import load_model
 from stages.models.window_losses import perplexity, token_losses
 from stages.objectives.distillation import TEACHER
 from stages.objectives.factory import evaluate_upstream
 from stages.registry import NodeDecl, Stage
 from stages.runtime.devices import resolve_device
+from stages.training.next_token_run import TEACHER_NODE, init_upstream
 from storage.catalog import TableSpec
 from storage.checkpoints import read_model_meta
 from storage.parquet import read_table, write_table
@@ -126,7 +128,7 @@ def dynamics_threshold(target: Manifest) -> float:
 
 def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Evaluate every model, compare training curves and token dynamics; write tables, report and plots."""
-    tokens, reference = inputs["tokens"], inputs["reference"]
+    tokens = inputs["tokens"]
     by_name = {role.removeprefix("target."): m for role, m in inputs.items() if role.startswith("target.")}
     names, targets = list(by_name), list(by_name.values())
     out = Path(out)
@@ -136,8 +138,9 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     for name, target in by_name.items():
         if variant_of(name) != variant_name(target):
             raise ValueError(f"evaluate: model {name!r} is an artifact of variant {variant_name(target)!r}")
-    if REFERENCE in names:
-        raise ValueError(f"target variant names must not be {REFERENCE!r}")
+    uppers = upstream_names(inputs)  # reference, teacher, base: evaluated beside the students
+    if clash := set(UPSTREAM_MODELS.values()) & set(names):
+        raise ValueError(f"target variant names must not be {sorted(clash)} (upstream models' names)")
     baseline_models = [name for name in names if variant_of(name) == cfg.baseline]
     if not baseline_models:
         raise ValueError(f"evaluate.baseline: {cfg.baseline!r} is not among the target variants {names}")
@@ -155,9 +158,10 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         streams[split] = extra_file_stream(tokens, path, cfg)
 
     eval_rows, head_rows, speculative, domain_rows = [], [], [], []
-    for name, manifest in [(REFERENCE, reference)] + list(zip(names, targets, strict=True)):
+    upper_manifests = {UPSTREAM_MODELS[role]: inputs[role] for role in UPSTREAM_MODELS if role in inputs}
+    for name, manifest in list(upper_manifests.items()) + list(zip(names, targets, strict=True)):
         model = load_model(Path(manifest.path), device)
-        if "scores" in inputs:
+        if "scores" in inputs and (name == REFERENCE or name not in upper_manifests):
             domain_rows += selection_by_domain(name, model, manifest, tokens, inputs["scores"],
                                                cfg.domain_windows, EVAL_BATCH_WINDOWS, device)
         for split, stream_N in streams.items():
@@ -194,7 +198,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
                 pa.concat_tables(dynamics_tables) if dynamics_tables else TOKEN_DYNAMICS.empty_table(), TOKEN_DYNAMICS)
 
     rows = []
-    for name in [REFERENCE] + names:
+    for name in uppers + names:
         row = {"model": name}
         for split in VAL_SPLITS:
             row[f"{split}_loss"] = losses[name, split]
@@ -210,22 +214,24 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     vocab_size = int(tokens.summary.get("vocab_size") or int(train_stream.max()) + 1)
     entropy = unigram_entropy(train_stream, vocab_size)
     extra = [r for r in eval_rows if r["split"].startswith("file:")]
-    compute = compute_ledger(metrics, inputs, by_name, baseline_models)
+    compute = compute_ledger(metrics, inputs, by_name, baseline_models, upper_manifests)
     write_table(out / "compute.parquet", pa.Table.from_pylist(compute, COMPUTE), COMPUTE)
-    per_model = {row["model"]: dict(row) for row in rows if row["model"] != REFERENCE}
+    per_model = {row["model"]: dict(row) for row in rows if row["model"] not in uppers}
     for row in compute:
-        per_model[row["model"]] |= row
+        if row["model"] in per_model:
+            per_model[row["model"]] |= row
     seeds = seed_rows(per_model, cfg.baseline)
     write_table(out / "seed_summary.parquet", pa.Table.from_pylist(seeds, SEED_SUMMARY), SEED_SUMMARY)
     concept_rows = concept_summary(metrics)
     (out / "report.md").write_text(
-        report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)) + seeds_markdown(seeds)
+        teacher_markdown(teacher_rows(uppers, upper_manifests | by_name, losses, baseline_models), cfg.baseline)
+        + report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)) + seeds_markdown(seeds)
         + compute_markdown(compute, cfg.baseline) + domains_markdown(domain_rows)
         + concept_markdown(concept_rows, inputs.get("sae")) + heads_markdown(head_rows, speculative))
     flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}
     plots = plot_curves(metrics, losses, out, flops_per_token)
     summary = {
-        "final_losses": {name: {s: losses[name, s] for s in streams} for name in [REFERENCE] + names},
+        "final_losses": {name: {s: losses[name, s] for s in streams} for name in uppers + names},
         "tokens_to_baseline": {s: {n: v[0] for n, v in r.items()} for s, r in reach.items()},
         "dynamics_fractions": fractions,
         "unigram_entropy_nats": entropy,
@@ -260,24 +266,34 @@ def speculative_prompts(stream_N: np.ndarray, seq_len: int, count: int, length: 
 
 
 def compute_ledger(metrics: dict[str, pa.Table], inputs: dict[str, Manifest], targets: dict[str, Manifest],
-                   baseline_models: list[str]) -> list[dict]:
+                   baseline_models: list[str], uppers: dict[str, Manifest] | None = None) -> list[dict]:
     """compute.parquet rows: FLOPs per token from each model.json (plus the teacher's forward when the target
-    read a teacher),
-    and the one-off FLOPs of the upstream artifacts each target reads (flops.upstream_flops)."""
+    read a teacher), and the one-off FLOPs of the upstream artifacts each target reads (flops.upstream_flops);
+    then a row per upstream model (`uppers`: reference, teacher, base) with its own training FLOPs."""
     reference = inputs["reference"]
     reference_spec = read_model_meta(Path(reference.path))
     reference_cost = {"spec": reference_spec, "tokens_seen": int(reference.summary.get("tokens_seen", 0))}
+    teacher = inputs.get(TEACHER)
+    teacher_spec = read_model_meta(Path(teacher.path)) if teacher is not None else None
+    teacher_cost = {"spec": teacher_spec, "tokens_seen": int(teacher.summary.get("tokens_seen", 0))} \
+        if teacher is not None else None
     scored = sum((inputs["scores"].summary.get("num_rows") or {}).values()) if "scores" in inputs else 0
     sae = inputs["sae"].summary if "sae" in inputs else None
     labelled = int(inputs["concepts"].summary.get("rows", 0)) if "concepts" in inputs else 0
     fpt, params, upstream = {}, {}, {}
     for name, target in targets.items():
         spec = read_model_meta(Path(target.path))
-        teacher = reference_spec if TEACHER in target.upstream else None  # the reference, run per token
-        fpt[name] = training_flops_per_token(spec, teacher)
+        run_teacher = (teacher_spec or reference_spec) if TEACHER in target.upstream else None  # run per token
+        fpt[name] = training_flops_per_token(spec, run_teacher)
         params[name] = int(target.summary.get("num_params", 0))
-        upstream[name] = upstream_flops(set(target.upstream), reference_cost, scored, sae, labelled)
+        upstream[name] = upstream_flops(set(target.upstream), reference_cost, scored, sae, labelled, teacher_cost)
     curves = {name: metric_curve(table, "val/val/loss") for name, table in metrics.items()}
+    for name, manifest in (uppers or {}).items():  # their own training, on their own data
+        metrics_path = Path(manifest.file("metrics.parquet"))
+        curves[name] = metric_curve(read_table(metrics_path), "val/val/loss") if metrics_path.is_file() \
+            else (np.zeros(0), np.zeros(0))
+        fpt[name] = training_flops_per_token(read_model_meta(Path(manifest.path)))
+        params[name] = int(manifest.summary.get("num_params", 0))
     return compute_rows(curves, fpt, params, baseline_models, upstream)
 
 
@@ -294,7 +310,9 @@ def concept_summary(metrics: dict[str, pa.Table]) -> list[dict]:
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     """One evaluation of the reference and every target variant."""
-    upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"}
+    upstream = {"tokens": "tokenize_corpus", "reference": "train_reference"} | init_upstream(cfg, role="base")
+    if any(v.concepts is not None or v.distill is not None for v in cfg.target.variants):
+        upstream[TEACHER] = TEACHER_NODE  # the concept source / distillation teacher, reported beside the students
     upstream |= {f"target.{name}": f"train_target.{name}"
                  for v in cfg.target.variants for name in (replica_name(v.name, r) for r in range(cfg.target.seeds))}
     for variant in cfg.target.variants:  # what the variants' objective parts are reported from

@@ -214,7 +214,7 @@ def shard_ids(cfg: ExtractConfig, inputs: dict[str, Manifest]) -> list[str]:
 STAGE = Stage(
     name="extract_concepts", code_version="3", config_type=ExtractConfig,
     nodes=lambda cfg: [NodeDecl("extract_concepts", cfg.concepts, {
-        "tokens": "tokenize_corpus", "reference": "train_reference", "sae": "train_sae"})],
+        "tokens": "tokenize_corpus", "reference": "train_teacher", "sae": "train_sae"})],
     run=run,
     tables={"token_concepts": TableSpec("extract_concepts", "part-*.parquet"),
             "concepts": TableSpec("extract_concepts", "concepts.parquet")},

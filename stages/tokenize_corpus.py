@@ -6,12 +6,15 @@ Output files in `out`:
     vocab.parquet       schemas.tables.VOCAB
     tokenizer.json      the Hugging Face tokenizer (trained, GPT-2's, or copied from a file)
     stream-<split>.npy  int32 token stream of each split in schemas.tables.SPLITS (storage.windows.stream_file):
-                        the split's documents in doc_id order, each followed by <|endoftext|>
+                        the split's documents in doc_id order, each followed by <|endoftext|>; with
+                        tokenize.general_where also stream-general.npy (GENERAL_SPLIT)
     tokens.parquet      schemas.tables.TOKENS: one row per stream token, sorted by (split, token_index)
 Documents: val (a val_fraction hash), ref_train (tokenize.reference_share of the reference subset's other
 documents: they train the reference model and nothing else) and train (the rest: the target's data). The
 reference never trains on a document whose tokens it scores for selection. Streams: train, val, ref_train,
-and ref_val = the reference subset (tokenize.reference_where) of val.
+and ref_val = the reference subset (tokenize.reference_where) of val. With tokenize.general_where, the documents
+documents_where leaves out and general_where selects form the `general` split: general text for the teacher and
+the continual base, in no other split and not used to train the tokenizer (so the other splits are unchanged).
 
 Streaming, with memory bounded by tokenize.batch_bytes and the largest input file or document, not the corpus:
 1. read: the source is read once, in batches, into Parquet files under out/_staging (stages.corpus.staging);
@@ -53,6 +56,8 @@ from storage.windows import stream_file
 
 log = logging.getLogger(__name__)
 
+GENERAL_SPLIT = "general"
+"""The split of tokenize.general_where's documents (only in artifacts configured with it)."""
 BATCH_ROWS = 1 << 20
 """Rows per record batch written to tokens.parquet (bounds the Arrow copies held at once)."""
 STAGING_DIR = "_staging"
@@ -70,13 +75,16 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
         staged.write(corpus_batches(cfg))
         keep = select_documents(staged, cfg.documents_where)
         splits = assign_document_splits(staged, keep, cfg)
-        tokenizer = tokenizer or build_tokenizer(cfg, StagedTexts(staged, keep, ~splits.is_val))
+        general = select_general(staged, keep, cfg.general_where)
+        if general.any():  # appended as kept documents of their own split (doc_ids follow corpus order)
+            keep, splits = keep | general, splits.with_general(general[keep | general])
+        tokenizer = tokenizer or build_tokenizer(cfg, StagedTexts(staged, keep, ~splits.is_val & ~splits.is_general))
         tokenizer.save(str(out / "tokenizer.json"))
         encoded = encode_corpus(staged, keep, splits, tokenizer, out)
     finally:
         staged.remove()
-    num_tokens = {split: encoded.num_tokens(split, splits) for split in SPLITS}
-    for split in SPLITS:
+    num_tokens = {split: encoded.num_tokens(split, splits) for split in splits.names}
+    for split in splits.names:
         if num_tokens[split] < cfg.seq_len + 1:
             raise ValueError(
                 f"split {split!r} has only {num_tokens[split]} tokens, fewer than tokenize.seq_len + 1 = "
@@ -87,7 +95,7 @@ def run(cfg: TokenizeConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     num_rows = write_batches(out / "tokens.parquet", _token_batches(out, encoded.doc_tokens, splits), TOKENS)
     summary = {
         "num_documents": len(splits.is_val),
-        "num_documents_per_split": {split: int(splits.members(split).sum()) for split in SPLITS},
+        "num_documents_per_split": {split: int(splits.members(split).sum()) for split in splits.names},
         "num_tokens": num_tokens,
         "num_windows": {split: (count - 1) // cfg.seq_len for split, count in num_tokens.items()},
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
@@ -125,15 +133,38 @@ class DocumentSplits:
     reference_only: np.ndarray
     """Trains the reference only (split ref_train)."""
     reference_where: str
+    is_general: np.ndarray | None = None
+    """In the `general` split (tokenize.general_where); None: no general split."""
+
+    def __post_init__(self):
+        if self.is_general is None:
+            self.is_general = np.zeros_like(self.is_val)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The artifact's splits: schemas.tables.SPLITS, and GENERAL_SPLIT when it has general documents."""
+        return SPLITS + ((GENERAL_SPLIT,) if self.is_general.any() else ())
+
+    def with_general(self, is_general: np.ndarray) -> "DocumentSplits":
+        """These splits over the kept documents plus the general ones (is_general over the union, in corpus
+        order): general documents are in no other split."""
+        def spread(mask: np.ndarray) -> np.ndarray:
+            full = np.zeros(len(is_general), bool)
+            full[~is_general] = mask
+            return full
+        return DocumentSplits(spread(self.is_val), spread(self.is_reference), spread(self.reference_only),
+                              self.reference_where, is_general)
 
     def split_column(self) -> np.ndarray:
-        """The documents table's split per document: val, ref_train or train."""
-        return np.where(self.is_val, "val", np.where(self.reference_only, "ref_train", "train"))
+        """The documents table's split per document: val, ref_train, general or train."""
+        return np.where(self.is_val, "val", np.where(self.reference_only, "ref_train",
+                                                     np.where(self.is_general, GENERAL_SPLIT, "train")))
 
     def members(self, split: str) -> np.ndarray:
         """Mask of the documents in a stream (ref_val: the reference subset of val, also in val)."""
-        return {"train": ~self.is_val & ~self.reference_only, "val": self.is_val,
-                "ref_train": self.reference_only, "ref_val": self.is_reference & self.is_val}[split]
+        return {"train": ~self.is_val & ~self.reference_only & ~self.is_general, "val": self.is_val,
+                "ref_train": self.reference_only, "ref_val": self.is_reference & self.is_val,
+                GENERAL_SPLIT: self.is_general}[split]
 
 
 def assign_document_splits(staged: StagedCorpus, keep: np.ndarray, cfg: TokenizeConfig) -> DocumentSplits:
@@ -156,6 +187,24 @@ def assign_document_splits(staged: StagedCorpus, keep: np.ndarray, cfg: Tokenize
             f"(reference_where {reference_where!r} selects all of them), so the targets have nothing to train on; "
             "lower tokenize.reference_share or narrow tokenize.reference_where")
     return DocumentSplits(is_val, is_reference, reference_only, reference_where)
+
+
+def select_general(staged: StagedCorpus, keep: np.ndarray, general_where: str | None) -> np.ndarray:
+    """Which of the documents documents_where left out general_where selects (the `general` split)."""
+    if not general_where:
+        return np.zeros_like(keep)
+    outside = ~keep
+    if not outside.any():
+        raise ValueError("tokenize.general_where: documents_where keeps every document, so none is left for the "
+                         "general split; narrow documents_where")
+    general = np.zeros_like(keep)
+    general[outside] = np.concatenate([select_where(table, general_where, "tokenize.general_where")
+                                       for table in staged.tables(outside)])
+    if not general.any():
+        raise ValueError(f"tokenize.general_where: {general_where!r} selects none of the {int(outside.sum())} "
+                         "documents documents_where leaves out")
+    log.info("general_where %r: %d documents in the general split", general_where, general.sum())
+    return general
 
 
 def select_reference(staged: StagedCorpus, keep: np.ndarray, is_val: np.ndarray, clause: str) -> np.ndarray:
@@ -261,7 +310,7 @@ def encode_corpus(staged: StagedCorpus, keep: np.ndarray, splits: DocumentSplits
     they belong to (doc_id order) and their rows to documents.parquet."""
     eot_id = tokenizer.token_to_id(EOT)
     schema = documents_schema(staged.metadata_fields)
-    members = {split: splits.members(split) for split in SPLITS}
+    members = {split: splits.members(split) for split in splits.names}
     split_column = splits.split_column()
     doc_tokens: list[np.ndarray] = []
     progress = Progress("encode")
@@ -287,7 +336,7 @@ def encode_corpus(staged: StagedCorpus, keep: np.ndarray, splits: DocumentSplits
             yield table.select(schema.names).cast(schema)
 
     with ExitStack() as stack:
-        writers = {split: stack.enter_context(TokenStreamWriter(out / stream_file(split))) for split in SPLITS}
+        writers = {split: stack.enter_context(TokenStreamWriter(out / stream_file(split))) for split in splits.names}
         write_batches(out / "documents.parquet", document_batches(writers), schema)
     progress.done()
     return EncodedCorpus(np.concatenate(doc_tokens), progress.tokens / max(encode_seconds, 1e-9))
@@ -297,7 +346,7 @@ def _token_batches(out: Path, doc_tokens: np.ndarray, splits: DocumentSplits) ->
     """Record batches of tokens.parquet in (split, token_index) order, read from the stream files in chunks; each
     token's doc_id and position come from its split's documents' token counts."""
     progress = Progress("tokens.parquet")
-    for split in sorted(SPLITS):
+    for split in sorted(splits.names):
         doc_ids = np.flatnonzero(splits.members(split))
         sizes = doc_tokens[doc_ids] + 1
         ends = np.cumsum(sizes)

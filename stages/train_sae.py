@@ -141,7 +141,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 STAGE = Stage(
     name="train_sae", code_version="3", config_type=SAEConfig,
-    nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_reference"})],
+    nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_teacher"})],
     run=run,
     tables={"sae_metrics": TableSpec("train_sae", "metrics.parquet")},
     on_demand=True,

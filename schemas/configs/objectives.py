@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_serializer, model_validator
 
 from schemas.base import StrictModel
+from schemas.configs.models import ModelConfig
 
 
 class SelectionConfig(StrictModel):
@@ -70,7 +71,7 @@ class PauseConfig(StrictModel):
 
 
 class DistillConfig(StrictModel):
-    """Knowledge distillation from the reference model (its logits computed on the fly each micro-batch)."""
+    """Knowledge distillation from the teacher (train_teacher; its logits computed on the fly each micro-batch)."""
 
     weight: float = Field(0.5, ge=0, le=1)
     """Loss = (1 - weight) * next-token CE + weight * T^2 * KL(teacher_T || student_T)."""
@@ -104,7 +105,10 @@ class TargetVariant(StrictModel):
     pause: PauseConfig | None = None
     """Pause-vector interleaving (the compute control for CoCoMix); exclusive with concepts."""
     distill: DistillConfig | None = None
-    """Knowledge distillation from the reference model."""
+    """Knowledge distillation from the teacher model (train_teacher)."""
+    model: ModelConfig | None = None
+    """This variant's own model shape instead of target.model (a matched control: e.g. a wider ntp with a concept
+    model's parameter count, or a shallower one with a multi-token model's next-token depth). None: target.model."""
 
     @model_validator(mode="after")
     def _check_parts(self) -> "TargetVariant":
@@ -124,7 +128,7 @@ class TargetVariant(StrictModel):
 
 
 
-_LATER_PARTS = {"concepts": None, "pause": None, "distill": None, "head_weights": None,
+_LATER_PARTS = {"concepts": None, "pause": None, "distill": None, "head_weights": None, "model": None,
                 "mtp_backward": "sequential", "head_selection": "own"}
 """Fields added after the first release, and their defaults (left out of dumps and keys while at the default)."""
 

@@ -7,7 +7,7 @@ from schemas.configs.corpus import TokenizeConfig
 from schemas.configs.evaluation import EvaluateConfig
 from schemas.configs.objectives import ScoreConfig
 from schemas.configs.sae_concepts import ExtractConfig, SAEConfig
-from schemas.configs.training import BaseConfig, ReferenceConfig, TargetConfig
+from schemas.configs.training import BaseConfig, ReferenceConfig, TargetConfig, TeacherConfig
 
 
 class PipelineConfig(StrictModel):
@@ -20,6 +20,9 @@ class PipelineConfig(StrictModel):
     pretrained on `train` (Rho-1 Sec. 3.1). None (the default): both start from random weights."""
     reference: ReferenceConfig = ReferenceConfig()
     """Stage train_reference."""
+    teacher: TeacherConfig = TeacherConfig()
+    """Stage train_teacher (built only when a variant uses concepts or distillation): the general model the SAE,
+    the concept labels and the distillation teacher come from."""
     score: ScoreConfig = ScoreConfig()
     """Stage score_reference."""
     sae: SAEConfig = SAEConfig()
@@ -45,9 +48,9 @@ class PipelineConfig(StrictModel):
                                      f"(1..{trunk} with {variant.num_future_tokens} prediction head(s))")
             if variant.concepts is not None and "train" not in self.concepts.splits:
                 raise ValueError("concepts.splits must include 'train' for a concepts variant to train on")
-        if self.sae.layer is not None and self.sae.layer >= self.reference.model.num_layers:
-            raise ValueError(f"sae.layer ({self.sae.layer}) must be a reference block 0..."
-                             f"{self.reference.model.num_layers - 1}")
+        if self.sae.layer is not None and self.sae.layer >= self.teacher.model.num_layers:
+            raise ValueError(f"sae.layer ({self.sae.layer}) must be a teacher block 0..."
+                             f"{self.teacher.model.num_layers - 1}")
         if self.base is not None:
             for model_path, model in (("reference.model", self.reference.model), ("target.model", self.target.model)):
                 differ = sorted(name for name, value in model if value != getattr(self.base.model, name))

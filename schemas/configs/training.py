@@ -86,10 +86,27 @@ class BaseConfig(StrictModel):
     multi-token heads and inserts are mapped as stages/training/init_weights.py says)."""
     train: TrainConfig = TrainConfig()
     """Base training run, with its own token budget (train.max_tokens)."""
-    split: Literal["train"] = "train"
-    """The split the base trains on: the targets' general `train` split. Reference and targets both start from
-    the base, so whatever it memorised of `train` is shared by both and cancels in the excess loss
-    L_target - L_ref; the reference's fine-tuning data (`ref_train`) are separate documents."""
+    split: Literal["train", "general"] = "train"
+    """The split the base trains on. `general` (tokenize.general_where; the `continual` preset): documents in no
+    other split, so the base has never seen a document the reference scores, trains on or is evaluated on, nor
+    the targets' continual data, as in Rho-1 Sec. 3.1. `train`: the targets' own split (the reference scores
+    documents the base trained on, and the targets continue on data the base has seen)."""
+
+
+class TeacherConfig(StrictModel):
+    """The teacher (stage train_teacher): a general next-token model, stronger than the targets, that CoCoMix's
+    concepts (the SAE and the concept labels) and distillation's teacher come from, as the paper's pretrained
+    GPT-2 does. Built only when a variant uses concepts or distillation. Its data are splits no target is evaluated
+    on (never `val`, `ref_val` or `ref_train`)."""
+
+    model: ModelConfig = ModelConfig()
+    """Teacher model shape (may be wider or deeper than the targets; it must share their vocabulary)."""
+    train: TrainConfig = TrainConfig()
+    """Teacher training run, with its own token budget (train.max_tokens)."""
+    splits: list[Literal["general", "train"]] = Field(["train"], min_length=1)
+    """Splits trained on, their streams joined in this order: `general` (tokenize.general_where; text no target
+    trains or is evaluated on) and/or `train` (the targets' own training split: disjoint from every evaluation
+    split, but not from the students' data)."""
 
 
 class ReferenceConfig(StrictModel):
@@ -156,7 +173,7 @@ class TargetRun(StrictModel):
     def of(cls, target: TargetConfig, variant: TargetVariant, replica: int = 0) -> "TargetRun":
         """Run `replica` (0-based, see TargetConfig.seeds) of one variant of a TargetConfig."""
         train = target.train.model_copy(update={"seed": target.train.seed + replica}) if replica else target.train
-        return cls(model=target.model, train=train, dynamics=target.dynamics, variant=variant)
+        return cls(model=variant.model or target.model, train=train, dynamics=target.dynamics, variant=variant)
 
 
 def replica_name(variant: str, replica: int) -> str:

@@ -9,9 +9,11 @@ causality):
 training = 3 x forward (backward = 2 x forward). A distillation teacher adds its forward pass per token.
 
 Upstream cost (paid once, shared by every variant that uses it): the reference's training (3 x forward per token
-seen); scoring (one forward per scored token); the SAE (a reference forward per activation row plus 3 x the
-encoder's dense 2 d L and the decoder's sparse 2 k d); concept extraction (a reference forward and backward,
-3 x forward, plus the SAE encoder, per labelled token).
+seen) and scoring (one forward per scored token) for selection; the teacher's training for concepts and
+distillation; the SAE (a teacher forward per activation row plus 3 x the encoder's dense 2 d L and the decoder's
+sparse 2 k d); concept extraction (a teacher forward and backward, 3 x forward, plus the SAE encoder, per labelled
+token). Multi-token models pay one unembedding (2 d V) per head: mtp2's FLOPs/token are its real cost, not its
+block count's.
 """
 
 from schemas.configs import ModelConfig
@@ -48,17 +50,21 @@ def training_flops_per_token(spec: dict, teacher_spec: dict | None = None) -> fl
 
 
 def upstream_flops(roles: set[str], reference: dict | None, scored_tokens: int = 0, sae: dict | None = None,
-                   labelled_tokens: int = 0) -> float:
+                   labelled_tokens: int = 0, teacher: dict | None = None) -> float:
     """One-off FLOPs of the upstream artifacts a target depends on, from its upstream roles (`scores`, `concepts`,
-    `teacher`). `reference`: {"spec": model.json, "tokens_seen": int}; `sae`: train_sae summary (rows,
-    num_latents, k)."""
-    if reference is None or not roles & {"scores", "concepts", "teacher"}:
-        return 0.0
-    forward = forward_flops_per_token(reference["spec"])
-    d = int(reference["spec"]["model"]["d_model"])
-    total = 3 * forward * float(reference["tokens_seen"])
-    if "scores" in roles:
-        total += forward * scored_tokens
+    `teacher`). `reference` (scoring's model) and `teacher` (the concept source and distillation teacher; None:
+    the reference plays both parts): {"spec": model.json, "tokens_seen": int}; `sae`: train_sae summary (rows,
+    num_latents, k). Each model's training is counted once, with what is run through it."""
+    total = 0.0
+    if reference is not None and "scores" in roles:
+        total += (3 * float(reference["tokens_seen"]) + scored_tokens) * forward_flops_per_token(reference["spec"])
+    source = teacher if teacher is not None else reference
+    if source is None or not roles & {"concepts", "teacher"}:
+        return total
+    forward = forward_flops_per_token(source["spec"])
+    d = int(source["spec"]["model"]["d_model"])
+    if source is not reference or "scores" not in roles:
+        total += 3 * forward * float(source["tokens_seen"])
     if "concepts" in roles and sae is not None:
         encoder, decoder = 2 * d * int(sae["num_latents"]), 2 * int(sae["k"]) * d
         total += float(sae["rows"]) * (forward + 3 * (encoder + decoder))

@@ -1,4 +1,4 @@
-"""Knowledge distillation from a teacher model (the reference): the baseline CoCoMix is compared with.
+"""Knowledge distillation from a teacher model (train_teacher): the baseline CoCoMix is compared with.
 
 KD term (Hinton et al.): T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over positions;
 head 1's loss becomes (1 - weight) * CE + weight * KD. Teacher logits are computed on the fly for each
@@ -15,7 +15,7 @@ from stages.objectives.base import UpstreamModel
 from stages.objectives.part import Forward, Part
 
 TEACHER = "teacher"
-"""Upstream role of the teacher model (a train_reference artifact)."""
+"""Upstream role of the teacher model (a train_teacher artifact)."""
 
 
 def distill_loss(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Tensor, temperature: float
@@ -30,10 +30,10 @@ def distill_loss(student_logits_BTV: torch.Tensor, teacher_logits_BTV: torch.Ten
 
 
 class Distillation(Part):
-    """KD from the reference mixed into head 1's loss."""
+    """KD from the teacher mixed into head 1's loss."""
 
     name = "distill"
-    needs = (UpstreamModel(TEACHER, "train_reference"),)
+    needs = (UpstreamModel(TEACHER, "train_teacher"),)
 
     def __init__(self, cfg: DistillConfig, variant: str):
         self.cfg, self.variant = cfg, variant

@@ -1,8 +1,10 @@
-"""The plain next-token training run (one head, every token) that train_base and train_reference share, and the
-`init` upstream role through which continual pretraining (PipelineConfig.base) hands the base model to the runs
-that start from it (train_reference and every train_target variant)."""
+"""The plain next-token training run (one head, every token) that train_base, train_teacher and train_reference
+share, and the `init` upstream role through which continual pretraining (PipelineConfig.base) hands the base model
+to the runs that start from it (train_reference and every train_target variant)."""
 
 from pathlib import Path
+
+import numpy as np
 
 from schemas.configs import ModelConfig, PipelineConfig, TargetVariant, TrainConfig
 from schemas.manifest import Manifest
@@ -10,7 +12,7 @@ from stages.models.gpt import GPT
 from stages.models.saved import load_model
 from stages.objectives.factory import build_objective
 from stages.training.loop import TrainRun, train
-from storage.windows import TokenWindows
+from storage.windows import TokenWindows, stream_file
 
 INIT_ROLE = "init"
 """Upstream role of the base model a run starts from (only when the config has a base)."""
@@ -18,10 +20,14 @@ INIT_STAGE = "train_base"
 """The stage whose node that role names."""
 
 
-def init_upstream(cfg: PipelineConfig) -> dict[str, str]:
-    """The `init` upstream role of a run that starts from the base: {init: train_base}, or {} without a base
-    (so the node's upstream, and its key, stay as they were)."""
-    return {INIT_ROLE: INIT_STAGE} if cfg.base is not None else {}
+TEACHER_NODE = "train_teacher"
+"""The teacher's node (stages/train_teacher.py): upstream of train_sae, extract_concepts and distilling targets."""
+
+
+def init_upstream(cfg: PipelineConfig, role: str = INIT_ROLE) -> dict[str, str]:
+    """The `init` upstream role (or `role`) of a run that starts from the base: {init: train_base}, or {} without
+    a base (so the node's upstream, and its key, stay as they were)."""
+    return {role: INIT_STAGE} if cfg.base is not None else {}
 
 
 def init_model(inputs: dict[str, Manifest]) -> GPT | None:
@@ -29,13 +35,28 @@ def init_model(inputs: dict[str, Manifest]) -> GPT | None:
     return load_model(Path(inputs[INIT_ROLE].path)) if INIT_ROLE in inputs else None
 
 
+def joined_windows(tokens: Manifest, splits: tuple[str, ...]) -> TokenWindows:
+    """The windows of one split, or of several splits' streams joined in order (each stream ends with
+    <|endoftext|>, so no document runs into the next split's); ValueError naming a split the artifact lacks."""
+    known = tokens.summary.get("num_tokens") or {}
+    missing = [split for split in splits if known and split not in known]
+    if missing:
+        raise ValueError(f"the tokens artifact has no split {missing}; a `general` split needs "
+                         "tokenize.general_where")
+    if len(splits) == 1:
+        return TokenWindows.from_manifest(tokens, splits[0])
+    stream = np.concatenate([np.load(Path(tokens.path) / stream_file(split), mmap_mode="r") for split in splits])
+    return TokenWindows.from_array(stream, int(tokens.config["seq_len"]), "+".join(splits))
+
+
 def train_next_token(model_cfg: ModelConfig, train_cfg: TrainConfig, inputs: dict[str, Manifest], out: Path, *,
-                     stage: str, name: str, train_split: str, eval_splits: tuple[str, ...]) -> dict:
-    """Train a plain next-token model (variant `name`) on one split of the `tokens` input into `out`, evaluating
-    on `eval_splits`, from the `init` input's weights when there is one; returns the training summary."""
+                     stage: str, name: str, train_split: str | tuple[str, ...], eval_splits: tuple[str, ...]) -> dict:
+    """Train a plain next-token model (variant `name`) on one split (or several joined) of the `tokens` input into
+    `out`, evaluating on `eval_splits`, from the `init` input's weights when there is one; returns the training
+    summary."""
     tokens = inputs["tokens"]
     variant = TargetVariant(name=name)
-    train_windows = TokenWindows.from_manifest(tokens, train_split)
+    train_windows = joined_windows(tokens, (train_split,) if isinstance(train_split, str) else tuple(train_split))
     val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in eval_splits}
     meta = {"stage": stage, "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key}
     if INIT_ROLE in inputs:

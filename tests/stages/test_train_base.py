@@ -177,7 +177,10 @@ def test_with_a_base_reference_and_targets_chain_through_it():
 def test_continual_preset():
     cfg, default = preset("continual"), preset("default")
     assert cfg.base.model == cfg.reference.model == cfg.target.model
-    assert cfg.base.train.max_tokens == 1_200_000 and cfg.target.train == default.target.train
+    assert cfg.base.train.max_tokens == 1_200_000 and cfg.base.split == "general"
+    # targets continue at a continual-pretraining lr (Rho-1's 8e-5 after a 3e-4-scale peak), else as the default
+    assert cfg.target.train == default.target.train.model_copy(update={"lr": cfg.target.train.lr, "warmup_steps": 5})
+    assert cfg.target.train.lr < default.target.train.lr
     assert cfg.reference.train.max_tokens == 300_000 and cfg.reference.train.lr < default.reference.train.lr
     assert plan(cfg)["train_target.ntp"].upstream["init"] == "train_base"
 
