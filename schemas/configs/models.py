@@ -6,13 +6,15 @@ configs that do not use them stay what they were.
 
 from typing import Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
-from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 
 
-class ModelConfig(StrictModel):
+class ModelConfig(LaterFields):
     """Decoder-only transformer shape (vocab size and context come from the tokens artifact)."""
+
+    LATER = {"num_kv_heads": None, "mlp_hidden": None}
 
     num_layers: int = Field(4, ge=1)
     """Transformer blocks in total, prediction heads included (multi-token heads replace trunk layers)."""
@@ -60,13 +62,3 @@ class ModelConfig(StrictModel):
         """Width of one attention head."""
         return self.d_model // self.num_heads
 
-    @model_serializer(mode="wrap")
-    def _drop_later_defaults(self, handler):
-        # fields added after the first release are left out while at their default (in the JSON data that artifact
-        # keys hash), so models that do not use them keep their artifact keys
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
-
-
-_LATER_FIELDS = {"num_kv_heads": None, "mlp_hidden": None}
-"""Fields added after the first release, and their defaults (left out of dumps and keys while at the default)."""

@@ -7,14 +7,17 @@ variants that do not use them stay what they were.
 
 from typing import Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
 from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 from schemas.configs.models import ModelConfig
 
 
-class SelectionConfig(StrictModel):
+class SelectionConfig(LaterFields):
     """Which target tokens contribute to the loss (Rho-1 Selective Language Modeling when kind=top_k)."""
+
+    LATER = {"rank_over": "micro_batch"}
 
     kind: Literal["all", "top_k"] = "all"
     """`all`: plain next-token training; `top_k`: keep the top keep_ratio of the valid tokens by score, ranked
@@ -36,16 +39,6 @@ class SelectionConfig(StrictModel):
     micro-batch, +33% step time), peak memory unchanged (default model, 2 micro-batches per step, 2 CPU cores;
     measured once by benchmarks/selection_rank_over.py, retired since: see git history). A step of one
     micro-batch is ranked the same either way."""
-
-    @model_serializer(mode="wrap")
-    def _drop_default_rank_over(self, handler):
-        # rank_over came after the first release: left out of dumps (and of the repr that artifact keys hash)
-        # while at its default, so existing variants keep their artifact keys
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (k == "rank_over" and v == "micro_batch")}
-
-    def __repr_args__(self):
-        return [(k, v) for k, v in super().__repr_args__() if not (k == "rank_over" and v == "micro_batch")]
 
 
 class ConceptsConfig(StrictModel):
@@ -79,8 +72,11 @@ class DistillConfig(StrictModel):
     """Softmax temperature T of teacher and student in the KL term."""
 
 
-class TargetVariant(StrictModel):
+class TargetVariant(LaterFields):
     """One named target model: its objective parts. Every variant trains on the same data and budget."""
+
+    LATER = {"concepts": None, "pause": None, "distill": None, "head_weights": None, "model": None,
+             "mtp_backward": "sequential", "head_selection": "own"}
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
     """Variant name (lowercase, digits, underscore); names the artifact in reports and SQL."""
@@ -119,18 +115,6 @@ class TargetVariant(StrictModel):
             raise ValueError(f"target variant {self.name!r}: concepts and pause both insert slots; pick one")
         return self
 
-    @model_serializer(mode="wrap")
-    def _drop_unset_parts(self, handler):
-        # parts added after the first release are left out while unset (in the JSON data that artifact keys
-        # hash), so variants that do not use them keep their artifact keys
-        data = handler(self)
-        return {k: v for k, v in data.items() if not (k in _LATER_PARTS and v == _LATER_PARTS[k])}
-
-
-
-_LATER_PARTS = {"concepts": None, "pause": None, "distill": None, "head_weights": None, "model": None,
-                "mtp_backward": "sequential", "head_selection": "own"}
-"""Fields added after the first release, and their defaults (left out of dumps and keys while at the default)."""
 
 
 class ScoreConfig(StrictModel):

@@ -44,7 +44,7 @@ def test_needs_are_declared_as_data():
                                                       concepts=ConceptsConfig(), distill=DistillConfig()))
     assert {(type(n), n.role, n.stage) for n in mixed.needs} == {
         (TokenColumns, "scores", "score_reference"), (TokenColumns, "concepts", "extract_concepts"),
-        (UpstreamModel, "teacher", "train_reference")}
+        (UpstreamModel, "teacher", "train_teacher")}
 
 
 def test_cocomix_loss_adds_lambda_times_concept_loss_to_the_token_loss():
