@@ -156,7 +156,7 @@ function renderDocument(doc, column, params) {
   const target = spans[at];
   if (target && at > 0) {
     if (params.at !== undefined) target.classList.add("flash");
-    target.scrollIntoView({block: "center"});
+    text.scrollTop = target.offsetTop - text.offsetTop - text.clientHeight / 3;  // the text box scrolls, not the page
   }
 }
 
@@ -284,7 +284,11 @@ async function showRun() {
   const parts = [el("h2", {text: "run"})];
   parts.push(el("h3", {text: "selection rate by domain"}), table(run.selection_by_domain, (r) =>
     `#/doc?${new URLSearchParams({split: "train", order: "selection_desc", model: `train_target.${r.model}`, column: `selected:train_target.${r.model}`})}`));
-  parts.push(el("h3", {text: "teacher (reference) and students: losses and loss dynamics"}), table(run.comparison, (r) =>
+  const shown = ["model", "val_loss", "ref_val_loss", "ratio_to_baseline_val", "frac_h_to_l", "frac_l_to_l",
+    "frac_h_to_h", "frac_l_to_h"];
+  const comparison = typeof run.comparison === "string" ? run.comparison
+    : run.comparison.map((r) => Object.fromEntries(shown.map((c) => [c, r[c]])));
+  parts.push(el("h3", {text: "teacher (reference) and students: losses and loss dynamics"}), table(comparison, (r) =>
     r.model === "reference" ? "#/doc?split=val&column=ref_loss"
       : `#/doc?${new URLSearchParams({split: "val", order: "excess_desc", model: `train_target.${r.model}`, column: `dynamics:${r.model}`})}`));
   parts.push(el("h3", {text: "the report's plots"}));
