@@ -1,4 +1,4 @@
-"""`lmpipe` command line: run, status, sql, verify, config, server, serve, export, generate, report.
+"""`lmpipe` command line: run, status, sql, verify, config, server, serve, export, generate, report, inspect.
 
 Prefect is imported only by the commands that need it (run, server, serve): status and sql stay fast.
 """
@@ -253,6 +253,7 @@ def _format_table(rows: list[dict], columns: list[str], max_width: int = 60) -> 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from flows import model_commands, serving
+    from flows.inspector import serve as inspector
 
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help=cmd_doctor.__doc__.splitlines()[0]).set_defaults(fn=cmd_doctor)
     serving.add_commands(sub, _config_args)
     model_commands.add_commands(sub, _config_args)
+    inspector.add_command(sub, _config_args)
     return parser
 
 

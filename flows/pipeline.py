@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
+from flows.inspector.serve import publish_link
 from flows.task_runners import configured
 from flows.tasks import shard_task_for, task_for
 from schemas.configs import PipelineConfig
@@ -84,6 +85,7 @@ def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:
         if report.is_file():
             create_markdown_artifact(key="lmpipe-report", markdown=report.read_text() + _embedded_plots(report.parent),
                                      description="Model comparison")
+    publish_link()  # where `lmpipe inspect` serves this run's documents and concepts
     get_run_logger().info("artifacts: %s", ", ".join(f"{r['node']}={r['key']}" for r in rows))
 
 

@@ -232,3 +232,36 @@ SPECULATIVE = pa.schema([
 """evaluate, per multi-token model: greedy decoding (draft 0) and self-speculative decoding with `draft` drafted
 tokens per forward on the same validation prompts in the same process (outputs checked identical); speedup =
 greedy seconds / these seconds."""
+
+LATENTS = pa.schema([
+    pa.field("concept_id", pa.int32(), nullable=False),
+    pa.field("num_tokens", pa.int64(), nullable=False),
+    pa.field("num_active", pa.int64(), nullable=False),
+    pa.field("density", pa.float64(), nullable=False),
+    pa.field("max_activation", pa.float32(), nullable=False),
+    pa.field("mean_activation", pa.float32(), nullable=False),
+    pa.field("dead", pa.bool_(), nullable=False),
+    pa.field("promoted_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("promoted_logits", pa.list_(pa.float32()), nullable=False),
+    pa.field("suppressed_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("suppressed_logits", pa.list_(pa.float32()), nullable=False),
+])
+"""latent_dashboards, one row per SAE latent over the scanned tokens: num_active = tokens where it is among the
+SAE's top-k with activation > 0, density = num_active / num_tokens, mean_activation over those tokens, dead = never
+active; promoted/suppressed: the token ids (and logit contributions, descending / ascending) of the decoder
+direction times the final norm's gain through the reference's unembedding (the final norm's scaling ignored)."""
+
+LATENT_CONTEXTS = pa.schema([
+    pa.field("concept_id", pa.int32(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("token_index", pa.int64(), nullable=False),
+    pa.field("activation", pa.float32(), nullable=False),
+    pa.field("start_index", pa.int64(), nullable=False),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("activations", pa.list_(pa.float32()), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+])
+"""latent_dashboards, a latent's top-activating contexts: rank 1 = its highest activation, at input token
+token_index of the split's stream; the context is the tokens start_index .. start_index + len(token_ids) - 1 (the
+peak's window, a few tokens each side), with the latent's activation on each; text = the context decoded."""

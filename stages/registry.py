@@ -18,7 +18,7 @@ from schemas.manifest import Manifest
 from storage.catalog import JoinView, TableSpec
 
 STAGE_MODULES = ("tokenize_corpus", "train_base", "train_teacher", "train_reference", "score_reference", "train_sae",
-                 "extract_concepts", "train_target", "evaluate")
+                 "extract_concepts", "latent_dashboards", "train_target", "evaluate")
 """Stage modules under stages/, in DAG order (a stage's upstream stages come before it)."""
 
 

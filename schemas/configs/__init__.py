@@ -10,7 +10,8 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
                   ScoreConfig (score_reference, the scores selection ranks by)
     training      TrainConfig, BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
                   replica_name, variant_of
-    sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts)
+    sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts), LatentDashboardConfig
+                  (latent_dashboards)
     evaluation    EvaluateConfig (evaluate)
     pipeline      PipelineConfig
 """
@@ -28,7 +29,7 @@ from schemas.configs.objectives import (
     TargetVariant,
 )
 from schemas.configs.pipeline import PipelineConfig
-from schemas.configs.sae_concepts import ExtractConfig, SAEConfig
+from schemas.configs.sae_concepts import ExtractConfig, LatentDashboardConfig, SAEConfig
 from schemas.configs.training import (
     BaseConfig,
     DynamicsConfig,
@@ -43,7 +44,7 @@ from schemas.configs.training import (
 
 __all__ = [
     "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
-    "ExtractConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig", "ReferenceConfig", "SAEConfig",
-    "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant", "TeacherConfig", "TextUnit",
-    "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
+    "ExtractConfig", "LatentDashboardConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig",
+    "ReferenceConfig", "SAEConfig", "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant",
+    "TeacherConfig", "TextUnit", "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
 ]

@@ -6,7 +6,7 @@ from schemas.base import StrictModel
 from schemas.configs.corpus import TokenizeConfig
 from schemas.configs.evaluation import EvaluateConfig
 from schemas.configs.objectives import ScoreConfig
-from schemas.configs.sae_concepts import ExtractConfig, SAEConfig
+from schemas.configs.sae_concepts import ExtractConfig, LatentDashboardConfig, SAEConfig
 from schemas.configs.training import BaseConfig, ReferenceConfig, TargetConfig, TeacherConfig
 
 
@@ -29,6 +29,8 @@ class PipelineConfig(StrictModel):
     """Stage train_sae (built only when a target variant uses concepts)."""
     concepts: ExtractConfig = ExtractConfig()
     """Stage extract_concepts (built only when a target variant uses concepts)."""
+    dashboards: LatentDashboardConfig = LatentDashboardConfig()
+    """Stage latent_dashboards: per-latent views for `lmpipe inspect` (built only when concepts are)."""
     target: TargetConfig = TargetConfig()
     """Stage train_target."""
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -59,3 +59,23 @@ class ExtractConfig(StrictModel):
     """Tokens shown on each side of the peak token in a context."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward/backward."""
+
+
+class LatentDashboardConfig(StrictModel):
+    """Per-latent dashboards for `lmpipe inspect` (stage latent_dashboards): density, top-activating contexts and
+    the tokens each decoder direction promotes and suppresses. Built when a target variant uses concepts."""
+
+    split: Literal["train", "val", "ref_train", "ref_val"] = "train"
+    """Split whose windows are scanned for activations (the SAE's training split by default)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Scan at most this many tokens of the split (whole windows from its start). None: the whole split."""
+    contexts_per_latent: int = Field(20, ge=1)
+    """Top-activating contexts kept per latent (bounded size per latent, as SAE dashboards show)."""
+    context_tokens: int = Field(10, ge=0)
+    """Tokens kept on each side of the peak token (clipped to its window: the context the model saw)."""
+    logit_tokens: int = Field(10, ge=1)
+    """Tokens kept per latent that its decoder direction promotes (and as many that it suppresses)."""
+    batch_size: int = Field(32, ge=1)
+    """Windows per reference forward."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device for the reference forward and the SAE encoder."""
