@@ -1,8 +1,8 @@
 """Stage latent_dashboards: what `lmpipe inspect`'s concept view shows for every SAE latent, computed once.
 
 Reads the tokenize_corpus artifact (the `dashboards.split` stream and tokenizer.json), the model the SAE was
-trained on (train_teacher, under the role `reference`) and the train_sae SAE. Pass 1 runs that model over the split's windows (whole windows from the start, at most
-`max_tokens`), encodes the residual at the SAE's layer and keeps, per latent, how often it is active and its
+trained on (train_teacher, under the role `reference`) and the train_sae SAE. Pass 1 runs that model over the
+split's windows (whole windows from the start, at most `max_tokens`), encodes the residual at the SAE's layer and keeps, per latent, how often it is active and its
 `contexts_per_latent` highest activations (a running top-N, so memory is bounded by latents x N). Pass 2 re-runs
 only the windows holding a peak and records the latent's activation on every token of the peak's context (the
 peak's window, `context_tokens` each side: what the model saw). The promoted and suppressed tokens of a latent
