@@ -6,8 +6,8 @@ Usage: python benchmarks/concept_throughput.py [--steps 8] [--warmup 2] [--quick
 - model: the default preset's shape (4 x 128, 4 heads, vocab 4096, context 128, micro batch 16), random init;
   SAE: 2048 latents (16 x 128), k 16, on the residual after block 1 (the default preset's choice);
 - `forward`: reference model(inputs) under inference_mode (the floor of any per-token pass);
-- `extract`: extract_concepts.window_concepts (forward to the SAE site, forward + backward of the remaining
-  blocks for dL/dh, SAE encode, attribution over the active latents, top-4), batch 32 windows;
+- `extract`: window_concepts, extract_concepts' labelling step (forward to the SAE site, forward + backward of
+  the remaining blocks for dL/dh, SAE encode, attribution over the active latents, top-4), batch 32 windows;
 - training rows: stages.training.run.Trainer.step with each variant's real objective (random concept labels
   for cocomix; the reference as the kd teacher); ratio = variant tokens/s / ntp tokens/s. The official CoCoMix
   code runs its teacher forward+backward every step (a ratio of ~0.3 per research/cocomix.md); lmpipe reads
@@ -37,9 +37,8 @@ from schemas.configs import (  # noqa: E402
     TrainConfig,
 )
 from schemas.manifest import Manifest  # noqa: E402
-from stages.extract_concepts import window_concepts  # noqa: E402
 from stages.models.gpt import GPT  # noqa: E402
-from stages.models.sae import TopKSAE  # noqa: E402
+from stages.models.sae import TopKSAE, window_concepts  # noqa: E402
 from stages.objectives.factory import build_objective  # noqa: E402
 from stages.training.data import WindowOrder  # noqa: E402
 from stages.training.loop import Trainer, TrainRun  # noqa: E402

@@ -2,13 +2,15 @@
 sequential per-head backward, and greedy vs self-speculative decoding tokens/s per draft count (same prompts,
 same run).
 
-Usage: python benchmarks/mtp_throughput.py [--steps 6] [--quick] [--json-out PATH]
+Usage: python benchmarks/mtp_throughput.py [--steps 6] [--quick] [--decode-only] [--json-out PATH]
 
 Training rows run in their own subprocess each (CPU peak memory = that process's ru_maxrss high-water mark;
 on CUDA torch.cuda.max_memory_allocated), with the default preset's model shape (4 x 128, vocab 4096, context
 128, micro batch 16) and a larger-vocabulary shape (vocab 32768) where the heads' logits dominate memory.
-Decoding rows use a model whose extra heads copy head 1 (so drafts are often right, as in a trained model on
-repetitive text) and a random one (drafts rarely right): the speed-up depends on acceptance, which this shows.
+Decoding rows compare plain greedy (draft 0), every fixed draft count and the adaptive draft length (the
+default of generate_speculative and `lmpipe generate --speculative`) on the same prompts in one process, for a
+model whose extra heads copy head 1 (drafts often right on its repetitive greedy text), a random one, and tiny
+mtp2 / mtp4 models trained on a noisy successor walk; speed-up = greedy seconds / seconds (wall-clock).
 """
 
 import argparse
@@ -51,13 +53,58 @@ def train_worker(spec: dict) -> dict:
             "device": device.type}
 
 
+def train_walk_model(heads: int, steps: int, noise: float) -> torch.nn.Module:
+    """The tiny preset's model shape (4 x 32, 2 heads, vocab 512, context 64) with `heads` prediction heads,
+    trained `steps` Adam steps on a successor walk x -> (3x + 1) mod V where a `noise` share of the tokens is
+    random: the extra heads learn the walk, so their drafts are right except around the noise."""
+    from schemas.configs import ModelConfig, TargetVariant
+    from stages.objectives.base import Batch
+    from stages.objectives.factory import build_objective
+
+    V, T, B = 512, 64, 16
+    torch.manual_seed(heads)
+    objective = build_objective(ModelConfig(num_layers=4, num_heads=2, d_model=32),
+                                TargetVariant(name=f"mtp{heads}", num_future_tokens=heads))
+    model = objective.build_model(V, T)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        rows = [torch.randint(0, V, (B, 1))]
+        for _ in range(T):
+            walk, random = (3 * rows[-1] + 1) % V, torch.randint(0, V, (B, 1))
+            rows.append(torch.where(torch.rand(B, 1) < noise, random, walk))
+        rows = torch.cat(rows, dim=1)
+        objective.step(model, Batch(rows[:, :-1], rows[:, 1:], torch.zeros(B, T, dtype=torch.long)), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def adaptive_row(model, prompts: list[list[int]], new_tokens: int, greedy_seconds: float) -> dict:
+    """The adaptive draft length (generate_speculative's default) on the same prompts, as a speculative_rows row."""
+    import time
+
+    from stages.inference.speculative import generate_speculative
+
+    start, forwards, produced, drafted, accepted = time.perf_counter(), 0, 0, 0, 0
+    for prompt in prompts:
+        _, stats = generate_speculative(model, prompt, new_tokens)
+        forwards, produced = forwards + stats.forwards + 1, produced + stats.new_tokens  # + the prompt pass
+        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+    seconds = time.perf_counter() - start
+    return {"draft": "adaptive", "new_tokens": produced, "forwards": forwards,
+            "tokens_per_forward": produced / forwards, "seconds": seconds, "speedup": greedy_seconds / seconds,
+            "acceptance": accepted / max(drafted, 1)}
+
+
 def decoding_rows(quick: bool) -> list[dict]:
-    """Greedy vs speculative decoding tokens/s for 4-head models, same prompts."""
+    """Greedy vs fixed-draft vs adaptive self-speculative decoding, same prompts, one process: a 6 x 128 4-head
+    model whose extra heads copy head 1 (drafts often right on its repetitive greedy text) and a random one, and
+    tiny mtp2 / mtp4 models trained on a noisy successor walk (prompts from the walk)."""
     from schemas.configs import ModelConfig
     from stages.evaluation.heads import speculative_rows
     from stages.models.gpt import GPT
 
-    rows = []
+    models = {}
     for kind in ("heads copy head 1", "random heads"):
         torch.manual_seed(0)
         model = GPT(ModelConfig(num_layers=6, num_heads=4, d_model=128), 4096, 256, num_future_tokens=4).eval()
@@ -66,7 +113,15 @@ def decoding_rows(quick: bool) -> list[dict]:
                 block.load_state_dict(model.head_blocks[0].state_dict())
         prompts = [torch.randint(0, 4096, (16,), generator=torch.Generator().manual_seed(i)).tolist()
                    for i in range(2 if quick else 6)]
-        for row in speculative_rows(model, prompts, 32 if quick else 96):
+        models[kind] = (model, prompts, 32 if quick else 96)
+    for heads in (2, 4):
+        model = train_walk_model(heads, 20 if quick else 150, noise=0.1)
+        prompts = [[(3 ** j * i + (3 ** j - 1) // 2) % 512 for j in range(4)] for i in range(2 if quick else 6)]
+        models[f"trained mtp{heads} (walk)"] = (model, prompts, 24 if quick else 56)
+    rows = []
+    for kind, (model, prompts, new_tokens) in models.items():
+        fixed = speculative_rows(model, prompts, new_tokens)
+        for row in [*fixed, adaptive_row(model, prompts, new_tokens, fixed[0]["seconds"])]:
             rows.append({"model": kind, **row, "tokens_per_s": row["new_tokens"] / row["seconds"]})
     return rows
 
@@ -75,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--decode-only", action="store_true", help="only the decoding rows")
     parser.add_argument("--json-out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -83,7 +139,7 @@ def main() -> None:
         return
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
     train = []
-    for shape, sizes in SHAPES.items():
+    for shape, sizes in ({} if args.decode_only else SHAPES).items():
         for heads in (1, 2, 4):
             for backward in (("joint",) if heads == 1 else ("joint", "sequential")):
                 spec = {"shape": shape, **sizes, "heads": heads, "backward": backward, "steps": steps,
@@ -98,7 +154,7 @@ def markdown(train: list[dict], decode: list[dict]) -> str:
     lines = ["| shape | heads | backward | tokens/s | peak MiB |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['heads']} | {r['backward']} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |"
               for r in train]
-    lines += ["", "| model | drafts | tokens/forward | tokens/s | speed-up |", "|---|---|---|---|---|"]
+    lines += ["", "| model | drafts | tokens/forward | tokens/s | speed-up vs greedy |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['draft']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:,.0f} | "
               f"{r['speedup']:.2f}x |" for r in decode]
     return "\n".join(lines)

@@ -110,7 +110,8 @@ def _generate_speculative(model, tokenizer, args) -> int:
     plain_seconds = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(new_ids))
     print(f"\n{stats.new_tokens} tokens in {seconds:.3f}s ({stats.new_tokens / max(seconds, 1e-9):,.0f} tokens/s) "
-          f"with {stats.draft} draft(s): {stats.tokens_per_forward:.2f} tokens per forward after the prompt; "
+          f"with {'adaptive drafts, up to ' if stats.adaptive else ''}{stats.draft} draft(s): "
+          f"{stats.tokens_per_forward:.2f} tokens per forward after the prompt; "
           f"plain greedy {plain_seconds:.3f}s ({plain_seconds / max(seconds, 1e-9):.2f}x), "
           f"{'identical' if plain == new_ids else 'DIFFERENT'} output")
     return 0
@@ -211,7 +212,8 @@ def add_commands(sub, config_args) -> None:
     generate.add_argument("--speculative", action="store_true",
                           help="greedy self-speculative decoding with a multi-token model's extra heads")
     generate.add_argument("--draft", type=int, default=None,
-                          help="tokens drafted per forward with --speculative (default: every extra head)")
+                          help="a fixed number of tokens drafted per forward with --speculative (default: adaptive, "
+                          "up to every extra head, drafting less where drafts are rejected or do not pay)")
     generate.set_defaults(fn=cmd_generate)
     steer = sub.add_parser("steer", help=cmd_steer.__doc__)
     config_args(steer)

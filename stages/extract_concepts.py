@@ -5,7 +5,7 @@ windows training uses) the reference runs forward, L = the window's mean next-to
 batch mean, which only rescales the scores by the batch size), and g = dL/dh at the SAE site (the residual
 after block `layer`, via GPT.run_blocks). The SAE encodes LN(h); each
 active latent i gets the attribution score a_i * (g . W_dec[i]) and the top `concepts.top` latents by SIGNED
-score are the token's labels (stages/models/sae.py: attribution_scores, top_concepts).
+score are the token's labels (stages/models/sae.py: window_concepts, attribution_scores, top_concepts).
 Position convention: the hidden state at input position p of window w predicts target token_index
 w*T + 1 + p, and its labels are stored under that token_index (like token_scores: row = the prediction made
 for that target). The target's concept head at input position p is trained on the row of target p + 1.
@@ -26,12 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from schemas.configs import ExtractConfig
 from schemas.manifest import Manifest
 from schemas.tables import CONCEPT_ACTIVE, CONCEPT_PEAKS, CONCEPTS, TOKEN_CONCEPTS
-from stages.models.sae import attribution_scores, layer_norm_stats, top_concepts
+from stages.models.sae import window_concepts
 from stages.models.saved import load_model, load_sae
 from stages.registry import (
     NodeDecl,
@@ -53,24 +52,6 @@ log = logging.getLogger(__name__)
 
 PEAKS_PER_LATENT = 8
 TOP_TOKENS = 5
-
-
-def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, layer: int, top: int):
-    """(concept_ids_NT, scores_NT, vals_NK, idx_NK) for the B*T positions of a batch of windows."""
-    with torch.no_grad():
-        h_BTD = model.residual_after(inputs_BT, layer)
-    h_BTD = h_BTD.detach().requires_grad_(True)
-    with torch.enable_grad():
-        # sum over windows of each window's mean loss: the gradient at a window is that of its own mean loss,
-        # so scores do not depend on the extraction batch size (CoCoMix's batch mean only rescales them)
-        loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
-        (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
-    with torch.no_grad():
-        xn_ND, _, _ = layer_norm_stats(h_BTD.detach().flatten(0, 1))
-        vals_NK, idx_NK = sae.encode(xn_ND)
-        scores_NK = attribution_scores(grad_BTD.flatten(0, 1), vals_NK, idx_NK, sae.W_dec)
-        ids_NT, top_scores_NT = top_concepts(scores_NK, idx_NK, top)
-    return ids_NT, top_scores_NT, vals_NK, idx_NK
 
 
 def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, work_dir: Path) -> Path:

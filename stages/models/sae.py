@@ -242,3 +242,23 @@ def top_concepts(scores_NK: torch.Tensor, idx_NK: torch.Tensor, top: int) -> tup
         raise ValueError(f"top must be in [1, K={scores_NK.shape[-1]}], got {top}")
     scores_NT, pos_NT = scores_NK.topk(top, dim=-1, sorted=True)
     return idx_NK.gather(-1, pos_NT), scores_NT
+
+
+def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, layer: int, top: int):
+    """(concept_ids_NT, scores_NT, vals_NK, idx_NK) for the B*T positions of a batch of windows: the labelling
+    step of extract_concepts. `model` is a GPT (residual_after, loss_from); the SAE reads the residual after
+    block `layer`. Kept here, beside the attribution it composes, so it imports no stage machinery."""
+    with torch.no_grad():
+        h_BTD = model.residual_after(inputs_BT, layer)
+    h_BTD = h_BTD.detach().requires_grad_(True)
+    with torch.enable_grad():
+        # sum over windows of each window's mean loss: the gradient at a window is that of its own mean loss,
+        # so scores do not depend on the extraction batch size (CoCoMix's batch mean only rescales them)
+        loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
+        (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
+    with torch.no_grad():
+        xn_ND, _, _ = layer_norm_stats(h_BTD.detach().flatten(0, 1))
+        vals_NK, idx_NK = sae.encode(xn_ND)
+        scores_NK = attribution_scores(grad_BTD.flatten(0, 1), vals_NK, idx_NK, sae.W_dec)
+        ids_NT, top_scores_NT = top_concepts(scores_NK, idx_NK, top)
+    return ids_NT, top_scores_NT, vals_NK, idx_NK

@@ -1,13 +1,16 @@
-"""Self-speculative decoding: output identical to greedy head-1 decoding, for many prompts, lengths, draft counts,
-end-of-text and the context limit; drafts get accepted when the heads agree."""
+"""Self-speculative decoding: output identical to greedy head-1 decoding, for many prompts, lengths, draft counts
+(fixed and adaptive), end-of-text and the context limit; drafts get accepted when the heads agree; the adaptive
+policy shrinks, grows, backs off and caps as documented."""
 
 import pytest
 import torch
 
-from schemas.configs import ModelConfig
+from schemas.configs import ModelConfig, TargetVariant
 from stages.inference.generate import generate
-from stages.inference.speculative import generate_speculative
+from stages.inference.speculative import INITIAL_BACKOFF, DraftPolicy, generate_speculative
 from stages.models.gpt import GPT
+from stages.objectives.base import Batch
+from stages.objectives.factory import build_objective
 
 V, T = 40, 24
 
@@ -62,3 +65,73 @@ def test_works_with_an_interleaving_insert():
 def test_too_many_drafts_is_a_clear_error():
     with pytest.raises(ValueError, match="0..1 tokens can be drafted"):
         generate_speculative(mtp_model(2, seed=0), [1], 5, draft=2)
+
+
+def successor_rows(count: int, length: int, seed: int) -> torch.Tensor:
+    """Rows of a deterministic successor walk x -> (3x + 1) mod V from random starts: learnable far ahead."""
+    x = torch.randint(0, V, (count, 1), generator=torch.Generator().manual_seed(seed))
+    rows = [x]
+    for _ in range(length - 1):
+        rows.append((3 * rows[-1] + 1) % V)
+    return torch.cat(rows, dim=1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Tiny 2- and 4-head models trained 30 steps on the successor walk (their extra heads mostly right)."""
+    models = {}
+    for heads in (2, 4):
+        torch.manual_seed(heads)
+        objective = build_objective(ModelConfig(num_layers=4, num_heads=2, d_model=32),
+                                    TargetVariant(name=f"mtp{heads}", num_future_tokens=heads))
+        model = objective.build_model(V, T)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(30):
+            rows = successor_rows(8, T + 1, seed=step)
+            objective.step(model, Batch(rows[:, :-1], rows[:, 1:], torch.zeros(8, T, dtype=torch.long)), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        models[heads] = model.eval()
+    return models
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_adaptive_equals_greedy_on_trained_and_random_heads(trained, heads):
+    """The default (adaptive) draft length: greedy's output on models whose heads are right and on random ones;
+    the trained heads get most drafts accepted."""
+    prompts = [successor_rows(1, 3, seed=100 + i)[0].tolist() for i in range(3)]
+    accepted = drafted = 0
+    for prompt in prompts:
+        for length in (1, 5, T - 3):
+            expected = generate(trained[heads], prompt, length)
+            for draft in (None, *range(heads)):
+                out, stats = generate_speculative(trained[heads], prompt, length, draft=draft)
+                assert out == expected, (prompt, length, draft)
+                if draft is None:
+                    assert stats.adaptive and stats.draft == heads - 1
+                    accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+    assert drafted > 0 and accepted / drafted > 0.5
+    random_model = mtp_model(heads, seed=7)
+    for prompt in prompts:
+        expected = generate(random_model, prompt, T - 3)
+        assert generate_speculative(random_model, prompt, T - 3)[0] == expected
+
+
+def test_draft_policy_adapts():
+    """Calibration greedy steps, then every head; grow after full acceptance, shrink to what was accepted, back
+    off at 0 with a doubling wait, probe with one draft; the cost check lowers the cap."""
+    policy = DraftPolicy(3, adaptive=True)
+    assert policy.first() == 0
+    assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 3]
+    assert policy.next_draft(3, 1) == 1 and policy.next_draft(1, 1) == 2 and policy.next_draft(2, 2) == 3
+    assert policy.next_draft(3, 0) == 0
+    assert [policy.next_draft(0, 0) for _ in range(INITIAL_BACKOFF + 1)] == [0] * INITIAL_BACKOFF + [1]
+    assert policy.next_draft(1, 0) == 0  # failed probe: twice the wait
+    assert [policy.next_draft(0, 0) for _ in range(2 * INITIAL_BACKOFF + 1)] == [0] * 2 * INITIAL_BACKOFF + [1]
+    for _ in range(2):
+        policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
+    for _ in range(3):
+        policy.record(3, 3, 2, 0.05)  # drafting: 40 tokens/s
+    assert policy.cap == 2 and policy.next_draft(2, 2) == 2
+    fixed = DraftPolicy(2, adaptive=False)
+    assert fixed.first() == 2 and fixed.next_draft(2, 0) == 2 and fixed.next_draft(0, 0) == 2
