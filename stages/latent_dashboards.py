@@ -3,15 +3,14 @@
 Reads the tokenize_corpus artifact (the `dashboards.split` stream and tokenizer.json), the model the SAE was
 trained on (train_teacher, under the role `reference`) and the train_sae SAE. Pass 1 runs that model over the
 split's windows (whole windows from the start, at most `max_tokens`), encodes the residual at the SAE's layer and
-keeps, per latent, how often it is active and its `contexts_per_latent` highest activations (a running top-N, so memory is bounded by latents x N). Pass 2 re-runs
-only the windows holding a peak and records the latent's activation on every token of the peak's context (the
-peak's window, `context_tokens` each side: what the model saw). The promoted and suppressed tokens of a latent
-are the largest and smallest entries of W_U (gain * W_dec[i]) (the decoder direction through the final norm's
-gain and that model's unembedding; sae_vis ignores the norm's scaling the same way).
-Files written into `out`:
-    latents.parquet    schemas.tables.LATENTS: per latent, density, activation stats, dead, logit effects
-    contexts.parquet   schemas.tables.LATENT_CONTEXTS: per latent, its top contexts with per-token activations
-"""
+keeps, per latent, how often it is active and its `contexts_per_latent` highest activations (a running top-N, so
+memory is bounded by latents x N). Pass 2 re-runs only the windows holding a peak and records the latent's
+activation on every token of the peak's context (the peak's window, `context_tokens` each side: what the model
+saw). The promoted and suppressed tokens of a latent are the largest and smallest entries of W_U (gain * W_dec[i])
+(the decoder direction through the final norm's gain and that model's unembedding; sae_vis ignores the norm's
+scaling the same way). Files written into `out`: latents.parquet schemas.tables.LATENTS: per latent, density,
+activation stats, dead, logit effects contexts.parquet schemas.tables.LATENT_CONTEXTS: per latent, its top contexts
+with per-token activations """
 
 import logging
 from pathlib import Path
