@@ -8,9 +8,12 @@ memory is bounded by latents x N). Pass 2 re-runs only the windows holding a pea
 activation on every token of the peak's context (the peak's window, `context_tokens` each side: what the model
 saw). The promoted and suppressed tokens of a latent are the largest and smallest entries of W_U (gain * W_dec[i])
 (the decoder direction through the final norm's gain and that model's unembedding; sae_vis ignores the norm's
-scaling the same way). Files written into `out`: latents.parquet schemas.tables.LATENTS: per latent, density,
-activation stats, dead, logit effects contexts.parquet schemas.tables.LATENT_CONTEXTS: per latent, its top contexts
-with per-token activations """
+scaling the same way).
+
+Files written into `out`:
+    latents.parquet    schemas.tables.LATENTS: per latent, density, activation stats, dead, logit effects
+    contexts.parquet   schemas.tables.LATENT_CONTEXTS: per latent, its top contexts with per-token activations
+"""
 
 import logging
 from pathlib import Path
