@@ -9,13 +9,16 @@ import torch
 
 from schemas.configs import ExtractConfig, SAEConfig
 from schemas.tables import CONCEPTS, TOKEN_CONCEPTS
-from stages import extract_concepts, train_sae
+from stages import extract_concepts, node_builder, train_sae
 from stages.corpus.tokenizers import train_bpe
+from stages.dag import Node
 from stages.models.saved import load_model, load_sae
 from stages.models.window_losses import token_losses
 from stages.runtime import interrupt
+from storage.artifacts import artifact_key, build_dir, read_manifest
 from storage.checkpoints import list_checkpoints
 from storage.parquet import write_table
+from storage.store import verify
 from storage.windows import TokenWindows
 from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest
 
@@ -163,3 +166,24 @@ def test_concepts_table_describes_every_latent(built):
     assert sum(r["num_labelled"] for r in table.to_pylist()) == 3 * pq.read_table(
         sorted(out.glob("part-train-*.parquet")))["token_index"].length()
 
+
+def test_a_forced_extraction_stops_between_shards_and_keeps_the_finished_artifact(built, tmp_path, monkeypatch):
+    """A forced rebuild builds its shards inside the build task (the shard tasks found the old artifact finished):
+    a stop request is honoured there too, between shards, and the old artifact stays as it was."""
+    tokens, reference, sae, _, _, _, _ = built
+    cfg = ExtractConfig(num_shards=2, batch_size=8, top=3, device="cpu")
+    inputs = {"tokens": tokens, "reference": reference, "sae": sae}
+    version = extract_concepts.STAGE.code_version
+    key = artifact_key("extract_concepts", version, cfg, {role: m.key for role, m in inputs.items()})
+    node = Node("extract_concepts", "extract_concepts", cfg, {role: role for role in inputs}, key, version)
+    root = tmp_path / "root"
+    first = node_builder.build_node(node, inputs, root=root)
+    work = build_dir("extract_concepts", key, root)
+    monkeypatch.setattr(interrupt, "requested", lambda: any(work.glob("part-*.parquet")))  # a stop after shard 1
+    with pytest.raises(interrupt.Interrupted, match="stopped before shard train-001; finished shards are kept"):
+        node_builder.build_node(node, inputs, force=True, root=root)
+    assert [p.name for p in work.glob("part-*.parquet")] == ["part-train-000.parquet"]
+    assert read_manifest("extract_concepts", key, root) == first and not verify(first)
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    again = node_builder.build_node(node, inputs, force=True, root=root)
+    assert {f.path: f.sha256 for f in again.files} == {f.path: f.sha256 for f in first.files}
