@@ -3,7 +3,10 @@
 Prefect-free, so the same call serves the Prefect tasks, tests and scripts.
 """
 
+import errno
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas.manifest import Manifest
@@ -48,7 +51,8 @@ def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, 
         return run(node.config, inputs, out)
 
     interrupt.check(f"{node.name} was not started; run the same command again to go on")
-    manifest = materialize(node.stage, node.code_version, node.config, inputs, build, root=root, force=force)
+    with _naming_a_full_disk(node, root):
+        manifest = materialize(node.stage, node.code_version, node.config, inputs, build, root=root, force=force)
     interrupt.check(f"{node.name} finished before it could stop and is kept; run the same command again to go on")
     return manifest
 
@@ -64,6 +68,21 @@ def _build_missing_shards(node: Node, inputs: dict[str, Manifest], work: Path) -
         if not (work / shards.file(shard)).exists():
             _stop_before(node, shard)
             shards.build(node.config, inputs, shard, work)
+
+
+@contextmanager
+def _naming_a_full_disk(node: Node, root: Path | None) -> Iterator[None]:
+    """A write that failed for lack of space (ENOSPC, however the writing library wrapped it) becomes an OSError
+    that says so, where, and what to do (the libraries' own messages name no file)."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left on device" not in str(err):
+            raise
+        work = build_dir(node.stage, node.key, root)
+        raise OSError(errno.ENOSPC, f"no space left on the disk of {work} while building {node.name}: free some "
+                      "space there (or point LMPIPE_ROOT at a larger disk) and run again; nothing partial was "
+                      "published, finished artifacts are intact") from err
 
 
 def _stop_before(node: Node, shard: str) -> None:
@@ -126,6 +145,7 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         shards, store = stage(node.stage).shards, artifact_store(root)
         if store.fetch_staged(node.stage, node.key, work, {shard: shards.file(shard)}):
             return str(work / shards.file(shard))  # finished by another machine
-        written = shards.build(node.config, inputs, shard, work)
+        with _naming_a_full_disk(node, root):
+            written = shards.build(node.config, inputs, shard, work)
         store.stage_shard(node.stage, node.key, shard_files(work, shard), work / shards.file(shard))
         return str(written)
