@@ -67,6 +67,7 @@ from stages.models.window_losses import perplexity, token_losses
 from stages.objectives.distillation import TEACHER
 from stages.objectives.factory import evaluate_upstream
 from stages.registry import NodeDecl, Stage
+from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from storage.catalog import TableSpec
 from storage.checkpoints import read_model_meta
@@ -156,6 +157,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
     eval_rows, head_rows, speculative, domain_rows = [], [], [], []
     for name, manifest in [(REFERENCE, reference)] + list(zip(names, targets, strict=True)):
+        interrupt.check(f"evaluate stopped before model {name} (nothing of it is kept); run again to go on")
         model = load_model(Path(manifest.path), device)
         if "scores" in inputs:
             domain_rows += selection_by_domain(name, model, manifest, tokens, inputs["scores"],
