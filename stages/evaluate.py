@@ -68,6 +68,7 @@ from stages.models.window_losses import perplexity, token_losses
 from stages.objectives.distillation import TEACHER
 from stages.objectives.factory import evaluate_upstream
 from stages.registry import NodeDecl, Stage
+from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.training.next_token_run import TEACHER_NODE, init_upstream
 from storage.catalog import TableSpec
@@ -160,6 +161,7 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     eval_rows, head_rows, speculative, domain_rows = [], [], [], []
     upper_manifests = {UPSTREAM_MODELS[role]: inputs[role] for role in UPSTREAM_MODELS if role in inputs}
     for name, manifest in list(upper_manifests.items()) + list(zip(names, targets, strict=True)):
+        interrupt.check(f"evaluate stopped before model {name} (nothing of it is kept); run again to go on")
         model = load_model(Path(manifest.path), device)
         if "scores" in inputs and (name == REFERENCE or name not in upper_manifests):
             domain_rows += selection_by_domain(name, model, manifest, tokens, inputs["scores"],

@@ -43,6 +43,7 @@ from stages.registry import (
     split_parts,
     window_shard_ids,
 )
+from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
@@ -69,6 +70,8 @@ def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, w
     started = time.perf_counter()
     ids, scores, index_rows, active_pairs, peak_vals, peak_index = [], [], [], [], [], []
     for batch_start in range(start, stop, cfg.batch_size):
+        interrupt.check(f"extract_concepts stopped in shard {shard} (nothing of it is kept); finished shards are "
+                        "kept, run again to go on")  # a shard can take minutes: stop within a batch
         window_ids = np.arange(batch_start, min(batch_start + cfg.batch_size, stop))
         inputs_BT, targets_BT = windows.batch(window_ids, device)
         ids_NT, scores_NT, vals_NK, idx_NK = window_concepts(model, sae, inputs_BT, targets_BT, layer, cfg.top)

@@ -3,7 +3,10 @@
 Prefect-free, so the same call serves the Prefect tasks, tests and scripts.
 """
 
+import errno
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from schemas.manifest import Manifest
@@ -35,11 +38,55 @@ def current(inputs: dict[str, Manifest], root: Path | None = None) -> dict[str, 
 
 
 def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, root: Path | None = None) -> Manifest:
-    """Return the node's artifact, building it (or rebuilding it when forced) from its upstream manifests."""
+    """Return the node's artifact, building it (or rebuilding it when forced) from its upstream manifests.
+
+    A stop requested before the build starts, or while it ran (a stage without safe points of its own, or one
+    that finished first) ends the task with Interrupted (in the second case after the artifact is published), so
+    a stopped run always ends as stopped."""
     run, inputs = stage(node.stage).run, current(inputs, root)
     fetch_staged_shards(node, inputs, root)
-    return materialize(node.stage, node.code_version, node.config, inputs, lambda out: run(node.config, inputs, out),
-                       root=root, force=force)
+
+    def build(out: Path) -> dict:
+        _build_missing_shards(node, inputs, out)
+        return run(node.config, inputs, out)
+
+    interrupt.check(f"{node.name} was not started; run the same command again to go on")
+    with _naming_a_full_disk(node, root):
+        manifest = materialize(node.stage, node.code_version, node.config, inputs, build, root=root, force=force)
+    interrupt.check(f"{node.name} finished before it could stop and is kept; run the same command again to go on")
+    return manifest
+
+
+def _build_missing_shards(node: Node, inputs: dict[str, Manifest], work: Path) -> None:
+    """Build the shards missing from the build dir one by one, with a stop check before each. Usually the shard
+    tasks (build_shard) built them all; in a forced rebuild they found the old artifact finished and did nothing,
+    so every shard is built here. The stage's run() then finds them done."""
+    shards = stage(node.stage).shards
+    if shards is None:
+        return
+    for shard in shards.list(node.config, inputs):
+        if not (work / shards.file(shard)).exists():
+            _stop_before(node, shard)
+            shards.build(node.config, inputs, shard, work)
+
+
+@contextmanager
+def _naming_a_full_disk(node: Node, root: Path | None) -> Iterator[None]:
+    """A write that failed for lack of space (ENOSPC, however the writing library wrapped it) becomes an OSError
+    that says so, where, and what to do (the libraries' own messages name no file)."""
+    try:
+        yield
+    except Exception as err:
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left on device" not in str(err):
+            raise
+        work = build_dir(node.stage, node.key, root)
+        raise OSError(errno.ENOSPC, f"no space left on the disk of {work} while building {node.name}: free some "
+                      "space there (or point LMPIPE_ROOT at a larger disk) and run again; nothing partial was "
+                      "published, finished artifacts are intact") from err
+
+
+def _stop_before(node: Node, shard: str) -> None:
+    interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
 
 
 def is_stale(node: Node, inputs: dict[str, Manifest], root: Path | None = None) -> bool:
@@ -90,7 +137,7 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
     with build_lock(node.stage, node.key, root, shared=True):
         if node.is_built(root):
             return str(node.path(root))
-        interrupt.check(f"{node.name} stopped before shard {shard}; finished shards are kept, run again to go on")
+        _stop_before(node, shard)
         inputs = current(inputs, root)
         check_inputs(inputs)
         work = build_dir(node.stage, node.key, root)
@@ -98,6 +145,7 @@ def build_shard(node: Node, inputs: dict[str, Manifest], shard: str, *, root: Pa
         shards, store = stage(node.stage).shards, artifact_store(root)
         if store.fetch_staged(node.stage, node.key, work, {shard: shards.file(shard)}):
             return str(work / shards.file(shard))  # finished by another machine
-        written = shards.build(node.config, inputs, shard, work)
+        with _naming_a_full_disk(node, root):
+            written = shards.build(node.config, inputs, shard, work)
         store.stage_shard(node.stage, node.key, shard_files(work, shard), work / shards.file(shard))
         return str(written)

@@ -37,6 +37,7 @@ from stages.registry import (
     split_parts,
     window_shard_ids,
 )
+from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from storage.atomic import write_text_atomic
 from storage.catalog import JoinView, TableSpec
@@ -82,6 +83,8 @@ def _shard_batches(model, windows: TokenWindows, tokens: Manifest, split: str, s
         entropy_N = np.empty(len(index_N), np.float32)
         for ids, targets_BT, loss_BT, entropy_BT in iter_window_losses(model, windows, group_ids, batch_size, device,
                                                                        entropy=True):
+            interrupt.check(f"score_reference stopped in a shard of {split} (its partial file is removed); "
+                            "finished shards are kept, run again to go on")  # a shard can take minutes
             rows = slice((ids[0] - group_start) * T, (ids[-1] + 1 - group_start) * T)
             loss_N[rows], entropy_N[rows] = loss_BT.reshape(-1), entropy_BT.reshape(-1)
             if not np.array_equal(targets_BT.reshape(-1), token_id[rows]):

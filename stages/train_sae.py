@@ -4,7 +4,12 @@ Reads the tokenize_corpus artifact (split `train` for activations, `val` to eval
 model. Activations stream from the reference in batches of whole windows (bounded memory): the residual after
 block `sae.layer`, layer-normalised per token (stages/models/sae.py). Recipe: tied init, unit-norm decoder rows
 with the parallel gradient component removed, pre-bias at the geometric median of the first batch, Adam,
-AuxK over dead latents. A failed build starts over (training takes about a minute on the default run).
+AuxK over dead latents.
+Resumable like the train loop: with every evaluation (every `sae.eval_every_steps`, not after the last step) and
+on a stop signal (after the current step) a checkpoint is written into the build dir (SAE weights, Adam state,
+the dead-latent counters, the data-order position, metrics so far, RNG states; storage/checkpoints.py). A
+re-run after a stop, a failure or `kill -9` resumes from the newest one and trains on bit-for-bit (same
+device and thread count) as if it had never stopped; the checkpoints are deleted once the SAE is saved.
 Files written into the artifact directory:
     sae.safetensors, sae.json   the SAE (sae.json: d_model, num_latents, k, layer, reference key)
     metrics.parquet             schemas.tables.METRICS: train/fvu, train/l0, train/aux_loss, train/dead_fraction,
@@ -29,9 +34,12 @@ from stages.models.init_rng import seeded_generator
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
+from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.runtime.progress import format_duration
 from stages.training.data import WindowOrder
+from stages.training.rng import rng_state, set_rng_state
+from storage import checkpoints
 from storage.catalog import TableSpec
 from storage.parquet import write_table
 from storage.windows import TokenWindows, spread_window_ids
@@ -76,8 +84,48 @@ def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np
             "spliced_loss_increase": spliced - clean}
 
 
+class _Progress:
+    """What a checkpoint holds besides the SAE, its optimizer and the dead-latent counters: the step, rows seen,
+    metric rows so far and the data order's position; saved into and restored from `out`'s checkpoints folder."""
+
+    def __init__(self, out: Path, total_steps: int):
+        self.directory, self.total_steps = checkpoints.checkpoint_dir(out), total_steps
+        self.step = self.rows_seen = 0
+        self.metrics: list[tuple] = []
+        self.order = {"epoch": 0, "position": 0}
+
+    def save(self, sae: TopKSAE, optimizer: torch.optim.Optimizer, tracker: DeadLatentTracker) -> None:
+        """Checkpoint after the current step."""
+        model_sd, optim_sd = checkpoints.training_state(sae, optimizer)
+        state = {"step": self.step, "total_steps": self.total_steps, "rows_seen": self.rows_seen,
+                 "metrics": list(self.metrics), "order": dict(self.order), "tracker": tracker.state_dict(),
+                 "rng": rng_state()}
+        checkpoints.save_checkpoint(self.directory, self.step, state, {"model": model_sd, "optimizer": optim_sd})
+
+    def restore(self, sae: TopKSAE, optimizer: torch.optim.Optimizer, tracker: DeadLatentTracker) -> None:
+        """Load the newest checkpoint, if there is one, into this, the SAE, its optimizer, the tracker and RNGs."""
+        path = checkpoints.latest_checkpoint(self.directory)
+        if path is None:
+            return
+        model_sd, optim_sd = checkpoints.training_state(sae, optimizer)
+        try:
+            saved = checkpoints.load_checkpoint(path, {"model": model_sd, "optimizer": optim_sd})
+            if saved["total_steps"] != self.total_steps:
+                raise ValueError(f"it was written for {saved['total_steps']} steps, not {self.total_steps}")
+            tracker.load_state_dict(saved["tracker"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"train_sae: cannot resume from {path}: {err}; delete {self.directory} to start "
+                             "over") from None
+        checkpoints.set_training_state(sae, optimizer, model_sd, optim_sd)
+        set_rng_state(saved["rng"])
+        self.step, self.rows_seen, self.metrics = saved["step"], saved["rows_seen"], list(saved["metrics"])
+        self.order = dict(saved["order"])
+        log.info("train_sae: resuming from %s (step %d/%d)", path, self.step, self.total_steps)
+
+
 def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
-    """Train the SAE on the reference's residual stream over `train`; returns its final metrics."""
+    """Train the SAE on the reference's residual stream over `train` (resuming from the checkpoints in `out`);
+    returns its final metrics."""
     tokens, reference = inputs["tokens"], inputs["reference"]
     out, device = Path(out), resolve_device(cfg.device)
     model = load_model(Path(reference.path), device).requires_grad_(False)
@@ -91,15 +139,17 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     sae = TopKSAE(model.cfg.d_model, num_latents, k, generator=seeded_generator(cfg.seed)).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=6.25e-10)
     tracker = DeadLatentTracker(num_latents, device)
-    order = WindowOrder(len(train_windows), cfg.seed)
+    progress = _Progress(out, total_steps)
+    progress.restore(sae, optimizer, tracker)
+    order = WindowOrder(len(train_windows), cfg.seed, **progress.order)
     eval_ids = spread_window_ids(len(val_windows), cfg.eval_windows)
     aux_k = cfg.aux_k or max(1, model.cfg.d_model // 2)
     log.info("train_sae: %d latents, k=%d, layer %d, %d steps x %d rows on %s", num_latents, k, layer,
              total_steps, windows_per_step * train_windows.seq_len, device)
-    metrics: list[tuple] = []
-    rows_seen, started, interval, interval_rows = 0, time.perf_counter(), time.perf_counter(), 0
+    metrics, start_step, start_rows = progress.metrics, progress.step, progress.rows_seen
+    rows_seen, started, interval, interval_rows = start_rows, time.perf_counter(), time.perf_counter(), start_rows
     final = {}
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         inputs_BT, _ = train_windows.batch(order.take(windows_per_step), device)
         with torch.no_grad():
             xn_ND, _, _ = layer_norm_stats(model.residual_after(inputs_BT, layer).flatten(0, 1))
@@ -123,20 +173,30 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
             rows_per_s = (rows_seen - interval_rows) / max(time.perf_counter() - interval, 1e-9)
             interval, interval_rows = time.perf_counter(), rows_seen
             metrics.append((step, rows_seen, "train/rows_per_s", rows_per_s))
-            eta = (total_steps - step) * (time.perf_counter() - started) / step
+            eta = (total_steps - step) * (time.perf_counter() - started) / (step - start_step)
             log.info("train_sae step %d/%d | fvu %.3f | l0 %.1f | dead %.1f%% | rows/s %s | eta %s", step, total_steps,
                      float(stats["fvu"]), float(stats["l0"]), 100 * float(stats["dead_fraction"]),
                      f"{rows_per_s:,.0f}", format_duration(eta))
-        if step % cfg.eval_every_steps == 0 or step == total_steps:
+        evaluated = step % cfg.eval_every_steps == 0
+        if evaluated or step == total_steps:
             final = evaluate_sae(sae, model, val_windows, eval_ids, layer, device)
             final["dead_fraction"] = float(tracker.dead_mask(cfg.dead_tokens).float().mean())
             metrics += [(step, rows_seen, f"eval/{name}", value) for name, value in final.items()]
             log.info("train_sae eval step %d | %s", step, " | ".join(f"{n} {v:.4f}" for n, v in final.items()))
+        stop = interrupt.requested()
+        if step < total_steps and (evaluated or stop):
+            progress.step, progress.rows_seen, progress.order = step, rows_seen, order.state()
+            progress.save(sae, optimizer, tracker)
+        if stop and step < total_steps:
+            raise interrupt.Interrupted(f"stopped by a signal: train_sae saved a checkpoint at step {step}/"
+                                        f"{total_steps}; run the same command again to resume from it")
     save_sae(out, sae, {"layer": layer, "reference_key": reference.key})
     write_table(out / "metrics.parquet", {"step": [m[0] for m in metrics], "tokens_seen": [m[1] for m in metrics],
                                           "name": [m[2] for m in metrics], "value": [m[3] for m in metrics]}, METRICS)
+    checkpoints.remove_checkpoints(progress.directory)
+    rows_per_s = (rows_seen - start_rows) / max(time.perf_counter() - started, 1e-9)
     return {"num_latents": num_latents, "k": k, "layer": layer, "rows": rows_seen, **final,
-            "rows_per_s": round(rows_seen / (time.perf_counter() - started), 1)}
+            "rows_per_s": round(rows_per_s, 1), "resumed_from_step": start_step}
 
 
 STAGE = Stage(

@@ -160,3 +160,8 @@ def full_model_state(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Delete a run's checkpoints folder (once its final model is saved)."""
+    shutil.rmtree(directory, ignore_errors=True)

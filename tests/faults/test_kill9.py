@@ -14,17 +14,13 @@ from pathlib import Path
 import pytest
 
 from flows.watchdog import alive, descendants
+from tests.faults.common import lmpipe
 from tests.processes import REPO, lmpipe_env
 
 pytestmark = pytest.mark.fault
 
 TIMING_FILES = {"manifest.json", "_SUCCESS", "metrics.parquet", "speculative.parquet", "report.md"}
 """Files that record wall-clock times (training tokens/s, decoding seconds, build times): not compared."""
-
-
-def _lmpipe(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=lmpipe_env(root),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -42,7 +38,7 @@ def _digests(root: Path) -> dict[str, str]:
 @pytest.mark.timeout(1500)
 def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    assert _lmpipe(clean, "run", "--preset", "tiny").returncode == 0
+    assert lmpipe(clean, "run", "--preset", "tiny").returncode == 0
     rng = random.Random(int(os.environ.get("LMPIPE_FAULT_SEED", "0")))
     kills = 0
     for _ in range(12):
@@ -60,11 +56,11 @@ def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
         while time.monotonic() < deadline and any(alive(pid) for pid in children):
             time.sleep(0.2)
         assert not any(alive(pid) for pid in children), "a child of the killed run is still alive"
-    final = _lmpipe(killed, "run", "--preset", "tiny")
+    final = lmpipe(killed, "run", "--preset", "tiny")
     assert final.returncode == 0, final.stderr[-3000:]
     assert kills >= 2
     assert _digests(killed) == _digests(clean)
-    verify = _lmpipe(killed, "verify")
+    verify = lmpipe(killed, "verify")
     assert verify.returncode == 0, verify.stdout[-2000:]
 
 
@@ -77,16 +73,16 @@ def test_kill_9_at_random_moments_then_identical_artifacts(tmp_path):
 def test_each_kind_of_corrupt_file_is_named_and_refused(tmp_path_factory, stage, file):
     root = tmp_path_factory.getbasetemp() / "corrupt-root"
     if not (root / "evaluate").exists():
-        assert _lmpipe(root, "run", "--preset", "tiny").returncode == 0
+        assert lmpipe(root, "run", "--preset", "tiny").returncode == 0
     target = sorted(root.glob(f"{stage}/*/{file}"))[0]
     original = target.read_bytes()
     try:
         target.write_bytes(original[:-8] + bytes(8 - i for i in range(8)))  # same size, other bytes
-        verify = _lmpipe(root, "verify")
+        verify = lmpipe(root, "verify")
         assert verify.returncode == 1 and f"CORRUPT {stage}/" in verify.stdout and file in verify.stdout
-        rebuild = _lmpipe(root, "run", "--preset", "tiny", "--force", "evaluate")  # evaluate reads every kind
+        rebuild = lmpipe(root, "run", "--preset", "tiny", "--force", "evaluate")  # evaluate reads every kind
         assert rebuild.returncode == 2 and "is corrupt" in rebuild.stderr and stage in rebuild.stderr, \
             rebuild.stderr[-2000:]
     finally:
         target.write_bytes(original)
-    assert _lmpipe(root, "verify").returncode == 0
+    assert lmpipe(root, "verify").returncode == 0

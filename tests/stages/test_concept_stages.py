@@ -9,15 +9,23 @@ import torch
 
 from schemas.configs import ExtractConfig, SAEConfig
 from schemas.tables import CONCEPTS, TOKEN_CONCEPTS
-from stages import extract_concepts, train_sae
+from stages import extract_concepts, node_builder, train_sae
 from stages.corpus.tokenizers import train_bpe
+from stages.dag import Node
 from stages.models.saved import load_model, load_sae
 from stages.models.window_losses import token_losses
+from stages.runtime import interrupt
+from storage.artifacts import artifact_key, build_dir, read_manifest
+from storage.checkpoints import list_checkpoints
 from storage.parquet import write_table
+from storage.store import verify
 from storage.windows import TokenWindows
 from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest
 
 VOCAB = 280
+SAE_CFG = SAEConfig(max_tokens=6 * 1024, batch_rows=1024, eval_every_steps=3, eval_windows=4, k=4, dead_tokens=2048,
+                    device="cpu")
+"""6 steps of 1024 rows; a checkpoint with the evaluation after step 3."""
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +41,9 @@ def built(tmp_path_factory):
     write_table(Path(tokens.path) / "vocab.parquet", vocab,
                 pa.schema([("token_id", pa.int32()), ("token", pa.string()), ("is_special", pa.bool_())]))
     reference = make_model(root, "reference", VOCAB)
-    sae_cfg = SAEConfig(max_tokens=6 * 1024, batch_rows=1024, eval_every_steps=3, eval_windows=4, k=4,
-                        dead_tokens=2048, device="cpu")
     sae_out = root / "sae"
     sae_out.mkdir()
-    sae_summary = train_sae.run(sae_cfg, {"tokens": tokens, "reference": reference}, sae_out)
+    sae_summary = train_sae.run(SAE_CFG, {"tokens": tokens, "reference": reference}, sae_out)
     sae = manifest("train_sae", sae_out, summary=sae_summary)
     cfg = ExtractConfig(num_shards=2, batch_size=4, top=3, device="cpu")
     out = root / "concepts"
@@ -55,6 +61,67 @@ def test_sae_stage_writes_model_and_metrics(built):
     assert {"train/fvu", "train/l0", "train/dead_fraction", "eval/fvu", "eval/l0", "eval/spliced_loss_increase",
             "eval/dead_fraction"} <= names
     assert 0 <= summary["fvu"] < 1 and summary["l0"] <= 4
+    assert summary["resumed_from_step"] == 0 and not (Path(sae.path) / "checkpoints").exists()
+
+
+def _stop_after(step: int, error: type[BaseException] | None = None):
+    """A stand-in for interrupt.requested (asked once after every SAE step): a stop request after `step`, or
+    with `error` that error there instead (a crash, as far as the next build can tell a kill -9)."""
+    asked = iter(range(1, 10**6))
+
+    def requested() -> bool:
+        if next(asked) == step:
+            if error is not None:
+                raise error("killed")
+            return True
+        return False
+
+    return requested
+
+
+def _assert_same_sae(whole: Path, resumed: Path) -> None:
+    """Bit-identical weights and metric rows (rows/s, a timing, aside)."""
+    assert (whole / "sae.safetensors").read_bytes() == (resumed / "sae.safetensors").read_bytes()
+    tables = [pq.read_table(d / "metrics.parquet").to_pylist() for d in (whole, resumed)]
+    assert [r for r in tables[0] if r["name"] != "train/rows_per_s"] == \
+        [r for r in tables[1] if r["name"] != "train/rows_per_s"]
+
+
+def test_sae_stopped_by_a_signal_checkpoints_and_resumes_to_the_same_sae(built, tmp_path, monkeypatch):
+    tokens, reference, sae, _, _, _, _ = built
+    inputs = {"tokens": tokens, "reference": reference}
+    monkeypatch.setattr(interrupt, "requested", _stop_after(4))
+    with pytest.raises(interrupt.Interrupted, match="saved a checkpoint at step 4/6; run the same command again"):
+        train_sae.run(SAE_CFG, inputs, tmp_path)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
+    assert not (tmp_path / "sae.safetensors").exists()
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    assert train_sae.run(SAE_CFG, inputs, tmp_path)["resumed_from_step"] == 4
+    _assert_same_sae(Path(sae.path), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sae_killed_mid_run_resumes_from_its_last_checkpoint_to_the_same_sae(built, tmp_path, monkeypatch):
+    tokens, reference, sae, _, _, _, _ = built
+    inputs = {"tokens": tokens, "reference": reference}
+    monkeypatch.setattr(interrupt, "requested", _stop_after(5, error=SystemExit))
+    with pytest.raises(SystemExit):
+        train_sae.run(SAE_CFG, inputs, tmp_path)
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3]  # the evaluation's
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    assert train_sae.run(SAE_CFG, inputs, tmp_path)["resumed_from_step"] == 3
+    _assert_same_sae(Path(sae.path), tmp_path)
+
+
+def test_sae_refuses_a_checkpoint_of_another_length(built, tmp_path, monkeypatch):
+    tokens, reference, _, _, _, _, _ = built
+    inputs = {"tokens": tokens, "reference": reference}
+    monkeypatch.setattr(interrupt, "requested", _stop_after(4))
+    with pytest.raises(interrupt.Interrupted):
+        train_sae.run(SAE_CFG, inputs, tmp_path)
+    longer = SAE_CFG.model_copy(update={"max_tokens": 12 * 1024})
+    with pytest.raises(ValueError, match="cannot resume from .*written for 6 steps, not 12; delete"):
+        train_sae.run(longer, inputs, tmp_path)
 
 
 def test_spliced_loss_equals_clean_loss_for_a_perfect_reconstruction(built):
@@ -98,3 +165,25 @@ def test_concepts_table_describes_every_latent(built):
     assert all(r["top_tokens"] and r["top_contexts"] and "[[" in r["top_contexts"][0] for r in rows)
     assert sum(r["num_labelled"] for r in table.to_pylist()) == 3 * pq.read_table(
         sorted(out.glob("part-train-*.parquet")))["token_index"].length()
+
+
+def test_a_forced_extraction_stops_between_shards_and_keeps_the_finished_artifact(built, tmp_path, monkeypatch):
+    """A forced rebuild builds its shards inside the build task (the shard tasks found the old artifact finished):
+    a stop request is honoured there too, between shards, and the old artifact stays as it was."""
+    tokens, reference, sae, _, _, _, _ = built
+    cfg = ExtractConfig(num_shards=2, batch_size=8, top=3, device="cpu")
+    inputs = {"tokens": tokens, "reference": reference, "sae": sae}
+    version = extract_concepts.STAGE.code_version
+    key = artifact_key("extract_concepts", version, cfg, {role: m.key for role, m in inputs.items()})
+    node = Node("extract_concepts", "extract_concepts", cfg, {role: role for role in inputs}, key, version)
+    root = tmp_path / "root"
+    first = node_builder.build_node(node, inputs, root=root)
+    work = build_dir("extract_concepts", key, root)
+    monkeypatch.setattr(interrupt, "requested", lambda: any(work.glob("part-*.parquet")))  # a stop after shard 1
+    with pytest.raises(interrupt.Interrupted, match="stopped before shard train-001; finished shards are kept"):
+        node_builder.build_node(node, inputs, force=True, root=root)
+    assert [p.name for p in work.glob("part-*.parquet")] == ["part-train-000.parquet"]
+    assert read_manifest("extract_concepts", key, root) == first and not verify(first)
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    again = node_builder.build_node(node, inputs, force=True, root=root)
+    assert {f.path: f.sha256 for f in again.files} == {f.path: f.sha256 for f in first.files}
