@@ -37,6 +37,8 @@ CASES = [  # (node, extra args, what the stop message must say)
     ("train_sae", ["--set", "sae.max_tokens=1500000"], CHECKPOINTED),
     ("score_reference", ["--force", "score_reference"], BETWEEN_SHARDS),
     ("score_reference", ["--set", "score.batch_size=1"], BETWEEN_SHARDS),
+    ("train_teacher", ["--force", "train_teacher"], f"{CHECKPOINTED}|{FINISHED_FIRST}"),
+    ("train_teacher", ["--set", "teacher.train.max_tokens=50000000"], CHECKPOINTED),
     ("train_reference", ["--force", "train_reference"], f"{CHECKPOINTED}|{FINISHED_FIRST}"),
     ("train_reference", ["--set", "reference.train.max_tokens=50000000"], CHECKPOINTED),
     ("tokenize_corpus", ["--force", "tokenize_corpus"], FINISHED_FIRST),  # no safe point inside: finishes, stops
