@@ -54,10 +54,9 @@ def cmd_run(args) -> int:
         api_url = env.configure()
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
                                          "server` in another shell to skip its ~10 s start-up and keep run history)")
-        from flows.pipeline import pipeline
+        from flows.pipeline import pipeline, stop_directory
         from flows.watchdog import start_watchdog
         from stages.runtime.interrupt import install_handlers, stop_file_for_run
-        from storage.artifacts import artifact_root, object_store
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
@@ -66,8 +65,8 @@ def cmd_run(args) -> int:
 
             pipeline = pipeline.with_options(
                 task_runner=configured(args.task_runner, args.parallel_tasks, args.task_runner_address))
-        store = object_store()  # with a bucket root the stop file is an object there: remote workers see it
-        with stop_file_for_run(f"{store.url}/_stop" if store else artifact_root() / "_stop"):
+        # before the task runner starts cluster workers, so they inherit it (flows/pipeline.py: stop_directory)
+        with stop_file_for_run(stop_directory()):
             result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
              "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}

@@ -1,7 +1,10 @@
-"""A failure outside a stage's own code reaches the user as its real cause, not as Prefect's
-"Run is in PENDING state" of the task that was waiting for it."""
+"""A failure ends the run promptly with its own error: a failed shard or target is reported as itself (not as
+Prefect's "Run is in PENDING state" of the task that waited for it), and its dependants do not keep the run
+waiting for ever (Prefect leaves them Pending("NotReady")); the run's other task runs stop at a safe point."""
 
 import errno
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -9,9 +12,17 @@ import pytest
 import flows.pipeline  # noqa: F401 - its stage flows are made at import: before the toy stage is registered
 from schemas.configs import ScoreConfig
 from schemas.presets import tiny
+from stages import node_builder
+from stages.dag import plan
 from stages.registry import NodeDecl, Shards, Stage, register, unregister
+from stages.runtime import interrupt
+from storage.artifacts import CorruptArtifactError
 
 pytestmark = pytest.mark.flow
+
+FAST_S = 60
+"""A failed run must end well within this (the hang it replaces ended only after a second signal, 683 s in)."""
+RUNNERS = ["thread", pytest.param("dask", marks=pytest.mark.cluster)]
 
 
 def _failing_shard(cfg, inputs, shard: str, work: Path) -> Path:
@@ -26,12 +37,18 @@ FAILING = Stage(
     nodes=lambda cfg: [NodeDecl("disk_full", ScoreConfig(), {})],
     run=lambda cfg, inputs, out: {"parts": sorted(p.name for p in Path(out).iterdir())},
     shards=Shards(list=lambda cfg, inputs: ["a", "b"], file=lambda shard: f"part-{shard}.txt", build=_failing_shard))
+DOWNSTREAM = Stage(
+    name="after_disk_full", code_version="1", config_type=ScoreConfig,
+    nodes=lambda cfg: [NodeDecl("after_disk_full", ScoreConfig(), {"parts": "disk_full"})],
+    run=lambda cfg, inputs, out: {})
 
 
 @pytest.fixture
 def failing_stage():
     register(FAILING)
+    register(DOWNSTREAM)
     yield FAILING
+    unregister(DOWNSTREAM.name)
     unregister(FAILING.name)
 
 
@@ -42,3 +59,105 @@ def test_a_failed_shard_is_reported_as_its_own_error(prefect_harness, failing_st
     with pytest.raises(OSError, match="No space left on device"):
         pipeline(config=tiny(), only=["disk_full"])
     assert not (tmp_path / "disk_full").exists()
+
+
+def test_a_failed_shard_fails_its_dependants_at_once(prefect_harness, failing_stage, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(OSError, match="No space left on device"):
+        pipeline(config=tiny(), only=["disk_full", "after_disk_full"])
+    assert time.monotonic() - started < FAST_S
+    assert not (tmp_path / "after_disk_full").exists()
+
+
+# The real stages, failing for a real reason: an upstream artifact corrupted after it was built, which every build
+# (and every shard) refuses when it re-hashes its inputs. Deterministic, and seen by Dask worker processes too.
+
+BUILT = ("tokenize_corpus", "train_reference", "score_reference", "train_sae")
+
+
+def _config(variants=("ntp", "slm", "cocomix")):
+    """The tiny preset with fewer target variants (by default: plain, selecting and concepts)."""
+    cfg = tiny()
+    variants = [v for v in cfg.target.variants if v.name in variants]
+    return cfg.model_copy(update={"target": cfg.target.model_copy(update={"variants": variants})})
+
+
+@pytest.fixture(scope="module")
+def built_upstream(tmp_path_factory, monkeypatch_module):
+    """A root with BUILT built once (Prefect-free, ~15 s), copied by each test."""
+    root = tmp_path_factory.mktemp("upstream")
+    monkeypatch_module.setenv("LMPIPE_ROOT", str(root))
+    nodes, built = plan(_config()), {}
+    for name in BUILT:
+        node = nodes[name]
+        inputs = {role: built[up] for role, up in node.upstream.items()}
+        for shard in node_builder.shard_ids(node, inputs):
+            node_builder.build_shard(node, inputs, shard)
+        built[name] = node_builder.build_node(node, inputs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture
+def root(built_upstream, tmp_path, monkeypatch):
+    """A copy of the built upstream as this test's LMPIPE_ROOT."""
+    copy = tmp_path / "artifacts"
+    shutil.copytree(built_upstream, copy, ignore=shutil.ignore_patterns("_locks", "_stop", "_tmp"))
+    monkeypatch.setenv("LMPIPE_ROOT", str(copy))
+    return copy
+
+
+def _corrupt(node_name: str, pattern: str) -> Path:
+    """Flip one byte in the middle of the first file of a built node that matches pattern."""
+    path = sorted(plan(_config())[node_name].path().glob(pattern))[0]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _run_fails_fast(kind: str, only: list[str], match: str, cfg=None) -> None:
+    from flows.pipeline import pipeline
+    from flows.task_runners import task_runner
+
+    flow = pipeline.with_options(task_runner=task_runner(kind, 2)) if kind != "thread" else pipeline
+    started = time.monotonic()
+    with pytest.raises(CorruptArtifactError, match=match):
+        flow(config=cfg or _config(), only=only)
+    assert time.monotonic() - started < FAST_S
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", RUNNERS)
+def test_a_failing_score_shard_ends_the_run(prefect_harness, root, kind):
+    shutil.rmtree(plan(_config())["score_reference"].path())
+    corrupt = _corrupt("train_reference", "model.safetensors")
+    _run_fails_fast(kind, ["score_reference", "train_target.slm"], corrupt.name)
+    assert not plan(_config())["score_reference"].is_built()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", RUNNERS)
+def test_a_failing_extraction_shard_ends_the_run(prefect_harness, root, kind):
+    corrupt = _corrupt("train_sae", "sae.safetensors")
+    _run_fails_fast(kind, ["extract_concepts", "train_target.cocomix"], corrupt.name)
+    assert not plan(_config())["extract_concepts"].is_built()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", RUNNERS)
+def test_a_failing_target_ends_the_run_and_stops_the_others(prefect_harness, root, kind):
+    corrupt = _corrupt("score_reference", "part-train-*.parquet")
+    cfg = _config(("ntp", "slm"))
+    _run_fails_fast(kind, ["train_target.ntp", "train_target.slm", "evaluate"], corrupt.name, cfg)
+    nodes = plan(cfg)
+    assert not any(nodes[name].is_built() for name in ("train_target.slm", "evaluate"))
+    assert not interrupt.STOP.is_set()  # the run's stop file stopped ntp; this process's flag is untouched
