@@ -38,6 +38,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.preset or "default", args.config, args.overrides)  # run: never the remembered one
     run = RunPlan.of(cfg, args.only, args.force)  # an unknown stage is an error now, not after Prefect's start-up
+    _check_store()  # so are a missing bucket and corpus files that are not there
+    run.check_input_files()
     nodes = run.nodes
     kind = args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")
     if kind in RUNNER_PACKAGES and not importlib.util.find_spec(RUNNER_PACKAGES[kind][0]):
@@ -80,6 +82,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_store() -> None:
+    """An object-store root's bucket must exist: otherwise every artifact would look "not built" and a run would
+    fail only after Prefect's start-up, without naming the bucket."""
+    from storage.artifacts import object_store
+
+    if store := object_store():
+        store.check_root()
+
+
 RUNNER_PACKAGES = {"dask": ("prefect_dask", "cluster"), "ray": ("prefect_ray", "ray")}
 """Task runner -> (the module it needs, the extra that installs it): checked before Prefect starts."""
 
@@ -88,7 +99,9 @@ def cmd_status(args) -> int:
     """Each node of the current config: key, built or not, size, created, headline numbers."""
     from flows.status import status_rows
 
-    rows = status_rows(_load(args))
+    cfg = _load(args)
+    _check_store()
+    rows = status_rows(cfg)
     print(_format_table(rows, ["node", "key", "built", "size", "created", "summary"]))
     return 0
 
