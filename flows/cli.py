@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
-        if args.task_runner or args.parallel_tasks or args.task_runner_address:
+        if args.task_runner or args.parallel_tasks is not None or args.task_runner_address:
             from flows.task_runners import configured
 
             pipeline = pipeline.with_options(
@@ -257,6 +257,17 @@ def _format_table(rows: list[dict], columns: list[str], max_width: int = 60) -> 
     return "\n".join(lines + [f"({len(rows)} rows)"])
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (task runs at once), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from flows import model_commands, serving
@@ -271,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-runner", choices=["thread", "dask", "ray"],
                      help="where task runs execute (default thread, or $LMPIPE_TASK_RUNNER): this process's thread "
                           "pool, a Dask or a Ray cluster (local, or --task-runner-address)")
-    run.add_argument("--parallel-tasks", type=int, metavar="N",
+    run.add_argument("--parallel-tasks", type=_positive_int, metavar="N",
                      help="task runs at once (thread pool size / local Dask workers / local Ray CPUs; default 2)")
     run.add_argument("--task-runner-address", metavar="URL",
                      help="an existing cluster: a Dask scheduler (tcp://host:8786) or Ray head (ray://host:10001)")

@@ -144,3 +144,18 @@ def test_a_missing_bucket_is_named_before_prefect_starts(s3_server, monkeypatch,
     assert not (tmp_path / "mirror" / "_prefect").exists()
     monkeypatch.setenv("LMPIPE_ROOT", "s3://lmpipe-test/fresh-prefix")  # the fixture's bucket: an empty root is fine
     assert main(["status", "--preset", "tiny"]) == 0
+
+
+def test_parallel_tasks_must_be_at_least_one(monkeypatch, capsys):
+    import pytest
+
+    from flows.cli import main
+    from flows.task_runners import configured
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "tiny", "--parallel-tasks", "0"])
+    assert exit_info.value.code == 2
+    assert "--parallel-tasks: must be >= 1 (task runs at once), got 0" in capsys.readouterr().err
+    monkeypatch.setenv("LMPIPE_PARALLEL_TASKS", "0")
+    with pytest.raises(ValueError, match="LMPIPE_PARALLEL_TASKS must be a whole number >= 1, got '0'"):
+        configured()
