@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from flows import run_log
 from schemas.loading import ConfigError, load_config
 from storage.artifacts import CorruptArtifactError, open_artifact, read_manifest
 
@@ -54,11 +55,17 @@ def cmd_run(args) -> int:
                   for name in run.wanted}
     else:
         api_url = env.configure()
+        if api_url is None and not args.verbose:
+            # the temporary server is a child process writing to this terminal; stopped at exit while it still
+            # records the last task-run events, it logs their cancellation with tracebacks (lmpipe -v shows them)
+            os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
                                          "server` in another shell to skip its ~10 s start-up and keep run history)")
         from flows.pipeline import pipeline, stop_directory
         from flows.watchdog import start_watchdog
         from stages.runtime.interrupt import install_handlers, stop_file_for_run
+
+        logging.getLogger(__name__).info("log with tracebacks: %s", run_log.start(args.verbose))
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
@@ -323,14 +330,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (ConfigError, ValueError, FileNotFoundError, CorruptArtifactError) as err:
-        print(f"lmpipe: error: {err}", file=sys.stderr)
+        print(f"lmpipe: error: {err}{_traceback_hint(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one line for the user; the traceback with -v
         if args.verbose:
             raise
-        print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}\n"
-              "(run `lmpipe -v ...` for the traceback; finished artifacts are intact)", file=sys.stderr)
+        hint = _traceback_hint(err) or "\n(run `lmpipe -v ...` for the traceback; finished artifacts are intact)"
+        print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}{hint}", file=sys.stderr)
         return 1
+
+
+def _traceback_hint(err: Exception) -> str:
+    """Where the traceback of an error is, when a run log was started in this process ('' otherwise)."""
+    if run_log.current() is None:  # started by `run` once it starts Prefect
+        return ""
+    run_log.record_error(err)
+    return f"\n(traceback: {run_log.current()}; finished artifacts are intact)"
 
 
 if __name__ == "__main__":

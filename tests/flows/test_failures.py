@@ -161,3 +161,25 @@ def test_a_failing_target_ends_the_run_and_stops_the_others(prefect_harness, roo
     nodes = plan(cfg)
     assert not any(nodes[name].is_built() for name in ("train_target.slm", "evaluate"))
     assert not interrupt.STOP.is_set()  # the run's stop file stopped ntp; this process's flag is untouched
+
+
+@pytest.mark.timeout(300)
+def test_lmpipe_run_shows_the_error_as_one_line_and_keeps_the_traceback_in_its_log(root):
+    """Prefect logs each failed task run's traceback; the terminal gets them as one line each, the run's log file
+    gets them whole (a real `lmpipe run`, with its own temporary Prefect server)."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO, lmpipe_env
+
+    corrupt = _corrupt("train_sae", "sae.safetensors")
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--only", "extract_concepts",
+                          "--only", "train_target.cocomix"], cwd=REPO, env=lmpipe_env(root), capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("lmpipe: error:")]
+    assert len(errors) == 1 and corrupt.name in errors[0]
+    (log,) = (root / "_logs").glob("run-*.log")
+    assert f"(traceback: {log}; finished artifacts are intact)" in run.stderr
+    assert "Traceback" in log.read_text() and "CorruptArtifactError" in log.read_text()
