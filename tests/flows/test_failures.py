@@ -124,43 +124,34 @@ def _corrupt(node_name: str, pattern: str) -> Path:
     return path
 
 
-def _run_fails_fast(kind: str, only: list[str], match: str, cfg=None) -> None:
+FAILURES = {  # what fails: (the upstream node whose file is corrupted, that file, the nodes the run builds)
+    "score_shard": ("train_reference", "model.safetensors", ["score_reference", "train_target.slm"]),
+    "extraction_shard": ("train_sae", "sae.safetensors", ["extract_concepts", "train_target.cocomix"]),
+    "target": ("score_reference", "part-train-*.parquet", ["train_target.ntp", "train_target.slm", "evaluate"]),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", RUNNERS)
+@pytest.mark.parametrize("failing", sorted(FAILURES))
+def test_a_failure_ends_the_run_at_once_with_its_own_error(prefect_harness, root, kind, failing):
+    """The failing shard or target fails the run within seconds; its dependants never build, and the other
+    target (ntp, training when slm fails) is stopped through the run's stop file, not this process's flag."""
     from flows.pipeline import pipeline
     from flows.task_runners import task_runner
 
+    upstream, pattern, only = FAILURES[failing]
+    cfg = _config(("ntp", "slm")) if failing == "target" else _config()
+    if failing == "score_shard":
+        shutil.rmtree(plan(cfg)["score_reference"].path())  # the upstream fixture built it: score it again
+    corrupt = _corrupt(upstream, pattern)
     flow = pipeline.with_options(task_runner=task_runner(kind, 2)) if kind != "thread" else pipeline
     started = time.monotonic()
-    with pytest.raises(CorruptArtifactError, match=match):
-        flow(config=cfg or _config(), only=only)
+    with pytest.raises(CorruptArtifactError, match=corrupt.name):
+        flow(config=cfg, only=only)
     assert time.monotonic() - started < FAST_S
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", RUNNERS)
-def test_a_failing_score_shard_ends_the_run(prefect_harness, root, kind):
-    shutil.rmtree(plan(_config())["score_reference"].path())
-    corrupt = _corrupt("train_reference", "model.safetensors")
-    _run_fails_fast(kind, ["score_reference", "train_target.slm"], corrupt.name)
-    assert not plan(_config())["score_reference"].is_built()
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", RUNNERS)
-def test_a_failing_extraction_shard_ends_the_run(prefect_harness, root, kind):
-    corrupt = _corrupt("train_sae", "sae.safetensors")
-    _run_fails_fast(kind, ["extract_concepts", "train_target.cocomix"], corrupt.name)
-    assert not plan(_config())["extract_concepts"].is_built()
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("kind", RUNNERS)
-def test_a_failing_target_ends_the_run_and_stops_the_others(prefect_harness, root, kind):
-    corrupt = _corrupt("score_reference", "part-train-*.parquet")
-    cfg = _config(("ntp", "slm"))
-    _run_fails_fast(kind, ["train_target.ntp", "train_target.slm", "evaluate"], corrupt.name, cfg)
-    nodes = plan(cfg)
-    assert not any(nodes[name].is_built() for name in ("train_target.slm", "evaluate"))
-    assert not interrupt.STOP.is_set()  # the run's stop file stopped ntp; this process's flag is untouched
+    assert not any(plan(cfg)[name].is_built() for name in only if name != "train_target.ntp")
+    assert not interrupt.STOP.is_set()
 
 
 @pytest.mark.timeout(300)
