@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from flows import run_log
 from schemas.loading import ConfigError, load_config
 from storage.artifacts import CorruptArtifactError, open_artifact, read_manifest
 
@@ -38,6 +39,8 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.preset or "default", args.config, args.overrides)  # run: never the remembered one
     run = RunPlan.of(cfg, args.only, args.force)  # an unknown stage is an error now, not after Prefect's start-up
+    _check_store()  # so are a missing bucket and corpus files that are not there
+    run.check_input_files()
     nodes = run.nodes
     kind = args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")
     if kind in RUNNER_PACKAGES and not importlib.util.find_spec(RUNNER_PACKAGES[kind][0]):
@@ -52,22 +55,27 @@ def cmd_run(args) -> int:
                   for name in run.wanted}
     else:
         api_url = env.configure()
+        if api_url is None and not args.verbose:
+            # the temporary server is a child process writing to this terminal; stopped at exit while it still
+            # records the last task-run events, it logs their cancellation with tracebacks (lmpipe -v shows them)
+            os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         logging.getLogger(__name__).info("Prefect API: %s", api_url or "temporary local server (start `lmpipe "
                                          "server` in another shell to skip its ~10 s start-up and keep run history)")
-        from flows.pipeline import pipeline
+        from flows.pipeline import pipeline, stop_directory
         from flows.watchdog import start_watchdog
         from stages.runtime.interrupt import install_handlers, stop_file_for_run
-        from storage.artifacts import artifact_root, object_store
+
+        logging.getLogger(__name__).info("log with tracebacks: %s", run_log.start(args.verbose))
 
         start_watchdog()  # ends Prefect's temporary server if this process dies, even by kill -9
         install_handlers()  # only `run` stops gracefully; server/serve keep the default signal behaviour
-        if args.task_runner or args.parallel_tasks or args.task_runner_address:
+        if args.task_runner or args.parallel_tasks is not None or args.task_runner_address:
             from flows.task_runners import configured
 
             pipeline = pipeline.with_options(
                 task_runner=configured(args.task_runner, args.parallel_tasks, args.task_runner_address))
-        store = object_store()  # with a bucket root the stop file is an object there: remote workers see it
-        with stop_file_for_run(f"{store.url}/_stop" if store else artifact_root() / "_stop"):
+        # before the task runner starts cluster workers, so they inherit it (flows/pipeline.py: stop_directory)
+        with stop_file_for_run(stop_directory()):
             result = pipeline(config=cfg, only=args.only or None, force=args.force or None)
     rows = [{"node": name, "status": "cached" if before[name] == nodes[name].finished_stamp() else "built",
              "build s": result[name]["build_seconds"], "key": result[name]["key"], "path": result[name]["path"]}
@@ -81,6 +89,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_store() -> None:
+    """An object-store root's bucket must exist: otherwise every artifact would look "not built" and a run would
+    fail only after Prefect's start-up, without naming the bucket."""
+    from storage.artifacts import object_store
+
+    if store := object_store():
+        store.check_root()
+
+
 RUNNER_PACKAGES = {"dask": ("prefect_dask", "cluster"), "ray": ("prefect_ray", "ray")}
 """Task runner -> (the module it needs, the extra that installs it): checked before Prefect starts."""
 
@@ -89,7 +106,9 @@ def cmd_status(args) -> int:
     """Each node of the current config: key, built or not, size, created, headline numbers."""
     from flows.status import status_rows
 
-    rows = status_rows(_load(args))
+    cfg = _load(args)
+    _check_store()
+    rows = status_rows(cfg)
     print(_format_table(rows, ["node", "key", "built", "size", "created", "summary"]))
     return 0
 
@@ -250,6 +269,17 @@ def _format_table(rows: list[dict], columns: list[str], max_width: int = 60) -> 
     return "\n".join(lines + [f"({len(rows)} rows)"])
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (task runs at once), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every subcommand."""
     from flows import model_commands, serving
@@ -265,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-runner", choices=["thread", "dask", "ray"],
                      help="where task runs execute (default thread, or $LMPIPE_TASK_RUNNER): this process's thread "
                           "pool, a Dask or a Ray cluster (local, or --task-runner-address)")
-    run.add_argument("--parallel-tasks", type=int, metavar="N",
+    run.add_argument("--parallel-tasks", type=_positive_int, metavar="N",
                      help="task runs at once (thread pool size / local Dask workers / local Ray CPUs; default 2)")
     run.add_argument("--task-runner-address", metavar="URL",
                      help="an existing cluster: a Dask scheduler (tcp://host:8786) or Ray head (ray://host:10001)")
@@ -310,14 +340,22 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (ConfigError, ValueError, FileNotFoundError, CorruptArtifactError) as err:
-        print(f"lmpipe: error: {err}", file=sys.stderr)
+        print(f"lmpipe: error: {err}{_traceback_hint(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - one line for the user; the traceback with -v
         if args.verbose:
             raise
-        print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}\n"
-              "(run `lmpipe -v ...` for the traceback; finished artifacts are intact)", file=sys.stderr)
+        hint = _traceback_hint(err) or "\n(run `lmpipe -v ...` for the traceback; finished artifacts are intact)"
+        print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}{hint}", file=sys.stderr)
         return 1
+
+
+def _traceback_hint(err: Exception) -> str:
+    """Where the traceback of an error is, when a run log was started in this process ('' otherwise)."""
+    if run_log.current() is None:  # started by `run` once it starts Prefect
+        return ""
+    run_log.record_error(err)
+    return f"\n(traceback: {run_log.current()}; finished artifacts are intact)"
 
 
 if __name__ == "__main__":

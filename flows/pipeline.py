@@ -5,6 +5,8 @@ a thread pool by default, or a Dask cluster).
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -12,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture
 
 from flows.inspector.serve import publish_link
+from flows.run_futures import RunFutures
 from flows.task_runners import configured
 from flows.tasks import shard_task_for, task_for
 from schemas.configs import PipelineConfig
@@ -22,41 +25,61 @@ from stages.dag import Node
 from stages.registry import stages
 from stages.run_plan import RunPlan
 from stages.runtime import interrupt
-from storage.artifacts import open_artifact, require
+from storage.artifacts import artifact_root, object_store, open_artifact, require
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(config: PipelineConfig, only: list[str] | None = None, force: list[str] | None = None) -> dict:
-    """Build the selected nodes (default: all) in DAG order; `only` nodes need their upstream already built."""
+    """Build the selected nodes (default: all) in DAG order; `only` nodes need their upstream already built.
+    The first task run that fails ends the run with its own error (flows/run_futures.py)."""
     interrupt.install_handlers()  # over Prefect's: SIGTERM/Ctrl-C stop stages at a safe point, with a checkpoint
     run = RunPlan.of(config, only, force)
-    stop_file = interrupt.run_stop_file()  # a task-run parameter: workers started elsewhere learn it this way
-    results: dict[str, Manifest | PrefectFuture] = {}
-    shard_futures: dict[str, list[PrefectFuture]] = {}
-    for name, node in run.nodes.items():
-        if name not in run.wanted:
-            if name in run.needed:
-                results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage} "
-                                        "(or a plain `lmpipe run`, which builds every missing stage)")
-            continue
-        inputs = {role: results[up] for role, up in node.upstream.items()}
-        wait_for = []
-        if run.builds(name):
-            shards = node_builder.shard_ids(node, {role: _resolve(value) for role, value in inputs.items()})
-            wait_for = [shard_task_for(node, shard).submit(node, inputs, shard, stop_file=stop_file)
-                        for shard in shards]
-        shard_futures[name] = wait_for
-        results[name] = task_for(node).submit(node, inputs, force=name in run.forced, stop_file=stop_file,
-                                              wait_for=wait_for)
-    manifests = {}
-    for name, value in results.items():
-        for shard in shard_futures.get(name, []):
-            _resolve(shard)  # a failed shard raises its own error here (not "Run is in PENDING state" below)
-        if name in run.wanted:
-            manifests[name] = _resolve(value)
+    with _run_stop_file() as stop_file:  # a task-run parameter: workers started elsewhere learn it this way
+        futures = RunFutures(stop_file)
+        results: dict[str, Manifest | PrefectFuture] = {}
+        shard_futures: dict[str, list[PrefectFuture]] = {}
+        for name, node in run.nodes.items():
+            if name not in run.wanted:
+                if name in run.needed:
+                    results[name] = require(node.stage, node.key, built_by=f"lmpipe run --only {node.stage} "
+                                            "(or a plain `lmpipe run`, which builds every missing stage)")
+                continue
+            inputs = {role: results[up] for role, up in node.upstream.items()}
+            wait_for = []
+            if run.builds(name):
+                shards = node_builder.shard_ids(node, {role: futures.resolve(value) for role, value in inputs.items()})
+                wait_for = [futures.track(shard_task_for(node, shard).submit(node, inputs, shard, stop_file=stop_file),
+                                          f"{node.name}.{shard}") for shard in shards]
+            shard_futures[name] = wait_for
+            results[name] = futures.track(task_for(node).submit(node, inputs, force=name in run.forced,
+                                                                stop_file=stop_file, wait_for=wait_for), name)
+        manifests = {}
+        for name, value in results.items():
+            for shard in shard_futures.get(name, []):
+                futures.resolve(shard)  # a failed shard raises its own error (not "Run is in PENDING state")
+            if name in run.wanted:
+                manifests[name] = futures.resolve(value)
     _publish(run.nodes, manifests)
     return {name: m.model_dump(mode="json") for name, m in manifests.items()}
+
+
+def stop_directory() -> str:
+    """Where a run's stop file goes: `_stop` under the object-store root (workers on any machine see it there),
+    else under the local root."""
+    store = object_store()
+    return f"{store.url}/_stop" if store else str(artifact_root() / "_stop")
+
+
+@contextmanager
+def _run_stop_file() -> Iterator[str]:
+    """The stop file of this run: the one `lmpipe run` made, else (a flow run started by a deployment or a test) a
+    fresh one for the duration of the flow."""
+    if stop_file := interrupt.run_stop_file():
+        yield stop_file
+        return
+    with interrupt.stop_file_for_run(stop_directory()) as stop_file:
+        yield stop_file
 
 
 def _embedded_plots(directory: Path) -> str:
@@ -65,14 +88,6 @@ def _embedded_plots(directory: Path) -> str:
 
     return "".join(f"\n\n### {png.stem}\n\n![{png.stem}](data:image/png;base64,"
                    f"{base64.b64encode(png.read_bytes()).decode()})" for png in sorted(directory.glob("*.png")))
-
-
-def _resolve(value: Manifest | PrefectFuture) -> Manifest:
-    if isinstance(value, PrefectFuture):
-        while value.state.is_pending() or value.state.is_running():
-            value.wait(timeout=0.5)  # short waits, so signal handlers run promptly in this (main) thread
-        return value.result()
-    return value
 
 
 def _publish(nodes: dict[str, Node], manifests: dict[str, Manifest]) -> None:

@@ -22,8 +22,15 @@ raise it on a GPU box with spare memory."""
 def configured(kind: str | None = None, parallel_tasks: int | None = None, address: str | None = None):
     """task_runner() with what is not given taken from LMPIPE_TASK_RUNNER, LMPIPE_PARALLEL_TASKS and
     LMPIPE_TASK_RUNNER_ADDRESS (so `lmpipe serve`'s deployments follow them too), then the defaults."""
-    return task_runner(kind or os.environ.get("LMPIPE_TASK_RUNNER", "thread"),
-                       parallel_tasks or int(os.environ.get("LMPIPE_PARALLEL_TASKS", DEFAULT_PARALLEL_TASKS)),
+    if parallel_tasks is None:  # not `or`: 0 is an error, not "the default"
+        text = os.environ.get("LMPIPE_PARALLEL_TASKS", str(DEFAULT_PARALLEL_TASKS))
+        try:
+            parallel_tasks = int(text)
+        except ValueError:
+            parallel_tasks = 0
+        if parallel_tasks < 1:
+            raise ValueError(f"LMPIPE_PARALLEL_TASKS must be a whole number >= 1, got {text!r}")
+    return task_runner(kind or os.environ.get("LMPIPE_TASK_RUNNER", "thread"), parallel_tasks,
                        address or os.environ.get("LMPIPE_TASK_RUNNER_ADDRESS") or None)
 
 

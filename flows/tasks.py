@@ -44,6 +44,8 @@ class ShardCachePolicy(CachePolicy):
 def build_stage(node: Node, inputs: dict[str, Manifest], force: bool = False, stop_file: str | None = None) -> Manifest:
     """Build (or reuse) one node's artifact and return its manifest; `stop_file`: the run's (see interrupt)."""
     with interrupt.watching(stop_file):
+        # a task run that starts after the run was stopped (a signal, or another task run failed) does not begin
+        interrupt.check(f"{node.name} was not started; run again to build it")
         return node_builder.build_node(node, inputs, force=force)
 
 

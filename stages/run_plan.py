@@ -7,6 +7,7 @@ Prefect, and the `lmpipe` flow (flows/pipeline.py), which submits a task per sel
 from dataclasses import dataclass
 
 from schemas.configs import PipelineConfig
+from stages.corpus.files import expand_paths
 from stages.dag import Node, plan, select_nodes, upstream_closure
 from stages.node_builder import is_stale
 from storage.artifacts import read_manifest
@@ -38,6 +39,15 @@ class RunPlan:
         """True when the run builds this node: it is wanted, and forced or not built yet. (A built node whose
         upstream changed is rebuilt too, but its task finds that out: see node_builder.is_stale.)"""
         return name in self.wanted and (name in self.forced or not self.nodes[name].is_built())
+
+    def check_input_files(self) -> None:
+        """MissingFileError (a ValueError naming the config field) when a path or glob that a node this run builds
+        reads matches no file, or ValueError when it names a directory: before anything starts."""
+        for name, node in self.nodes.items():
+            files = getattr(node.config, "input_files", dict)()  # a plugin's config may be a plain BaseModel
+            if files and self.builds(name):
+                for field, patterns in files.items():
+                    expand_paths(patterns, field)
 
     def finished_stamps(self) -> dict[str, str | None]:
         """Each node's finish time now (None: not built); a stamp that changes over the run means it was built."""

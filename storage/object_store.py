@@ -36,7 +36,7 @@ from pathlib import Path
 
 from schemas.manifest import Manifest
 from storage.atomic import atomic_path
-from storage.store import MANIFEST, SUCCESS, Store, url_filesystem
+from storage.store import MANIFEST, SUCCESS, MissingArtifactError, Store, url_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,20 @@ class ObjectStore(Store):
         pattern = self.path(stage or "*", "*", SUCCESS)
         found = [p[len(self.base) + 1:].split("/")[:2] for p in self.fs.glob(pattern)]
         return sorted((s, k) for s, k in found if not s.startswith("_"))
+
+    def check_root(self) -> None:
+        """MissingArtifactError naming the bucket when it does not exist, ConnectionError when the store does not
+        answer (a prefix that nothing was written under yet is fine: it is an empty root)."""
+        bucket = self.base.strip("/").split("/", 1)[0]
+        try:
+            found = self.fs.exists(bucket)
+        except Exception as err:  # noqa: BLE001 - whatever the filesystem raises, the user needs the URL
+            raise ConnectionError(f"LMPIPE_ROOT={self.url}: cannot reach bucket {bucket!r} ({type(err).__name__}: "
+                                  f"{str(err)[:200]}); check the credentials and the endpoint (AWS_ENDPOINT_URL, "
+                                  "LMPIPE_STORAGE_OPTIONS)") from None
+        if not found:
+            raise MissingArtifactError(f"LMPIPE_ROOT={self.url}: bucket {bucket!r} does not exist (or is not "
+                                       "visible with these credentials); create it or fix LMPIPE_ROOT")
 
     def files(self, directory: str, pattern: str) -> list[str]:
         """The objects matching a glob pattern under an artifact's path, as URLs."""

@@ -1,7 +1,9 @@
 """Helpers of the tests that start real `lmpipe` processes: their environment, a free port, polling."""
 
+import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 from stages.training.distributed import free_port  # noqa: F401  (the tests' free port, one helper)
@@ -27,3 +29,12 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.2):
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def prefect_api(base: str, path: str, body: dict | None = None):
+    """GET (or with a body, POST) one path of a Prefect API at `base` (e.g. http://127.0.0.1:4200/api); the JSON."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", data=data, method="POST" if data is not None else "GET",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")

@@ -172,3 +172,58 @@ def test_sql_sandbox_reads_the_artifacts_only(monkeypatch, capsys, tmp_path):
     assert main(["sql", "--preset", "tiny", "--sandbox", "select * from read_csv('/etc/passwd')"]) == 2
     assert "Permission Error" in capsys.readouterr().err
     assert main(["sql", "--preset", "tiny", "select count(*) > 0 from read_csv('/etc/passwd')"]) == 0
+
+
+def test_a_corpus_glob_that_matches_nothing_is_named_before_prefect_starts(monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--preset", "tiny", "--set", "tokenize.source=files", "--set", 'tokenize.paths=["corpus/*.txt"]']
+    assert main(args) == 2
+    assert "tokenize.paths: 'corpus/*.txt': glob pattern matches no file" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts" / "_prefect").exists()
+    (tmp_path / "extra.txt").write_text("held out\n")
+    assert main(["run", "--preset", "tiny", "--set", 'evaluate.extra_files=["extra.txt", "missing.txt"]']) == 2
+    assert "evaluate.extra_files: 'missing.txt': file does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts" / "_prefect").exists()
+
+
+def test_files_of_stages_that_are_built_already_are_not_needed(monkeypatch, tmp_path):
+    """A cached tokenize_corpus does not read its corpus again: its files may be gone."""
+    from schemas.loading import load_config
+    from stages.run_plan import RunPlan
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    overrides = ["tokenize.source=files", 'tokenize.paths=["gone/*.txt"]']
+    _stand_in_artifacts("tiny", overrides)
+    RunPlan.of(load_config("tiny", None, overrides)).check_input_files()
+
+
+def test_a_missing_bucket_is_named_before_prefect_starts(s3_server, monkeypatch, capsys, tmp_path):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", "s3://no-such-bucket/lmpipe")
+    monkeypatch.setenv("LMPIPE_CACHE", str(tmp_path / "mirror"))
+    for command in (["run", "--preset", "tiny"], ["status", "--preset", "tiny"]):
+        assert main(command) == 2
+        assert "LMPIPE_ROOT=s3://no-such-bucket/lmpipe: bucket 'no-such-bucket' does not exist" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "mirror" / "_prefect").exists()
+    monkeypatch.setenv("LMPIPE_ROOT", "s3://lmpipe-test/fresh-prefix")  # the fixture's bucket: an empty root is fine
+    assert main(["status", "--preset", "tiny"]) == 0
+
+
+def test_parallel_tasks_must_be_at_least_one(monkeypatch, capsys):
+    import pytest
+
+    from flows.cli import main
+    from flows.task_runners import configured
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--preset", "tiny", "--parallel-tasks", "0"])
+    assert exit_info.value.code == 2
+    assert "--parallel-tasks: must be >= 1 (task runs at once), got 0" in capsys.readouterr().err
+    monkeypatch.setenv("LMPIPE_PARALLEL_TASKS", "0")
+    with pytest.raises(ValueError, match="LMPIPE_PARALLEL_TASKS must be a whole number >= 1, got '0'"):
+        configured()

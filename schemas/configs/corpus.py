@@ -88,6 +88,11 @@ class TokenizeConfig(LaterFields):
 
     LATER = {"general_where": None}
 
+    def input_files(self) -> dict[str, list[str]]:
+        """The corpus files (source=files) and the tokenizer file (tokenizer=file), by field."""
+        files = {"tokenize.paths": list(self.paths)} if self.source == "files" else {}
+        return files | ({"tokenize.tokenizer_path": [self.tokenizer_path]} if self.tokenizer == "file" else {})
+
     @model_validator(mode="after")
     def _check_source_fields(self) -> "TokenizeConfig":
         if self.source == "files" and not self.paths:

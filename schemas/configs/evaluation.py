@@ -31,3 +31,7 @@ class EvaluateConfig(StrictModel):
     and self-speculatively to measure the speed-up."""
     speculative_new_tokens: int = Field(48, ge=1)
     """Multi-token models: tokens generated per prompt in the speed-up measurement."""
+
+    def input_files(self) -> dict[str, list[str]]:
+        """The extra held-out files, if any."""
+        return {"evaluate.extra_files": list(self.extra_files)} if self.extra_files else {}

@@ -41,6 +41,11 @@ class SAEConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward and SAE training."""
 
+    def shape(self, d_model: int) -> tuple[int, int]:
+        """(num_latents, k) of the SAE on a d_model-wide residual stream: expansion * d_model latents, and k as
+        set or its default min(32, d_model // 8) (at least 1)."""
+        return self.expansion * d_model, self.k if self.k is not None else max(1, min(32, d_model // 8))
+
 
 class ExtractConfig(StrictModel):
     """Attribution-selected concept labels for every target token (CoCoMix Sec. 3.1), computed once offline."""

@@ -6,10 +6,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from schemas.configs import variant_of
+from schemas.configs.pipeline import REFERENCE_NAME as REFERENCE
 from stages.evaluation.curves import metric_curve
 
 VAL_SPLITS = ("val", "ref_val")
-REFERENCE = "reference"
 
 
 def plot_curves(metrics: dict[str, pa.Table], eval_losses: dict, out: Path,

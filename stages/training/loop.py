@@ -192,7 +192,10 @@ def _train(run: TrainRun, on_step: Callable[[int], None] | None = None,
                 else distributed.stop_requested(ranks, stop_file(run.work_dir)))
         if stop and state.step < schedule.total_steps:
             checkpointer.save(state, model, optimizer)
-            interrupt.STOP.set()  # every rank stops here, also those that got no signal themselves
+            if ranks is not None:
+                # every rank stops here, also those that got no signal themselves; one process leaves the flag
+                # alone: a stop file stops only its own run's task runs, not others sharing this process
+                interrupt.STOP.set()
             interrupt.check(f"{label} saved a checkpoint at step {state.step}/{schedule.total_steps}; run the same "
                             "command again to resume from it")
     final = plain.of(model)

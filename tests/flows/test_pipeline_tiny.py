@@ -70,7 +70,7 @@ def test_only_with_missing_upstream_names_the_command(first_run, root):
     from schemas.loading import load_config
     from storage.artifacts import MissingArtifactError
 
-    cfg = load_config("tiny", overrides=["reference.model.d_model=16"])  # a reference that was never trained
+    cfg = load_config("tiny", overrides=["reference.model.d_model=64"])  # a reference that was never trained
     with pytest.raises(MissingArtifactError, match="lmpipe run --only train_reference"):
         pipeline(config=cfg, only=["score_reference"])
 

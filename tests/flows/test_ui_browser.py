@@ -3,28 +3,18 @@ pipeline, its flow run (completed, with its task runs), the report artifact (its
 triggered from its `lmpipe serve` deployment seen to complete. Skipped without a Chromium executable or the
 playwright package (`.ci/run` installs both); screenshots stay in the test's temporary folder."""
 
-import json
 import shutil
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
-from tests.processes import REPO, free_port, lmpipe_env, wait_for
+from tests.processes import REPO, free_port, lmpipe_env, prefect_api, wait_for
 
 pytestmark = [pytest.mark.flow, pytest.mark.browser]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
-
-
-def _api(base: str, path: str, body: dict | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{base}{path}", data=data, method="POST" if data is not None else "GET",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read() or b"null")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs a Chromium executable (apt-get install chromium)")
@@ -36,12 +26,13 @@ def test_the_ui_shows_the_run_the_report_and_a_stage_run_from_its_deployment(tmp
     children = [subprocess.Popen(lmpipe + ["server", "--port", str(port)], cwd=REPO, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        wait_for(lambda: _api(api, "/health"), 120, "lmpipe server")
+        wait_for(lambda: prefect_api(api, "/health"), 120, "lmpipe server")
         run = subprocess.run(lmpipe + ["run", "--preset", "tiny"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
-        flow_run = _api(api, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
-        report = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["lmpipe-report"]}}, "limit": 1})[0]
+        flow_run = prefect_api(api, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]
+        report = prefect_api(api, "/artifacts/filter",
+                             {"artifacts": {"key": {"any_": ["lmpipe-report"]}}, "limit": 1})[0]
 
         with playwright_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM,
@@ -64,12 +55,12 @@ def test_the_ui_shows_the_run_the_report_and_a_stage_run_from_its_deployment(tmp
                 serve = subprocess.Popen(lmpipe + ["serve", "--preset", "tiny", "--cron", "0 3 * * *"], cwd=REPO,
                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 children.append(serve)
-                deployment = wait_for(lambda: _api(api, "/deployments/filter", {
+                deployment = wait_for(lambda: prefect_api(api, "/deployments/filter", {
                     "flows": {"name": {"any_": ["evaluate"]}}, "deployments": {"name": {"any_": ["on-demand"]}}}),
                     120, "the evaluate deployment")[0]
-                triggered = _api(api, f"/deployments/{deployment['id']}/create_flow_run", {})
+                triggered = prefect_api(api, f"/deployments/{deployment['id']}/create_flow_run", {})
                 page.goto(f"{ui}/runs/flow-run/{triggered['id']}")
-                wait_for(lambda: _api(api, f"/flow_runs/{triggered['id']}")["state_type"] == "COMPLETED", 300,
+                wait_for(lambda: prefect_api(api, f"/flow_runs/{triggered['id']}")["state_type"] == "COMPLETED", 300,
                       "the triggered stage run to complete")
                 page.reload()
                 page.get_by_text("Completed").first.wait_for(timeout=60_000)

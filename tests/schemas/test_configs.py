@@ -36,6 +36,41 @@ def test_cross_field_checks_name_the_fields():
         load_config("tiny", overrides=["evaluate.baseline=nope"])
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sae.k=1000"], r"sae\.k \(1000\) must be at most the SAE's latents, sae\.expansion \* reference\.model\.d_model "
+                     r"= 512"),
+    (["concepts.top=100"], r"concepts\.top \(100\) must be at most .* k = 4 \(the default sae\.k for "
+                           r"reference\.model\.d_model=32\)"),
+    (["sae.k=2", "concepts.top=3"], r"concepts\.top \(3\) .* k = 2 \(sae\.k\)"),
+    (["target.variants.cocomix.concepts.num_active=600"], r"target\.variants\[cocomix\]\.concepts\.num_active \(600\)"),
+    (["target.variants.mtp4.num_future_tokens=5"],
+     r"target\.variants\[mtp4\]\.num_future_tokens \(5\) must be at most target\.model\.num_layers \(4\)"),
+    (["target.variants.cocomix.num_future_tokens=4"], r"target\.variants\[cocomix\]\.concepts: an insert needs a "
+                                                      r"trunk block"),
+    (["tokenize.seq_len=8", "target.model.num_layers=8", "target.variants.mtp4.num_future_tokens=8"],
+     r"needs tokenize\.seq_len > num_future_tokens \(seq_len=8\)"),
+])
+def test_what_a_stage_would_refuse_is_refused_by_the_config_check(overrides, message):
+    """Each cross-field constraint a stage enforces fails the config check, before any compute, naming the fields."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides=overrides)
+
+
+def test_the_concept_checks_apply_only_when_a_variant_uses_concepts():
+    cfg = load_config("tiny")
+    small = cfg.reference.model_copy(update={"model": cfg.reference.model.model_copy(update={"d_model": 16})})
+    cfg = cfg.model_copy(update={"reference": small})  # unchecked: the SAE's default k is now 2 < concepts.top
+    without = cfg.target.model_copy(update={"variants": [v for v in cfg.target.variants if v.concepts is None]})
+    assert PipelineConfig.model_validate(cfg.model_copy(update={"target": without}).model_dump())
+    with pytest.raises(ValueError, match=r"concepts\.top \(4\)"):
+        PipelineConfig.model_validate(cfg.model_dump())
+
+
+def test_no_variant_may_be_called_reference():
+    with pytest.raises(ValueError, match="'reference' names the reference model"):
+        PipelineConfig(target=TargetConfig(variants=[TargetVariant(name="ntp"), TargetVariant(name="reference")]))
+
+
 def test_overrides_reach_nested_fields_and_variants_by_name():
     cfg = load_config("tiny", overrides=["target.variants.slm.selection.keep_ratio=0.7", "target.train.lr=3e-4",
                                          "tokenize.documents_where=year > 1990"])
