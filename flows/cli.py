@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = _traceback_hint(err) or "\n(run `lmpipe -v ...` for the traceback; finished artifacts are intact)"
         print(f"lmpipe: error: {type(err).__name__}: {str(err).strip() or repr(err)}{hint}", file=sys.stderr)
         return 1
+    finally:
+        run_log.finish()
 
 
 def _traceback_hint(err: Exception) -> str:

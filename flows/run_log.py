@@ -60,6 +60,16 @@ def start(verbose: bool) -> Path:
     return _current
 
 
+def finish() -> None:
+    """Close the run's file: a later command in the same process (tests, notebooks) starts without one."""
+    global _current, _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _file_logger.removeHandler(_handler)
+        _handler.close()
+    _current = _handler = None
+
+
 def current() -> Path | None:
     """The file of the run in progress in this process (None before `start`)."""
     return _current

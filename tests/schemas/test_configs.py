@@ -37,10 +37,10 @@ def test_cross_field_checks_name_the_fields():
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["sae.k=1000"], r"sae\.k \(1000\) must be at most the SAE's latents, sae\.expansion \* reference\.model\.d_model "
+    (["sae.k=1000"], r"sae\.k \(1000\) must be at most the SAE's latents, sae\.expansion \* teacher\.model\.d_model "
                      r"= 512"),
     (["concepts.top=100"], r"concepts\.top \(100\) must be at most .* k = 4 \(the default sae\.k for "
-                           r"reference\.model\.d_model=32\)"),
+                           r"teacher\.model\.d_model=32\)"),
     (["sae.k=2", "concepts.top=3"], r"concepts\.top \(3\) .* k = 2 \(sae\.k\)"),
     (["target.variants.cocomix.concepts.num_active=600"], r"target\.variants\[cocomix\]\.concepts\.num_active \(600\)"),
     (["target.variants.mtp4.num_future_tokens=5"],
@@ -58,8 +58,8 @@ def test_what_a_stage_would_refuse_is_refused_by_the_config_check(overrides, mes
 
 def test_the_concept_checks_apply_only_when_a_variant_uses_concepts():
     cfg = load_config("tiny")
-    small = cfg.reference.model_copy(update={"model": cfg.reference.model.model_copy(update={"d_model": 16})})
-    cfg = cfg.model_copy(update={"reference": small})  # unchecked: the SAE's default k is now 2 < concepts.top
+    small = cfg.teacher.model_copy(update={"model": cfg.teacher.model.model_copy(update={"d_model": 16})})
+    cfg = cfg.model_copy(update={"teacher": small})  # unchecked: the SAE's default k is now 2 < concepts.top
     without = cfg.target.model_copy(update={"variants": [v for v in cfg.target.variants if v.concepts is None]})
     assert PipelineConfig.model_validate(cfg.model_copy(update={"target": without}).model_dump())
     with pytest.raises(ValueError, match=r"concepts\.top \(4\)"):
