@@ -15,7 +15,7 @@ from stages.corpus.documents import concat_batches
 from stages.corpus.files import FileSettings, MissingFileError, file_batches, read_documents, read_files, split_text
 from stages.corpus.metadata import conform
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 WORDS = "the people of the union congress budget freedom war peace nation economy schools roads liberty".split()
 
 TEXT = "First para, line one.\n  still first.\n\n \t\nSecond para.\r\n\r\n\r\nThird.\n\n"

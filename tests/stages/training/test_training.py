@@ -24,7 +24,7 @@ from stages.training.optim import lr_at, param_groups
 from storage.checkpoints import list_checkpoints, load_checkpoint
 from tests.helpers import TINY_MODEL, make_token_artifact, tiny_run, tiny_train_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Interrupt(Exception):

@@ -119,7 +119,7 @@ CHILD = """
 import sys
 from pathlib import Path
 from tests.helpers import make_token_artifact
-from tests.stages.test_distributed import run
+from tests.stages.training.test_distributed import run
 run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "slm_mtp2", num_processes=2, parallelism=sys.argv[3])
 """
 
@@ -178,7 +178,7 @@ NODE = """
 import sys
 from pathlib import Path
 from tests.helpers import make_token_artifact
-from tests.stages.test_distributed import run
+from tests.stages.training.test_distributed import run
 run(make_token_artifact(Path(sys.argv[1])), Path(sys.argv[2]), "ntp", num_processes=1, num_nodes=2,
     rdzv_endpoint=sys.argv[3])
 """
@@ -206,7 +206,7 @@ from pathlib import Path
 import os
 logging.basicConfig(level=logging.INFO)
 from tests.helpers import make_token_artifact
-from tests.stages.test_distributed import run
+from tests.stages.training.test_distributed import run
 tokens = make_token_artifact(Path(sys.argv[1]) / os.environ["RANK"])  # every rank runs this script: own copies
 run(tokens, Path(sys.argv[2]), "ntp", num_processes=2)
 """
