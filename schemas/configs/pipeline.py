@@ -41,19 +41,25 @@ class PipelineConfig(StrictModel):
         names = [v.name for v in self.target.variants]
         if self.evaluate.baseline not in names:
             raise ValueError(f"evaluate.baseline: {self.evaluate.baseline!r} is not a target variant (have {names})")
+        self._check_checkpoint_roles()
         for variant in self.target.variants:
             for part in (variant.concepts, variant.pause):
                 block = part.block if part is not None else None
-                trunk = self.target.model.num_layers - variant.num_future_tokens
+                if _unresolved(self.target):
+                    break  # the checkpoint's depth is known once planned (stages/byom.py checks it then)
+                # from a checkpoint of L layers, n heads are its layers plus n - 1 blocks: the trunk is L - 1
+                heads = 1 if self.target.init_from else variant.num_future_tokens
+                trunk = self.target.model.num_layers - heads
                 if block is not None and block > trunk:
                     raise ValueError(f"target.variants[{variant.name}]: block {block} must be a trunk block input "
                                      f"(1..{trunk} with {variant.num_future_tokens} prediction head(s))")
             if variant.concepts is not None and "train" not in self.concepts.splits:
                 raise ValueError("concepts.splits must include 'train' for a concepts variant to train on")
-        if self.sae.layer is not None and self.sae.layer >= self.teacher.model.num_layers:
+        if self.sae.layer is not None and self.teacher.init_from is None and \
+                self.sae.layer >= self.teacher.model.num_layers:
             raise ValueError(f"sae.layer ({self.sae.layer}) must be a teacher block 0..."
                              f"{self.teacher.model.num_layers - 1}")
-        if self.base is not None:
+        if self.base is not None and not _unresolved(self.base):
             for model_path, model in (("reference.model", self.reference.model), ("target.model", self.target.model)):
                 differ = sorted(name for name, value in model if value != getattr(self.base.model, name))
                 if differ:
@@ -75,3 +81,17 @@ class PipelineConfig(StrictModel):
                     "or lower micro_batch_size"
                 )
         return self
+
+    def _check_checkpoint_roles(self) -> None:
+        """init_from with a base (a missing or bad checkpoint folder is reported before a run: stages/byom.py)."""
+        if self.base is not None:
+            for role in (self.reference, self.target):
+                if role.init_from is not None:
+                    raise ValueError(f"{role.ROLE}.init_from: with a base, the {role.ROLE} starts from the base's "
+                                     f"weights; set base.init_from instead (or drop base)")
+
+
+def _unresolved(role) -> bool:
+    """True for a role whose model shape will come from its checkpoint but has not been read yet (the planner
+    fills the shape and init_digest together)."""
+    return role.init_from is not None and role.init_digest is None
