@@ -35,9 +35,11 @@ def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
     from flows import env
     from flows.last_run import remember
+    from stages.byom import check_inputs
     from stages.run_plan import RunPlan
 
     cfg = load_config(args.preset or "default", args.config, args.overrides)  # run: never the remembered one
+    check_inputs(cfg)  # checkpoint, tokenizer and SAE folders (stages/byom.py): one-line errors before any compute
     run = RunPlan.of(cfg, args.only, args.force)  # an unknown stage is an error now, not after Prefect's start-up
     _check_store()  # so are a missing bucket and corpus files that are not there
     run.check_input_files()

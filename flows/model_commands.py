@@ -7,15 +7,18 @@ from schemas.manifest import Manifest
 from stages.dag import plan
 from storage.artifacts import MissingArtifactError, is_built, iter_manifests, load_manifest, open_artifact
 
-MODEL_STAGES = ("train_target", "train_reference")
+MODEL_STAGES = ("train_target", "train_reference", "train_teacher", "train_base", "train_sae")
+ROLE_NODES = {"reference": "train_reference", "teacher": "train_teacher", "base": "train_base", "sae": "train_sae"}
+"""Names of the non-target model nodes (`sae`: export writes the sae-lens layout)."""
 
 
 def resolve_model(spec: str, args) -> Manifest:
-    """A model artifact from a variant name (`ntp`), `reference`, an artifact key, or an artifact directory."""
+    """A model artifact from a variant name (`ntp`), `reference`, `teacher`, `base`, `sae`, an artifact key, or an
+    artifact directory."""
     if Path(spec).is_dir():
         return checked(load_manifest(Path(spec)))
     nodes = plan(config_from_args(args))
-    node = nodes.get(f"train_target.{spec}") or (nodes["train_reference"] if spec == "reference" else None)
+    node = nodes.get(f"train_target.{spec}") or nodes.get(ROLE_NODES.get(spec, ""))
     if node is not None:
         if not node.is_built():
             raise MissingArtifactError(f"{node.name} is not built yet; build it with: lmpipe run --only {node.stage}")
@@ -24,8 +27,8 @@ def resolve_model(spec: str, args) -> Manifest:
         if is_built(stage, spec):
             return checked(open_artifact(stage, spec))
     variants = [n.split(".", 1)[1] for n in nodes if n.startswith("train_target.")]
-    raise ValueError(f"unknown model {spec!r}: give a variant ({', '.join(variants)}), 'reference', "
-                     f"an artifact key or an artifact directory")
+    raise ValueError(f"unknown model {spec!r}: give a variant ({', '.join(variants)}), 'reference', 'teacher', "
+                     f"'base', 'sae', an artifact key or an artifact directory")
 
 
 def checked(manifest: Manifest) -> Manifest:
@@ -60,10 +63,34 @@ def cmd_export(args) -> int:
                          "the files it writes")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file: give a folder path")
-    out = export_llama(load_model(Path(manifest.path), "cpu"), tokenizer_path(manifest), Path(args.out_dir))
+    out = export_kept(manifest, out_dir) or export_llama(load_model(Path(manifest.path), "cpu"),
+                                                        tokenizer_path(manifest), out_dir)
+    if manifest.stage == "train_sae":
+        print(f"exported {manifest.stage}/{manifest.key} to {out} (sae-lens layout: cfg.json, sae_weights.safetensors)")
+        return 0
     print(f"exported {manifest.stage}/{manifest.key} to {out}\n"
           f"load with: AutoModelForCausalLM.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')")
     return 0
+
+
+def export_kept(manifest: Manifest, out_dir: Path) -> Path | None:
+    """Export what is not an lmpipe GPT: an SAE in the sae-lens layout, a frozen checkpoint kept by a role (its
+    files as they were imported); None for a GPT (exported as Llama)."""
+    import shutil
+
+    from stages.models.hf_adapter import HF_DIR, HF_FORMAT
+    from stages.models.sae_layouts import save_sae_lens
+    from stages.models.saved import load_sae
+    from storage.checkpoints import read_model_meta
+
+    directory = Path(manifest.path)
+    if manifest.stage == "train_sae":
+        sae, meta = load_sae(directory)
+        return save_sae_lens(out_dir, sae, int(meta["layer"]), model_name=f"lmpipe:{meta.get('reference_key')}")
+    if read_model_meta(directory).get("format") != HF_FORMAT:
+        return None
+    shutil.copytree(directory / HF_DIR, out_dir, dirs_exist_ok=True)
+    return out_dir
 
 
 def cmd_generate(args) -> int:
@@ -197,7 +224,8 @@ def add_commands(sub, config_args) -> None:
     """Register `export`, `generate` and `report` on the CLI."""
     export = sub.add_parser("export", help=cmd_export.__doc__)
     config_args(export)
-    export.add_argument("model", help="variant name (ntp, slm), 'reference', artifact key or directory")
+    export.add_argument("model", help="variant name (ntp, slm), 'reference', 'teacher', 'base', 'sae' (sae-lens "
+                        "layout), artifact key or directory")
     export.add_argument("out_dir", help="output folder (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty folder, replacing files")
     export.set_defaults(fn=cmd_export)

@@ -48,7 +48,7 @@ def resolve_source_filters(data: dict, preset_tokenize: dict) -> None:
     same_source = tokenize.get("source") == preset_tokenize["source"]
     for field in SOURCE_FILTERS:
         if tokenize.get(field) is _FROM_PRESET:
-            tokenize[field] = preset_tokenize[field] if same_source else None
+            tokenize[field] = preset_tokenize.get(field) if same_source else None  # None: dropped from the dump
 
 
 def validate(data: dict) -> PipelineConfig:

@@ -1,6 +1,7 @@
 """Named PipelineConfig presets: `tiny` (tests), `default` (the README main job), `compare` (default x 3 seeds),
 `full` (every variant, twice the tokens), `continual` (default from a base
-pretrained on the general split), `gpt2_small` (GPU)."""
+pretrained on the general split), `gpt2_small` (GPU); bring your own model (GPU, docs/byom.md): `continual_hf`
+(Rho-1 from a Llama checkpoint) and `cocomix_gpt2` (CoCoMix with GPT-2 and a pretrained SAE as concept source)."""
 
 from collections.abc import Callable
 
@@ -186,8 +187,58 @@ def continual() -> PipelineConfig:
     return PipelineConfig.model_validate(continual_cfg.model_dump())  # model_copy skips the cross-stage checks
 
 
+RHO1_CONTINUAL_LR = 8e-5
+"""Rho-1's continual-pretraining peak lr for TinyLlama-1.1B (Sec. 3.1)."""
+
+
+def _gpu_train(seq_len: int, max_tokens: int, lr: float) -> TrainConfig:
+    """A GPU run of 0.5M-token batches (micro-batches of 8 windows), compiled, evaluated every 250 steps."""
+    return TrainConfig(max_tokens=max_tokens, batch_size_tokens=524_288 // seq_len * seq_len, micro_batch_size=8,
+                       lr=lr, warmup_steps=100, eval_every_steps=250, eval_max_windows=100, log_every_steps=10,
+                       checkpoint_every_steps=1000, compile=True)
+
+
+def continual_hf() -> PipelineConfig:
+    """Rho-1's real setup (Sec. 3.1) from your own Llama-family checkpoint (TinyLlama-1.1B in the paper), on a GPU:
+    the base is the checkpoint as it is (base.train.max_tokens = 0: give it with --set base.init_from=<folder>),
+    the reference is it fine-tuned on `ref_train` for 100M tokens, and ntp and slm (top 60% by excess loss)
+    continue from it on `train` for 1B tokens, all at Rho-1's continual peak lr 8e-5 with the checkpoint's own
+    tokenizer and 2048-token windows. Set the corpus with tokenize.source/paths and tokenize.reference_where."""
+    seq_len = 2048
+    train = _gpu_train(seq_len, 1_000_000_000, RHO1_CONTINUAL_LR)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(tokenizer="model", seq_len=seq_len, documents_where="year >= 1913"),
+        base=BaseConfig(train=train.model_copy(update={"max_tokens": 0})),
+        reference=ReferenceConfig(train=train.model_copy(update={"max_tokens": 100_000_000})),
+        score=ScoreConfig(batch_size=16, num_shards=16),
+        target=TargetConfig(train=train, variants=RHO1_VARIANTS),
+        evaluate=EvaluateConfig(max_windows=2048),
+    )
+
+
+def cocomix_gpt2() -> PipelineConfig:
+    """CoCoMix (arXiv 2502.08524) with the paper's concept source, on a GPU: pretrained GPT-2 124M as the teacher
+    (--set teacher.init_from=<folder>, used as it is) and a pretrained SAE of its residual stream (--set
+    sae.init_from=<folder>, sae-lens or sparsify layout; its hook sets the layer), GPT-2's tokenizer, 1024-token
+    windows; 12 x 512 targets (~64M parameters) trained from scratch for 2B tokens: ntp, cocomix, kd (from the
+    same GPT-2) and the pause control."""
+    seq_len = 1024
+    model = ModelConfig(num_layers=12, num_heads=8, d_model=512)
+    train = _gpu_train(seq_len, 2_000_000_000, 6e-4)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(tokenizer="gpt2", seq_len=seq_len, documents_where="year >= 1913"),
+        teacher=TeacherConfig(train=train.model_copy(update={"max_tokens": 0})),
+        reference=ReferenceConfig(model=model, train=train.model_copy(update={"max_tokens": 200_000_000})),
+        sae=SAEConfig(max_tokens=0, eval_windows=64),
+        concepts=ExtractConfig(batch_size=16, num_shards=16),
+        target=TargetConfig(model=model, train=train, variants=[TargetVariant(name="ntp"), *COCOMIX_VARIANTS]),
+        evaluate=EvaluateConfig(max_windows=2048),
+    )
+
+
 PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "default": default, "compare": compare,
-                                                    "full": full, "continual": continual, "gpt2_small": gpt2_small}
+                                                    "full": full, "continual": continual, "gpt2_small": gpt2_small,
+                                                    "continual_hf": continual_hf, "cocomix_gpt2": cocomix_gpt2}
 
 
 def preset(name: str) -> PipelineConfig:

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.configs import PipelineConfig
+from stages.byom import resolve
 from stages.registry import Stage, stages
 from storage.artifacts import artifact_dir, artifact_key, is_built, success_stamp
 
@@ -46,7 +47,10 @@ class Node:
 def plan(cfg: PipelineConfig, registry: dict[str, Stage] | None = None) -> dict[str, Node]:
     """Every node of the pipeline in topological order, with keys chained through upstream keys.
 
-    Nodes of on-demand stages are kept only when another node depends on them."""
+    Nodes of on-demand stages are kept only when another node depends on them. Roles that start from a
+    checkpoint folder get its shape and file digest first (stages/byom.py): the digest is part of their config,
+    so their key and every downstream key change when a file of the checkpoint does."""
+    cfg = resolve(cfg)
     registry = registry if registry is not None else stages()
     nodes: dict[str, Node] = {}
     for stage in registry.values():

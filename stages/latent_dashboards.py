@@ -26,7 +26,6 @@ from tokenizers import Tokenizer
 from schemas.configs import LatentDashboardConfig, PipelineConfig
 from schemas.manifest import Manifest
 from schemas.tables import LATENT_CONTEXTS, LATENTS
-from stages.models.sae import layer_norm_stats
 from stages.models.saved import load_model, load_sae
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage
@@ -83,7 +82,7 @@ def encode_windows(model, sae, windows: TokenWindows, window_ids: np.ndarray, la
     """(vals_NK, idx_NK) of the SAE on the reference's residual at every input position of the windows."""
     inputs_BT, _ = windows.batch(window_ids, device)
     with torch.no_grad():
-        xn_ND, _, _ = layer_norm_stats(model.residual_after(inputs_BT, layer).flatten(0, 1))
+        xn_ND, _, _ = sae.normalize(model.residual_after(inputs_BT, layer).flatten(0, 1))
         vals_NK, idx_NK = sae.encode(xn_ND)
     return vals_NK.float().cpu().numpy(), idx_NK.cpu().numpy()
 

@@ -26,7 +26,7 @@ EVAL_SPLITS = ("val", "ref_val")
 def run(cfg: BaseConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train the base model on cfg.split (`train`) into `out`; returns the training summary."""
     return train_next_token(cfg.model, cfg.train, inputs, out, stage="train_base", name="base",
-                            train_split=cfg.split, eval_splits=EVAL_SPLITS)
+                            train_split=cfg.split, eval_splits=EVAL_SPLITS, init_from=cfg.init_from)
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:

@@ -28,7 +28,7 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train the reference model on ref_train into `out` (from the base's weights when the config has a base);
     returns the training summary."""
     return train_next_token(cfg.model, cfg.train, inputs, out, stage="train_reference", name="reference",
-                            train_split=TRAIN_SPLIT, eval_splits=EVAL_SPLITS)
+                            train_split=TRAIN_SPLIT, eval_splits=EVAL_SPLITS, init_from=cfg.init_from)
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:

@@ -32,6 +32,7 @@ from schemas.tables import METRICS
 from stages.models.gpt import GPT
 from stages.models.init_rng import seeded_generator
 from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
+from stages.models.sae_layouts import load_pretrained_sae, read_sae_folder
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
 from stages.runtime import interrupt
@@ -61,15 +62,19 @@ def sae_shape(cfg: SAEConfig, d_model: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np.ndarray, layer: int,
-                 device: torch.device, batch_size: int = 16) -> dict[str, float]:
-    """FVU, L0, clean and spliced-in reference loss over the given windows."""
+                 device: torch.device, batch_size: int = 16,
+                 tracker: DeadLatentTracker | None = None) -> dict[str, float]:
+    """FVU, L0, clean and spliced-in reference loss over the given windows (`tracker`: also counts which latents
+    fire)."""
     sq_err = sq_dev = l0 = clean = spliced = 0.0
     rows = 0
     for start in range(0, len(window_ids), batch_size):
         inputs_BT, targets_BT = windows.batch(window_ids[start:start + batch_size], device)
         h_BTD = model.residual_after(inputs_BT, layer)
-        xn_BTD, mu_BT1, std_BT1 = layer_norm_stats(h_BTD)
+        xn_BTD, mu_BT1, std_BT1 = sae.normalize(h_BTD)
         out = sae(xn_BTD.flatten(0, 1))
+        if tracker is not None:
+            tracker.update(out.idx_NK, out.vals_NK)
         xn_ND = xn_BTD.flatten(0, 1)
         sq_err += float((out.xhat_ND - xn_ND).pow(2).sum())
         sq_dev += float((xn_ND - xn_ND.mean(0)).pow(2).sum())
@@ -129,6 +134,8 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     tokens, reference = inputs["tokens"], inputs["reference"]
     out, device = Path(out), resolve_device(cfg.device)
     model = load_model(Path(reference.path), device).requires_grad_(False)
+    if cfg.init_from is not None:
+        return import_sae(cfg, model, inputs, out, device)
     layer = sae_layer(cfg, model.cfg.num_layers)
     if layer > model.num_trunk_layers:
         raise ValueError(f"sae.layer={layer} is outside the reference's blocks 0..{model.num_trunk_layers}")
@@ -197,6 +204,28 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     rows_per_s = (rows_seen - start_rows) / max(time.perf_counter() - started, 1e-9)
     return {"num_latents": num_latents, "k": k, "layer": layer, "rows": rows_seen, **final,
             "rows_per_s": round(rows_per_s, 1), "resumed_from_step": start_step}
+
+
+def import_sae(cfg: SAEConfig, model, inputs: dict[str, Manifest], out: Path, device: torch.device) -> dict:
+    """The pretrained SAE of cfg.init_from (stages/models/sae_layouts.py) instead of a trained one: its FVU, L0,
+    dead fraction (latents that never fire on the evaluation windows) and spliced-in loss on this corpus's `val`,
+    as metrics at step 0; saved like a trained SAE."""
+    sae = load_pretrained_sae(cfg.init_from, cfg.k, layer_norm_model=getattr(model, "layer_norm_blocks", False))
+    layer = read_sae_folder(cfg.init_from).layer
+    windows = TokenWindows.from_manifest(inputs["tokens"], "val")
+    tracker = DeadLatentTracker(sae.num_latents, device)
+    sae = sae.to(device)
+    eval_ids = spread_window_ids(len(windows), cfg.eval_windows)
+    final = evaluate_sae(sae, model, windows, eval_ids, layer, device, tracker=tracker)
+    final["dead_fraction"] = float(tracker.dead_mask(len(eval_ids) * windows.seq_len - 1).float().mean())
+    log.info("train_sae: imported %s (layer %d, %d latents, k=%d) | %s", cfg.init_from, layer, sae.num_latents,
+             sae.k, " | ".join(f"{n} {v:.4f}" for n, v in final.items()))
+    save_sae(out, sae, {"layer": layer, "reference_key": inputs["reference"].key, "init_from": cfg.init_from})
+    names = list(final)
+    write_table(out / "metrics.parquet", {"step": [0] * len(names), "tokens_seen": [0] * len(names),
+                                          "name": [f"eval/{n}" for n in names],
+                                          "value": [final[n] for n in names]}, METRICS)
+    return {"num_latents": sae.num_latents, "k": sae.k, "layer": layer, "rows": 0, **final, "imported": True}
 
 
 STAGE = Stage(

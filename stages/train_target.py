@@ -26,7 +26,7 @@ from stages.objectives.base import TokenColumns, UpstreamModel
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, stage
 from stages.training.loop import ProbeSet, TrainRun, train
-from stages.training.next_token_run import init_model, init_upstream
+from stages.training.next_token_run import checkpoint_vocab, init_model, init_upstream
 from storage.catalog import JoinView, TableSpec
 from storage.token_columns import dense_token_columns
 from storage.windows import TokenWindows, spread_window_ids
@@ -62,7 +62,10 @@ def token_lookups(need: TokenColumns, manifest: Manifest, windows: TokenWindows)
 def run(cfg: TargetRun, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train one target variant on `train` into `out`; returns the training summary."""
     tokens, variant = inputs["tokens"], cfg.variant
-    objective = build_objective(cfg.model, variant, inputs)
+    model_cfg, vocab = cfg.model, checkpoint_vocab(cfg.init_from)
+    if cfg.init_from is not None:  # the checkpoint's L layers are the trunk and head 0; each extra head one more
+        model_cfg = model_cfg.model_copy(update={"num_layers": model_cfg.num_layers + variant.num_future_tokens - 1})
+    objective = build_objective(model_cfg, variant, inputs)
     train_windows = TokenWindows.from_manifest(tokens, TRAIN_SPLIT)
     val_windows = {split: TokenWindows.from_manifest(tokens, split) for split in EVAL_SPLITS}
     lookups: dict[str, np.ndarray] = {}
@@ -80,9 +83,10 @@ def run(cfg: TargetRun, inputs: dict[str, Manifest], out: Path) -> dict:
     meta = {"stage": "train_target", "variant": variant.model_dump(mode="json"), "tokens_key": tokens.key,
             "upstream_keys": {role: m.key for role, m in inputs.items()}}
     return train(TrainRun(objective, train_windows, val_windows, cfg.train, Path(out),
-                          vocab_size=int(tokens.summary["vocab_size"]),
+                          vocab_size=vocab or int(tokens.summary["vocab_size"]),
                           label=f"target/{variant.name} seed {cfg.train.seed}", lookups=lookups,
-                          upstream_models=models, probe=probe, meta=meta, init_from=init_model(inputs)))
+                          upstream_models=models, probe=probe, meta=meta, init_from=init_model(inputs),
+                          checkpoint=cfg.init_from))
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:

@@ -29,7 +29,7 @@ EVAL_SPLITS = ("val", "ref_val")
 def run(cfg: TeacherConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """Train the teacher on cfg.splits (joined) into `out`; returns the training summary."""
     return train_next_token(cfg.model, cfg.train, inputs, out, stage="train_teacher", name="teacher",
-                            train_split=tuple(cfg.splits), eval_splits=EVAL_SPLITS)
+                            train_split=tuple(cfg.splits), eval_splits=EVAL_SPLITS, init_from=cfg.init_from)
 
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:

@@ -8,8 +8,8 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
     models        ModelConfig (the transformer shape)
     objectives    TargetVariant and its parts: SelectionConfig, ConceptsConfig, PauseConfig, DistillConfig;
                   ScoreConfig (score_reference, the scores selection ranks by)
-    training      TrainConfig, BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig, TargetConfig, TargetRun,
-                  replica_name, variant_of
+    training      TrainConfig, CheckpointRole (init_from), BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig,
+                  TargetConfig, TargetRun, replica_name, variant_of
     sae_concepts  SAEConfig (train_sae), ExtractConfig (extract_concepts), LatentDashboardConfig
                   (latent_dashboards)
     evaluation    EvaluateConfig (evaluate)
@@ -32,6 +32,7 @@ from schemas.configs.pipeline import PipelineConfig
 from schemas.configs.sae_concepts import ExtractConfig, LatentDashboardConfig, SAEConfig
 from schemas.configs.training import (
     BaseConfig,
+    CheckpointRole,
     DynamicsConfig,
     ReferenceConfig,
     TargetConfig,
@@ -43,8 +44,8 @@ from schemas.configs.training import (
 )
 
 __all__ = [
-    "PACKAGED_DATASET_BUILDERS", "BaseConfig", "ConceptsConfig", "DistillConfig", "DynamicsConfig", "EvaluateConfig",
-    "ExtractConfig", "LatentDashboardConfig", "LaterFields", "ModelConfig", "PauseConfig", "PipelineConfig",
-    "ReferenceConfig", "SAEConfig", "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun", "TargetVariant",
-    "TeacherConfig", "TextUnit", "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
+    "PACKAGED_DATASET_BUILDERS", "BaseConfig", "CheckpointRole", "ConceptsConfig", "DistillConfig", "DynamicsConfig",
+    "EvaluateConfig", "ExtractConfig", "LatentDashboardConfig", "LaterFields", "ModelConfig", "PauseConfig",
+    "PipelineConfig", "ReferenceConfig", "SAEConfig", "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun",
+    "TargetVariant", "TeacherConfig", "TextUnit", "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
 ]

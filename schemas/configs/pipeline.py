@@ -47,12 +47,15 @@ class PipelineConfig(StrictModel):
         if REFERENCE_NAME in names:
             raise ValueError(f"target.variants: {REFERENCE_NAME!r} names the reference model in the report and the "
                              "comparison tables; give the variant another name")
-        for variant in self.target.variants:
-            self._check_variant_fits(variant)
-        if self.sae.layer is not None and self.sae.layer >= self.teacher.model.num_layers:
+        self._check_checkpoint_roles()
+        if not _unresolved(self.target):  # a checkpoint's depth is known once planned (stages/byom.py checks it)
+            for variant in self.target.variants:
+                self._check_variant_fits(variant)
+        if self.sae.layer is not None and not _unresolved(self.teacher) and \
+                self.sae.layer >= self.teacher.model.num_layers:
             raise ValueError(f"sae.layer ({self.sae.layer}) must be a teacher block 0..."
                              f"{self.teacher.model.num_layers - 1}")
-        if any(variant.concepts is not None for variant in self.target.variants):
+        if any(variant.concepts is not None for variant in self.target.variants) and not _unresolved(self.teacher):
             self._check_concepts()
         self._check_base()
         self._check_batches()
@@ -69,7 +72,8 @@ class PipelineConfig(StrictModel):
         if heads >= self.tokenize.seq_len:
             raise ValueError(f"{where}.num_future_tokens ({heads}) needs tokenize.seq_len > num_future_tokens "
                              f"(seq_len={self.tokenize.seq_len})")
-        trunk = num_layers - heads
+        # from a checkpoint of L layers, n heads are its layers plus n - 1 blocks: the trunk is L - 1
+        trunk = num_layers - (1 if self.target.init_from else heads)
         for part_name, part in (("concepts", variant.concepts), ("pause", variant.pause)):
             if part is None:
                 continue
@@ -102,7 +106,7 @@ class PipelineConfig(StrictModel):
 
     def _check_base(self) -> None:
         """With a base, reference and target start from its weights: the same model shape."""
-        if self.base is None:
+        if self.base is None or _unresolved(self.base):
             return
         for model_path, model in (("reference.model", self.reference.model), ("target.model", self.target.model)):
             differ = sorted(name for name, value in model if value != getattr(self.base.model, name))
@@ -127,3 +131,17 @@ class PipelineConfig(StrictModel):
                     f"{train.world_size} * micro_batch_size * tokenize.seq_len = {train.world_size * window_tokens} "
                     "or lower micro_batch_size"
                 )
+
+    def _check_checkpoint_roles(self) -> None:
+        """init_from with a base (a missing or bad checkpoint folder is reported before a run: stages/byom.py)."""
+        if self.base is not None:
+            for role in (self.reference, self.target):
+                if role.init_from is not None:
+                    raise ValueError(f"{role.ROLE}.init_from: with a base, the {role.ROLE} starts from the base's "
+                                     f"weights; set base.init_from instead (or drop base)")
+
+
+def _unresolved(role) -> bool:
+    """True for a role whose model shape will come from its checkpoint but has not been read yet (the planner
+    fills the shape and init_digest together)."""
+    return role.init_from is not None and role.init_digest is None

@@ -7,10 +7,13 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 
 
-class SAEConfig(StrictModel):
+class SAEConfig(LaterFields):
     """TopK sparse autoencoder on the reference model's residual stream (Gao et al. 2024 recipe)."""
+
+    LATER = {"init_from": None, "init_digest": None}
 
     layer: int | None = Field(None, ge=0)
     """Residual stream after this reference block (0-based). None: the middle, reference num_layers // 2 - 1
@@ -20,8 +23,10 @@ class SAEConfig(StrictModel):
     k: int | None = Field(None, ge=1)
     """Active latents per token. None: min(32, d_model // 8) (k = 32 for d_model >= 256; fewer for small widths,
     where 32 of a 128-wide stream would not be sparse)."""
-    max_tokens: int = Field(1_000_000, ge=1)
-    """Activation rows (tokens of the train split) to train on; the split is cycled when shorter."""
+    max_tokens: int = Field(1_000_000, ge=0)
+    """Activation rows (tokens of the train split) to train on; the split is cycled when shorter. 0 (only with
+    init_from, checked before a run): no training, the pretrained SAE is used as it is (an SAE from init_from is
+    never trained)."""
     batch_rows: int = Field(4096, ge=1)
     """Activation rows per Adam step."""
     lr: float = Field(5e-4, gt=0)
@@ -40,6 +45,14 @@ class SAEConfig(StrictModel):
     """Seed for init and row order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward and SAE training."""
+    init_from: str | None = None
+    """A pretrained SAE folder instead of training one: sae-lens layout (cfg.json + sae_weights.safetensors; TopK or
+    ReLU `standard`) or EleutherAI sparsify layout (cfg.json + sae.safetensors, the folder of one hookpoint such as
+    `layers.5`). Its hook sets the layer (sae.layer, when given, must agree); it is evaluated on this corpus (the
+    same FVU / L0 / dead / spliced-loss metrics) and not trained. A ReLU SAE keeps at most `k` active latents per
+    token (default 128). See docs/byom.md."""
+    init_digest: str | None = None
+    """Set by the planner (stages/dag.py), not by hand: the sha256 of init_from's files (part of the artifact key)."""
 
     def shape(self, d_model: int) -> tuple[int, int]:
         """(num_latents, k) of the SAE on a d_model-wide residual stream: expansion * d_model latents, and k as

@@ -2,11 +2,12 @@
 the TargetRun that one train_target artifact depends on.
 """
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 from schemas.configs.models import ModelConfig
 from schemas.configs.objectives import TargetVariant
 
@@ -14,8 +15,9 @@ from schemas.configs.objectives import TargetVariant
 class TrainConfig(StrictModel):
     """Optimisation, schedule, evaluation and checkpointing of one training run."""
 
-    max_tokens: int = Field(200_000, ge=1)
-    """Token budget: training stops after the first step that reaches it."""
+    max_tokens: int = Field(200_000, ge=0)
+    """Token budget: training stops after the first step that reaches it. 0 (only with the role's init_from, checked
+    before a run): no training, the checkpoint is used as it is (evaluated once)."""
     batch_size_tokens: int = Field(4096, ge=1)
     """Global batch in tokens per optimizer step; must be a multiple of micro_batch_size * seq_len."""
     micro_batch_size: int = Field(16, ge=1)
@@ -76,10 +78,36 @@ class TrainConfig(StrictModel):
         return self.num_processes * self.num_nodes
 
 
-class BaseConfig(StrictModel):
+class CheckpointRole(LaterFields):
+    """A model role that can start from a local Hugging Face checkpoint folder (`init_from`); the fields are left
+    out of dumps while unset, so configs without them keep their artifact keys."""
+
+    LATER = {"init_from": None, "init_digest": None}
+    ROLE: ClassVar[str] = "model"
+    """The config path of the role, for messages."""
+
+    init_from: str | None = None
+    """A Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer files) the role starts from:
+    its `model` shape comes from the checkpoint (a shape given as well must agree), and train.max_tokens = 0 uses
+    it as it is. Llama-family checkpoints become lmpipe models; others (GPT-2, Qwen2) serve only the frozen roles
+    (reference with max_tokens 0, teacher with max_tokens 0). See docs/byom.md."""
+    init_digest: str | None = None
+    """Set by the planner (stages/dag.py), not by hand: the sha256 of init_from's files, so that the artifact key
+    (a hash of this config) changes when a file of the checkpoint does."""
+
+    @model_validator(mode="after")
+    def _check_init_from(self):
+        if self.init_digest is not None and self.init_from is None:
+            raise ValueError(f"{self.ROLE}.init_digest is set by the planner for init_from; leave it unset")
+        return self
+
+
+class BaseConfig(CheckpointRole):
     """The base model of the continual-pretraining setup (Rho-1 Sec. 3.1): a plain next-token model pretrained
     on the general data; the reference is fine-tuned from it on `ref_train` and every target continues from it,
     instead of both starting from random weights."""
+
+    ROLE = "base"
 
     model: ModelConfig = ModelConfig()
     """Base model shape; reference.model and target.model must be the same (their weights are copied from it;
@@ -93,11 +121,13 @@ class BaseConfig(StrictModel):
     documents the base trained on, and the targets continue on data the base has seen)."""
 
 
-class TeacherConfig(StrictModel):
+class TeacherConfig(CheckpointRole):
     """The teacher (stage train_teacher): a general next-token model, stronger than the targets, that CoCoMix's
     concepts (the SAE and the concept labels) and distillation's teacher come from, as the paper's pretrained
     GPT-2 does. Built only when a variant uses concepts or distillation. Its data are splits no target is evaluated
     on (never `val`, `ref_val` or `ref_train`)."""
+
+    ROLE = "teacher"
 
     model: ModelConfig = ModelConfig()
     """Teacher model shape (may be wider or deeper than the targets; it must share their vocabulary)."""
@@ -109,8 +139,10 @@ class TeacherConfig(StrictModel):
     split, but not from the students' data)."""
 
 
-class ReferenceConfig(StrictModel):
+class ReferenceConfig(CheckpointRole):
     """The reference model, trained on the reference subset."""
+
+    ROLE = "reference"
 
     model: ModelConfig = ModelConfig()
     """Reference model shape."""
@@ -128,8 +160,12 @@ class DynamicsConfig(StrictModel):
     """|delta loss| above this marks H->L or L->H (paper: 0.2)."""
 
 
-class TargetConfig(StrictModel):
-    """The target models: one shape and training run, several objective variants."""
+class TargetConfig(CheckpointRole):
+    """The target models: one shape and training run, several objective variants (init_from: every variant
+    starts from the checkpoint; a variant with n prediction heads gets n - 1 extra blocks, copies of its last
+    layer)."""
+
+    ROLE = "target"
 
     model: ModelConfig = ModelConfig()
     """Target model shape (shared by all variants)."""
@@ -154,7 +190,7 @@ class TargetConfig(StrictModel):
         return self
 
 
-class TargetRun(StrictModel):
+class TargetRun(CheckpointRole):
     """What one train_target artifact depends on: the shared target settings and one variant.
 
     The list of other variants is left out, so adding a variant never retrains the existing ones.
@@ -169,11 +205,14 @@ class TargetRun(StrictModel):
     variant: TargetVariant
     """The objective of this target."""
 
+    ROLE = "target"
+
     @classmethod
     def of(cls, target: TargetConfig, variant: TargetVariant, replica: int = 0) -> "TargetRun":
         """Run `replica` (0-based, see TargetConfig.seeds) of one variant of a TargetConfig."""
         train = target.train.model_copy(update={"seed": target.train.seed + replica}) if replica else target.train
-        return cls(model=variant.model or target.model, train=train, dynamics=target.dynamics, variant=variant)
+        return cls(model=variant.model or target.model, train=train, dynamics=target.dynamics, variant=variant,
+                   init_from=target.init_from, init_digest=target.init_digest)
 
 
 def replica_name(variant: str, replica: int) -> str:

@@ -2,10 +2,13 @@
 
 Writes (through the tokenize_corpus stage) `tokenizer.json` (a Hugging Face `tokenizers` file) and
 `vocab.parquet` (schema schemas.tables.VOCAB: token_id, token = the decoded text of that single id, is_special).
-Every tokenizer has `<|endoftext|>` as a special token: it separates documents in the packed streams.
+Every tokenizer has `<|endoftext|>` as a special token: it separates documents in the packed streams. A pretrained
+checkpoint's tokenizer without it (Llama's `</s>`, Llama 3's `<|end_of_text|>`) gets its own end-of-sequence token
+renamed to `<|endoftext|>`: the same id joins the documents, so the model reads them as it was trained to.
 """
 
 import importlib.util
+import json
 import logging
 import time
 from collections.abc import Iterable, Sized
@@ -30,7 +33,7 @@ def build_tokenizer(cfg: TokenizeConfig, train_texts: Iterable[str]) -> Tokenize
         return train_bpe(train_texts, cfg.vocab_size)
     if cfg.tokenizer == "gpt2":
         return load_gpt2()
-    return load_tokenizer_file(Path(cfg.tokenizer_path))
+    return load_tokenizer_file(Path(cfg.tokenizer_path))  # `file`, or `model` (the planner set the folder)
 
 
 def _byte_level(tokenizer: Tokenizer) -> Tokenizer:
@@ -71,16 +74,56 @@ def load_gpt2() -> Tokenizer:
 
 
 def load_tokenizer_file(path: Path) -> Tokenizer:
-    """A tokenizer.json file that must already contain <|endoftext|>."""
+    """A tokenizer.json file, or a checkpoint folder holding one, with <|endoftext|> (a folder's tokenizer without
+    it: its eos token, from tokenizer_config.json or config.json, renamed to it)."""
+    folder = Path(path) if Path(path).is_dir() else None
+    path = folder / "tokenizer.json" if folder is not None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenize.tokenizer_path: {str(path)!r} does not exist")
+        raise FileNotFoundError(f"tokenize.tokenizer_path: {str(path)!r} does not exist (save the checkpoint's "
+                                "tokenizer with save_pretrained: it writes tokenizer.json)")
     tokenizer = Tokenizer.from_file(str(path))
+    eos = checkpoint_eos(folder, tokenizer) if folder is not None else None
+    if tokenizer.token_to_id(EOT) is None and eos is not None:
+        return _renamed(tokenizer, eos, EOT)
     if tokenizer.token_to_id(EOT) is None:
         raise ValueError(
             f"tokenize.tokenizer_path: {str(path)!r} has no {EOT!r} token; add it with "
-            f"tokenizer.add_special_tokens([{EOT!r}]) and save the file again"
+            f"tokenizer.add_special_tokens([{EOT!r}]) and save the file again (or give the checkpoint folder, "
+            "whose eos_token then joins the documents)"
         )
     return tokenizer
+
+
+def checkpoint_eos(folder: Path, tokenizer: Tokenizer) -> str | None:
+    """The end-of-sequence token of a checkpoint folder: tokenizer_config.json's eos_token, else config.json's
+    eos_token_id (the first of a list); None when neither names a token of the tokenizer."""
+    config_path, model_path = folder / "tokenizer_config.json", folder / "config.json"
+    token = json.loads(config_path.read_text()).get("eos_token") if config_path.is_file() else None
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is None and model_path.is_file():
+        eos_id = json.loads(model_path.read_text()).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        token = tokenizer.id_to_token(eos_id) if isinstance(eos_id, int) else None
+    return token if token is not None and tokenizer.token_to_id(token) is not None else None
+
+
+def _renamed(tokenizer: Tokenizer, old: str, new: str) -> Tokenizer:
+    """The tokenizer with token `old` called `new` (same id; in the added tokens and the model's vocabulary)."""
+    data = json.loads(tokenizer.to_str())
+    for added in data.get("added_tokens", []):
+        if added["content"] == old:
+            added["content"] = new
+    vocab = data.get("model", {}).get("vocab")
+    if isinstance(vocab, dict) and old in vocab:
+        vocab[new] = vocab.pop(old)
+    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs
+        for entry in vocab:
+            if entry[0] == old:
+                entry[0] = new
+    renamed = Tokenizer.from_str(json.dumps(data))
+    log.info("the checkpoint tokenizer's eos token %r (id %d) joins documents as %s", old, renamed.token_to_id(new),
+             new)
+    return renamed
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

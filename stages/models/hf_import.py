@@ -106,7 +106,7 @@ def llama_model_config(config: dict, path: Path) -> tuple[ModelConfig, int, int]
     return model, int(config["vocab_size"]), int(config.get("max_position_embeddings", 2048))
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
+def weight_files(directory: Path) -> dict[str, Path]:
     """tensor name -> file, from the shard index or the single safetensors file's header."""
     index = directory / INDEX
     if index.exists():
@@ -131,10 +131,10 @@ def read_llama_checkpoint(directory: str | Path) -> LlamaCheckpoint:
         raise ValueError(f"{path}: missing; a Hugging Face checkpoint directory needs config.json "
                          "(save it with save_pretrained)")
     model, vocab_size, max_seq_len = llama_model_config(json.loads(path.read_text()), path)
-    return LlamaCheckpoint(directory, model, vocab_size, max_seq_len, _weight_files(directory))
+    return LlamaCheckpoint(directory, model, vocab_size, max_seq_len, weight_files(directory))
 
 
-def _check_tensors(targets: dict[str, nn.Parameter], checkpoint: LlamaCheckpoint) -> None:
+def check_tensors(targets: dict[str, nn.Parameter], checkpoint: LlamaCheckpoint) -> None:
     """Every target tensor is in the checkpoint with its shape, and the checkpoint holds nothing else."""
     files = checkpoint.weight_files
     missing = sorted(set(targets) - set(files))
@@ -169,7 +169,7 @@ def load_llama_weights(model: GPT, checkpoint: LlamaCheckpoint | str | Path) -> 
     if not isinstance(checkpoint, LlamaCheckpoint):
         checkpoint = read_llama_checkpoint(checkpoint)
     targets = llama_parameters(model)
-    _check_tensors(targets, checkpoint)
+    check_tensors(targets, checkpoint)
     for file in sorted(set(checkpoint.weight_files[name] for name in targets)):
         with safe_open(file, "pt", device="cpu") as f:
             for name in (n for n in targets if checkpoint.weight_files[n] == file):

@@ -73,8 +73,16 @@ class SAEOutput:
 class TopKSAE(nn.Module):
     """TopK SAE with tied init, a shared pre_bias, unit-norm decoder rows W_dec (L, D) and a sparse decode."""
 
-    def __init__(self, d_model: int, num_latents: int, k: int, generator: torch.Generator | None = None):
+    INPUT_NORMS = ("layer_norm", "none", "center")
+    """How a residual becomes the SAE's input (`normalize`): lmpipe's per-token layer norm; none (a pretrained SAE
+    on the raw residual); center (minus its per-token mean: SAEs of TransformerLens' centred GPT-2 residual)."""
+
+    def __init__(self, d_model: int, num_latents: int, k: int, generator: torch.Generator | None = None,
+                 input_norm: str = "layer_norm"):
         super().__init__()
+        if input_norm not in self.INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {self.INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         if num_latents < 1:
@@ -91,7 +99,16 @@ class TopKSAE(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, for saving next to the weights."""
-        return {"d_model": self.d_model, "num_latents": self.num_latents, "k": self.k}
+        extra = {"input_norm": self.input_norm} if self.input_norm != "layer_norm" else {}
+        return {"d_model": self.d_model, "num_latents": self.num_latents, "k": self.k} | extra
+
+    def normalize(self, h_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(xn, mu, std) with xn the SAE's input and h = xn * std + mu (the reconstruction maps back likewise)."""
+        if self.input_norm == "layer_norm":
+            return layer_norm_stats(h_ND)
+        ones = h_ND.new_ones(*h_ND.shape[:-1], 1)
+        mu = h_ND.mean(dim=-1, keepdim=True) if self.input_norm == "center" else ones * 0
+        return h_ND - mu, mu, ones
 
     def preactivations(self, xn_ND: torch.Tensor, latent_ids_M: torch.Tensor | None = None) -> torch.Tensor:
         """(xn - pre_bias) @ W_enc.T + latent_bias for all latents (N, L) or only latent_ids_M (N, M).
@@ -257,7 +274,7 @@ def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tenso
         loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
         (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
     with torch.no_grad():
-        xn_ND, _, _ = layer_norm_stats(h_BTD.detach().flatten(0, 1))
+        xn_ND, _, _ = sae.normalize(h_BTD.detach().flatten(0, 1))
         vals_NK, idx_NK = sae.encode(xn_ND)
         scores_NK = attribution_scores(grad_BTD.flatten(0, 1), vals_NK, idx_NK, sae.W_dec)
         ids_NT, top_scores_NT = top_concepts(scores_NK, idx_NK, top)

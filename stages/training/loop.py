@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from schemas.tables import METRICS, PROBE_LOSSES
+from stages.models.hf_import import load_llama_weights
 from stages.models.init_rng import seeded_generator
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
@@ -52,7 +53,7 @@ def compile_blocks(model: nn.Module) -> None:
                 block.compile()
 
 
-def _write_tables(work_dir: Path, state: RunState) -> None:
+def write_run_tables(work_dir: Path, state: RunState) -> None:
     """metrics.parquet, plus probe_losses.parquet when probe losses were recorded."""
     rows = state.metrics
     write_table(work_dir / "metrics.parquet", {
@@ -125,6 +126,9 @@ def _start(run: TrainRun, device: torch.device, ranks: distributed.Ranks | None,
     if run.init_from is not None:
         fresh = [name for name, source in init_from_base(model, run.init_from).items() if source is None]
         log.info("%s: initialised from the base model (fresh: %s)", label, ", ".join(fresh) or "none")
+    if run.checkpoint is not None:
+        load_llama_weights(model, run.checkpoint)
+        log.info("%s: initialised from the checkpoint %s", label, run.checkpoint)
     num_params = sum(p.numel() for p in model.parameters())  # before sharding
     if ranks is not None:
         distributed.wrap(model, cfg.parallelism, device)
@@ -203,7 +207,7 @@ def _train(run: TrainRun, on_step: Callable[[int], None] | None = None,
         objective.load_state_dict(ranks.sum_state(objective.state_dict()))
     if writer:
         checkpoints.save_model(run.work_dir, final, run.meta)
-        _write_tables(run.work_dir, state)
+        write_run_tables(run.work_dir, state)
         objective.write_tables(run.work_dir, run.train_windows.split)
         checkpointer.clear()
     val_losses = evaluator.last

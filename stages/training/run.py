@@ -53,6 +53,9 @@ class TrainRun:
     """Saved in model.json beside the model's shape."""
     init_from: nn.Module | None = None
     """A base model whose weights the fresh model starts from (init_weights.py; a resumed checkpoint wins)."""
+    checkpoint: str | None = None
+    """A Llama checkpoint folder whose weights the fresh model starts from (stages/models/hf_import.py: its
+    layers are the trunk and head 0, extra heads copy the last layer; a resumed checkpoint wins)."""
 
     def __post_init__(self):
         self.work_dir = Path(self.work_dir)
