@@ -40,7 +40,7 @@ PROBE_SPLIT = "val"
 
 def token_lookups(need: TokenColumns, manifest: Manifest, windows: TokenWindows) -> dict[str, np.ndarray]:
     """The needed columns as arrays indexed by token_index; checks every training target has a finite row."""
-    token_table = stage(need.stage).token_table
+    token_table = stage(need.stage.split(".", 1)[0]).token_table  # a node `<stage>.<name>` reads like its stage
     if token_table is None:
         raise ValueError(f"stage {need.stage} declares no per-token table to read {need.columns} from")
     files = token_table.files(manifest, windows.split)
