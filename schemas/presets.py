@@ -68,6 +68,15 @@ in `compare` (with 3 seeds) and `full`, mtp4 in `full`: the default's time (stag
 scaled by the 12.5-minute default of 2026-11 with ntp, slm, cocomix, kd and mtp2: ~18 minutes on 2 quiet cores)
 keeps every matched control instead."""
 
+ATTRIBUTION_VARIANTS = [
+    TargetVariant(name="cocomix_token", concepts=ConceptsConfig(attribution="token")),
+    TargetVariant(name="cocomix_act", concepts=ConceptsConfig(attribution="activation")),
+]
+"""CoCoMix with other labelling rules (Fig. 6(a)'s ablation; the default rule is the window-mean gradient):
+labels from the position's own next-token loss, and labels ranked by activation. Each reads its own
+extract_concepts.<rule> node."""
+
+
 
 def tiny() -> PipelineConfig:
     """Seconds-scale pipeline for tests: the addresses since 2014, a 4-layer d=32 model, a few thousand tokens."""
@@ -161,10 +170,14 @@ def gpt2_small() -> PipelineConfig:
 
 
 def compare() -> PipelineConfig:
-    """`default` with 3 seed runs per target variant: the README's comparison with its spread. Its seed-0 runs
-    are the default run's artifacts (same keys), so after `lmpipe run` only the seed 1 and 2 runs are trained."""
+    """`default` with 3 seed runs per target variant, plus kd and the attribution ablations (cocomix_token,
+    cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own reference, teacher, scores,
+    SAE and labels trained with seed + r (seed_upstream), so the spread includes the upstream models' luck. Its
+    seed-0 runs of the default's variants are the default run's artifacts (same keys)."""
     cfg = default()
-    return cfg.model_copy(update={"target": cfg.target.model_copy(update={"seeds": 3})})
+    variants = cfg.target.variants + [v for v in COCOMIX_VARIANTS if v.name == "kd"] + ATTRIBUTION_VARIANTS
+    return cfg.model_copy(update={"seed_upstream": True,
+                                  "target": cfg.target.model_copy(update={"seeds": 3, "variants": variants})})
 
 
 CONTINUAL_LR_RATIO = 8e-5 / 3e-4

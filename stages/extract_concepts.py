@@ -45,6 +45,7 @@ from stages.registry import (
 )
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
+from stages.seeded_upstream import with_seeded
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
 from storage.windows import TokenWindows
@@ -202,9 +203,9 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     upstream = {"tokens": "tokenize_corpus", "reference": "train_teacher", "sae": "train_sae"}
     rules = dict.fromkeys(v.concepts.attribution for v in cfg.target.variants
                           if v.concepts is not None and v.concepts.attribution is not None)
-    return [NodeDecl("extract_concepts", cfg.concepts, upstream)] + [
+    return with_seeded([NodeDecl("extract_concepts", cfg.concepts, upstream)] + [
         NodeDecl(f"extract_concepts.{rule}", cfg.concepts.model_copy(update={"attribution": rule}), upstream)
-        for rule in rules]
+        for rule in rules], cfg)
 
 
 STAGE = Stage(

@@ -25,6 +25,7 @@ from stages.models.saved import load_model
 from stages.objectives.base import TokenColumns, UpstreamModel
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, stage
+from stages.seeded_upstream import seeded_node
 from stages.training.loop import ProbeSet, TrainRun, train
 from stages.training.next_token_run import init_model, init_upstream
 from storage.catalog import JoinView, TableSpec
@@ -92,9 +93,10 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
         upstream = {"tokens": "tokenize_corpus"}
         upstream |= {need.role: need.stage for need in build_objective(cfg.target.model, variant).needs}
         upstream |= init_upstream(cfg)  # continual pretraining: start from the base model
-        for replica in range(cfg.target.seeds):
+        for replica in range(cfg.target.seeds):  # seed runs may read their own upstream (cfg.seed_upstream)
             decls.append(NodeDecl(f"train_target.{replica_name(variant.name, replica)}",
-                                  TargetRun.of(cfg.target, variant, replica), upstream))
+                                  TargetRun.of(cfg.target, variant, replica),
+                                  {role: seeded_node(up, replica, cfg) for role, up in upstream.items()}))
     return decls
 
 
