@@ -11,6 +11,7 @@ from schemas.configs import (
     DistillConfig,
     EvaluateConfig,
     ExtractConfig,
+    LatentDashboardConfig,
     ModelConfig,
     PauseConfig,
     PipelineConfig,
@@ -61,9 +62,20 @@ MTP_VARIANTS = [
 ALL_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS + MATCHED_CONTROLS
 """Every objective of the three papers with its controls (the `full` preset)."""
 
-DEFAULT_VARIANTS = RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS[:1] + MATCHED_CONTROLS
-"""The main job's comparison: ntp, slm, cocomix, kd, pause, mtp2 and the matched controls ntp_wide and ntp_l3
-(mtp4 runs in `full`)."""
+DEFAULT_VARIANTS = [v for v in RHO1_VARIANTS + COCOMIX_VARIANTS + MTP_VARIANTS[:1] + MATCHED_CONTROLS
+                    if v.name != "kd"]
+"""The main job's comparison: ntp, slm, cocomix, pause, mtp2 and the matched controls ntp_wide and ntp_l3. kd runs
+in `compare` (with 3 seeds) and `full`, mtp4 in `full`: the default's time (stages/evaluation/flops.py totals,
+scaled by the 12.5-minute default of 2026-11 with ntp, slm, cocomix, kd and mtp2: ~18 minutes on 2 quiet cores)
+keeps every matched control instead."""
+
+ATTRIBUTION_VARIANTS = [
+    TargetVariant(name="cocomix_token", concepts=ConceptsConfig(attribution="token")),
+    TargetVariant(name="cocomix_act", concepts=ConceptsConfig(attribution="activation")),
+]
+"""CoCoMix with other labelling rules (Fig. 6(a)'s ablation; the default rule is the window-mean gradient):
+labels from the position's own next-token loss, and labels ranked by activation. Each reads its own
+extract_concepts.<rule> node."""
 
 
 
@@ -97,12 +109,14 @@ def _scaled(control: ModelConfig, model: ModelConfig) -> ModelConfig:
 
 def default() -> PipelineConfig:
     """The README main job on 2 CPU cores: ~1.3M-parameter models; the reference trains 600k tokens (about 2
-    epochs of its ~270k-token `ref_train`); the teacher (concept source and distillation teacher) 1.8M tokens of
+    epochs of its ~270k-token `ref_train`); the teacher (concept source and distillation teacher) 1.2M tokens of
     the general split (the addresses before 1913, which no target trains or is evaluated on) and `train` joined,
-    3x a target's training FLOPs; the SAE 1.2M activation rows of the teacher; and ntp, slm, cocomix, kd, pause,
-    mtp2 and the matched controls ntp_wide and ntp_l3 600k tokens each (0.87 epochs of the targets' ~690k-token
-    `train`), once (seed 0), evaluated every 7 steps (22 points per curve: tokens-to-reach resolves to 4.8% of
-    the budget).
+    2x a target's training FLOPs; the SAE 1.2M activation rows of the teacher; concept labels for `train` (what
+    the concept loss reads); and ntp, slm, cocomix, pause, mtp2 and the matched controls ntp_wide and ntp_l3 600k
+    tokens each (0.87 epochs of the targets' ~690k-token `train`), once (seed 0), evaluated every 7 steps (22
+    points per curve: tokens-to-reach resolves to 4.8% of the budget); the final evaluation reads 512 windows
+    spread over each validation split, the latent dashboards 300k tokens. About 18 minutes by FLOPs (kd moved to
+    `compare`; docs/results.md).
 
     Sized from measurements here: ntp trains at 5-7k tokens/s on a 2-core machine with a 120 GFLOP/s matmul
     peak (15.8k tokens/s on one with 415 GFLOP/s).
@@ -114,15 +128,16 @@ def default() -> PipelineConfig:
     return PipelineConfig(
         tokenize=TokenizeConfig(documents_where="year >= 1913", general_where="year < 1913", vocab_size=4096,
                                 seq_len=128),
-        teacher=TeacherConfig(model=model, train=train.model_copy(update={"max_tokens": 1_800_000,
+        teacher=TeacherConfig(model=model, train=train.model_copy(update={"max_tokens": 1_200_000,
                                                                            "eval_every_steps": 25}),
                               splits=["general", "train"]),
         reference=ReferenceConfig(model=model, train=train.model_copy(update={"eval_every_steps": 25})),
         score=ScoreConfig(batch_size=32, num_shards=4),
         sae=SAEConfig(max_tokens=1_200_000, batch_rows=4096, expansion=8, dead_tokens=100_000),
-        concepts=ExtractConfig(num_shards=2),
+        concepts=ExtractConfig(num_shards=2, splits=["train"]),
+        dashboards=LatentDashboardConfig(max_tokens=300_000),
         target=TargetConfig(model=model, train=train, variants=DEFAULT_VARIANTS),
-        evaluate=EvaluateConfig(max_windows=None),
+        evaluate=EvaluateConfig(max_windows=512),
     )
 
 
@@ -156,10 +171,14 @@ def gpt2_small() -> PipelineConfig:
 
 
 def compare() -> PipelineConfig:
-    """`default` with 3 seed runs per target variant: the README's comparison with its spread. Its seed-0 runs
-    are the default run's artifacts (same keys), so after `lmpipe run` only the seed 1 and 2 runs are trained."""
+    """`default` with 3 seed runs per target variant, plus kd and the attribution ablations (cocomix_token,
+    cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own reference, teacher, scores,
+    SAE and labels trained with seed + r (seed_upstream), so the spread includes the upstream models' luck. Its
+    seed-0 runs of the default's variants are the default run's artifacts (same keys)."""
     cfg = default()
-    return cfg.model_copy(update={"target": cfg.target.model_copy(update={"seeds": 3})})
+    variants = cfg.target.variants + [v for v in COCOMIX_VARIANTS if v.name == "kd"] + ATTRIBUTION_VARIANTS
+    return cfg.model_copy(update={"seed_upstream": True,
+                                  "target": cfg.target.model_copy(update={"seeds": 3, "variants": variants})})
 
 
 CONTINUAL_LR_RATIO = 8e-5 / 3e-4

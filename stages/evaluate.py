@@ -46,7 +46,7 @@ from stages.corpus.files import FileSettings, read_documents
 from stages.corpus.packing import pack_stream
 from stages.corpus.tokenizers import EOT, encode_documents
 from stages.evaluation import dynamics
-from stages.evaluation.curves import metric_curve, selection_summary, tail_mean, tokens_to_reach
+from stages.evaluation.curves import eval_resolution, metric_curve, selection_summary, tail_mean, tokens_to_reach
 from stages.evaluation.domains import selection_by_domain
 from stages.evaluation.flops import compute_rows, training_flops_per_token, upstream_flops
 from stages.evaluation.heads import head_metrics, speculative_rows
@@ -58,10 +58,11 @@ from stages.evaluation.report import (
     domains_markdown,
     heads_markdown,
     plot_curves,
+    reach_markdown,
     report_markdown,
     seeds_markdown,
 )
-from stages.evaluation.seeds import seed_rows
+from stages.evaluation.seeds import reach_rows, seed_rows
 from stages.evaluation.upstream_models import UPSTREAM_MODELS, teacher_markdown, teacher_rows, upstream_names
 from stages.models.saved import load_model
 from stages.models.window_losses import perplexity, token_losses
@@ -222,12 +223,14 @@ def run(cfg: EvaluateConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     for row in compute:
         if row["model"] in per_model:
             per_model[row["model"]] |= row
-    seeds = seed_rows(per_model, cfg.baseline)
+    seeds = seed_rows(per_model, cfg.baseline) + reach_rows(per_model, cfg.baseline,
+                                                            eval_resolution(metrics, baseline_models))
     write_table(out / "seed_summary.parquet", pa.Table.from_pylist(seeds, SEED_SUMMARY), SEED_SUMMARY)
     concept_rows = concept_summary(metrics)
     (out / "report.md").write_text(
         teacher_markdown(teacher_rows(uppers, upper_manifests | by_name, losses, baseline_models), cfg.baseline)
-        + report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics)) + seeds_markdown(seeds)
+        + report_markdown(rows, entropy, cfg.baseline, extra, selection_summary(metrics))
+        + reach_markdown(seeds, cfg.baseline) + seeds_markdown(seeds)
         + compute_markdown(compute, cfg.baseline) + domains_markdown(domain_rows)
         + concept_markdown(concept_rows, inputs.get("sae")) + heads_markdown(head_rows, speculative))
     flops_per_token = {row["model"]: row["train_flops_per_token"] for row in compute}

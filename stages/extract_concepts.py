@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.configs import ExtractConfig
+from schemas.configs import ExtractConfig, PipelineConfig
 from schemas.manifest import Manifest
 from schemas.tables import CONCEPT_ACTIVE, CONCEPT_PEAKS, CONCEPTS, TOKEN_CONCEPTS
 from stages.models.sae import window_concepts
@@ -45,6 +45,7 @@ from stages.registry import (
 )
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
+from stages.seeded_upstream import with_seeded
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
 from storage.windows import TokenWindows
@@ -74,7 +75,8 @@ def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, w
                         "kept, run again to go on")  # a shard can take minutes: stop within a batch
         window_ids = np.arange(batch_start, min(batch_start + cfg.batch_size, stop))
         inputs_BT, targets_BT = windows.batch(window_ids, device)
-        ids_NT, scores_NT, vals_NK, idx_NK = window_concepts(model, sae, inputs_BT, targets_BT, layer, cfg.top)
+        ids_NT, scores_NT, vals_NK, idx_NK = window_concepts(model, sae, inputs_BT, targets_BT, layer, cfg.top,
+                                                             cfg.attribution)
         token_index_N = windows.target_index(window_ids).reshape(-1)
         input_ids_N = inputs_BT.reshape(-1).cpu().numpy()
         ids.append(ids_NT.cpu().numpy().astype(np.int32))
@@ -195,10 +197,20 @@ def shard_ids(cfg: ExtractConfig, inputs: dict[str, Manifest]) -> list[str]:
     return window_shard_ids(inputs["tokens"].summary["num_windows"], cfg.splits, cfg.num_shards)
 
 
+def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
+    """The labels (node `extract_concepts`, rule concepts.attribution), and one node `extract_concepts.<rule>`
+    per other rule a variant reads (ConceptsConfig.attribution)."""
+    upstream = {"tokens": "tokenize_corpus", "reference": "train_teacher", "sae": "train_sae"}
+    rules = dict.fromkeys(v.concepts.attribution for v in cfg.target.variants
+                          if v.concepts is not None and v.concepts.attribution is not None)
+    return with_seeded([NodeDecl("extract_concepts", cfg.concepts, upstream)] + [
+        NodeDecl(f"extract_concepts.{rule}", cfg.concepts.model_copy(update={"attribution": rule}), upstream)
+        for rule in rules], cfg)
+
+
 STAGE = Stage(
     name="extract_concepts", code_version="3", config_type=ExtractConfig,
-    nodes=lambda cfg: [NodeDecl("extract_concepts", cfg.concepts, {
-        "tokens": "tokenize_corpus", "reference": "train_teacher", "sae": "train_sae"})],
+    nodes=nodes,
     run=run,
     tables={"token_concepts": TableSpec("extract_concepts", "part-*.parquet"),
             "concepts": TableSpec("extract_concepts", "concepts.parquet")},

@@ -39,6 +39,7 @@ from stages.registry import (
 )
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
+from stages.seeded_upstream import with_seeded
 from storage.atomic import write_text_atomic
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
@@ -158,8 +159,8 @@ def build_shard(cfg: ScoreConfig, inputs: dict[str, Manifest], shard: str, work_
 
 STAGE = Stage(
     name="score_reference", code_version="2", config_type=ScoreConfig,
-    nodes=lambda cfg: [NodeDecl("score_reference", cfg.score,
-                                {"tokens": "tokenize_corpus", "reference": "train_reference"})],
+    nodes=lambda cfg: with_seeded([NodeDecl("score_reference", cfg.score,
+                                            {"tokens": "tokenize_corpus", "reference": "train_reference"})], cfg),
     run=run,
     tables={"token_scores": TableSpec("score_reference", "part-*.parquet")},
     views={"scored_tokens": JoinView(

@@ -15,6 +15,7 @@ from pathlib import Path
 from schemas.configs import PipelineConfig, ReferenceConfig
 from schemas.manifest import Manifest
 from stages.registry import NodeDecl, Stage
+from stages.seeded_upstream import with_seeded
 from stages.training.next_token_run import init_upstream, train_next_token
 from storage.catalog import TableSpec
 
@@ -33,7 +34,8 @@ def run(cfg: ReferenceConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     """The reference node: reads the tokens, and starts from the base model when the config has one."""
-    return [NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"} | init_upstream(cfg))]
+    return with_seeded([NodeDecl("train_reference", cfg.reference, {"tokens": "tokenize_corpus"}
+                                 | init_upstream(cfg))], cfg)
 
 
 STAGE = Stage(

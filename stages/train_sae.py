@@ -38,6 +38,7 @@ from stages.registry import NodeDecl, Stage
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.runtime.progress import format_duration
+from stages.seeded_upstream import with_seeded
 from stages.training.data import WindowOrder
 from stages.training.rng import rng_state, set_rng_state
 from storage import checkpoints
@@ -230,7 +231,8 @@ def import_sae(cfg: SAEConfig, model, inputs: dict[str, Manifest], out: Path, de
 
 STAGE = Stage(
     name="train_sae", code_version="3", config_type=SAEConfig,
-    nodes=lambda cfg: [NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus", "reference": "train_teacher"})],
+    nodes=lambda cfg: with_seeded([NodeDecl("train_sae", cfg.sae, {"tokens": "tokenize_corpus",
+                                                                   "reference": "train_teacher"})], cfg),
     run=run,
     tables={"sae_metrics": TableSpec("train_sae", "metrics.parquet")},
     on_demand=True,

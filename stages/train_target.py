@@ -25,6 +25,7 @@ from stages.models.saved import load_model
 from stages.objectives.base import TokenColumns, UpstreamModel
 from stages.objectives.factory import build_objective
 from stages.registry import NodeDecl, Stage, stage
+from stages.seeded_upstream import seeded_node
 from stages.training.loop import ProbeSet, TrainRun, train
 from stages.training.next_token_run import checkpoint_vocab, init_model, init_upstream
 from storage.catalog import JoinView, TableSpec
@@ -40,7 +41,7 @@ PROBE_SPLIT = "val"
 
 def token_lookups(need: TokenColumns, manifest: Manifest, windows: TokenWindows) -> dict[str, np.ndarray]:
     """The needed columns as arrays indexed by token_index; checks every training target has a finite row."""
-    token_table = stage(need.stage).token_table
+    token_table = stage(need.stage.split(".", 1)[0]).token_table  # a node `<stage>.<name>` reads like its stage
     if token_table is None:
         raise ValueError(f"stage {need.stage} declares no per-token table to read {need.columns} from")
     files = token_table.files(manifest, windows.split)
@@ -96,9 +97,10 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
         upstream = {"tokens": "tokenize_corpus"}
         upstream |= {need.role: need.stage for need in build_objective(cfg.target.model, variant).needs}
         upstream |= init_upstream(cfg)  # continual pretraining: start from the base model
-        for replica in range(cfg.target.seeds):
+        for replica in range(cfg.target.seeds):  # seed runs may read their own upstream (cfg.seed_upstream)
             decls.append(NodeDecl(f"train_target.{replica_name(variant.name, replica)}",
-                                  TargetRun.of(cfg.target, variant, replica), upstream))
+                                  TargetRun.of(cfg.target, variant, replica),
+                                  {role: seeded_node(up, replica, cfg) for role, up in upstream.items()}))
     return decls
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from schemas.configs import PipelineConfig, TeacherConfig
 from schemas.manifest import Manifest
 from stages.registry import NodeDecl, Stage
+from stages.seeded_upstream import with_seeded
 from stages.training.next_token_run import TEACHER_NODE, train_next_token
 from storage.catalog import TableSpec
 
@@ -34,7 +35,7 @@ def run(cfg: TeacherConfig, inputs: dict[str, Manifest], out: Path) -> dict:
 
 def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
     """The teacher node (planned only when something depends on it)."""
-    return [NodeDecl(TEACHER_NODE, cfg.teacher, {"tokens": "tokenize_corpus"})]
+    return with_seeded([NodeDecl(TEACHER_NODE, cfg.teacher, {"tokens": "tokenize_corpus"})], cfg)
 
 
 STAGE = Stage(

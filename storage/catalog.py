@@ -193,8 +193,8 @@ class _Views:
         """`<table>`: the table of the current config's nodes of its stage."""
         sources, built = [], 0
         for node, path in current.items():
-            if node.split(".")[0] != spec.stage:
-                continue
+            if node.split(".")[0] != spec.stage or (node != spec.stage and not spec.per_model):
+                continue  # a table of one artifact reads the stage's own node, not its `<stage>.<name>` variants
             path = Path(path)
             owner = self.store if path.parent.parent == self.store.root else LocalStore(path.parent.parent)
             stage, key = path.parent.name, path.name

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from schemas.base import StrictModel
 from schemas.configs.later_fields import LaterFields
 from schemas.configs.models import ModelConfig
+from schemas.configs.sae_concepts import Attribution
 
 
 class SelectionConfig(LaterFields):
@@ -41,8 +42,10 @@ class SelectionConfig(LaterFields):
     micro-batch is ranked the same either way."""
 
 
-class ConceptsConfig(StrictModel):
+class ConceptsConfig(LaterFields):
     """CoCoMix concept prediction and mixing (arXiv 2502.08524), reading extract_concepts' labels."""
+
+    LATER = {"attribution": None}
 
     block: int | None = Field(None, ge=1)
     """The block whose input gets the concept (the head reads the residual entering it and the concept is mixed
@@ -54,6 +57,9 @@ class ConceptsConfig(StrictModel):
     mixing: Literal["interleave", "add"] = "interleave"
     """`interleave`: the stream after the insert is h_1, c_1, h_2, c_2, ... (twice as long, next-token logits
     read from the concept slots, as the paper); `add`: h_t + c_t (no extra positions)."""
+    attribution: Attribution | None = None
+    """Labels of this rule (ExtractConfig.attribution), from the node `extract_concepts.<rule>`. None: the
+    pipeline's labels (node `extract_concepts`, rule concepts.attribution)."""
 
 
 class PauseConfig(StrictModel):

@@ -38,6 +38,10 @@ class PipelineConfig(StrictModel):
     """Stage train_target."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Stage evaluate."""
+    seed_upstream: bool = False
+    """With target.seeds > 1: seed run r > 0 of every variant reads its own reference, teacher, scores, SAE and
+    labels (nodes `<node>.seed<r>`, trained with seed + r; stages/seeded_upstream.py), so the spread over seeds
+    includes the upstream models' luck. False: every seed run reads the same upstream artifacts."""
 
     @model_validator(mode="after")
     def _check_cross_stage(self) -> "PipelineConfig":

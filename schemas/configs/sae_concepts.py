@@ -60,8 +60,14 @@ class SAEConfig(LaterFields):
         return self.expansion * d_model, self.k if self.k is not None else max(1, min(32, d_model // 8))
 
 
-class ExtractConfig(StrictModel):
+Attribution = Literal["window_mean", "token", "activation"]
+"""How extract_concepts ranks a token's active latents (stages/models/sae.window_concepts)."""
+
+
+class ExtractConfig(LaterFields):
     """Attribution-selected concept labels for every target token (CoCoMix Sec. 3.1), computed once offline."""
+
+    LATER = {"attribution": "window_mean"}
 
     top: int = Field(4, ge=1)
     """Concepts kept per token (K): the top-K active latents by attribution score a_i * dL/da_i."""
@@ -77,6 +83,11 @@ class ExtractConfig(StrictModel):
     """Tokens shown on each side of the peak token in a context."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward/backward."""
+    attribution: Attribution = "window_mean"
+    """The labelling rule: `window_mean` a_i * dL/da_i with L the window's mean next-token loss (CoCoMix's code;
+    signed score); `token` the same with L the position's own next-token loss (x_{t+1} only); `activation` the
+    top active latents by activation (CoCoMix Fig. 6(a)'s control). A variant may read labels of another rule
+    (ConceptsConfig.attribution: its own extract_concepts.<rule> node)."""
 
 
 class LatentDashboardConfig(StrictModel):

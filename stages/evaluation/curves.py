@@ -52,6 +52,18 @@ def tokens_to_reach(metrics: dict[str, pa.Table], baseline_models: list[str], sp
     return result
 
 
+def eval_resolution(metrics: dict[str, pa.Table], baseline_models: list[str], split: str = "val") -> float:
+    """The baseline's evaluation interval over its budget (median spacing of its `val/<split>/loss` points): how
+    finely a curve resolves tokens-to-reach; 0.0 when no baseline run has two points."""
+    spacings, budgets = [], []
+    for name in baseline_models:
+        tokens_seen, _ = metric_curve(metrics[name], f"val/{split}/loss")
+        if len(tokens_seen) > 1:
+            spacings.append(float(np.median(np.diff(tokens_seen))))
+            budgets.append(float(tokens_seen[-1]))
+    return float(np.mean(spacings) / np.mean(budgets)) if spacings else 0.0
+
+
 def selection_summary(metrics: dict[str, pa.Table], last_fraction: float = 0.1) -> list[dict]:
     """Selecting variants: selected fraction and loss on selected / unselected tokens, averaged over the last
     `last_fraction` of logged steps."""

@@ -241,3 +241,39 @@ def heads_markdown(head_rows: list[dict], speculative: list[dict]) -> str:
     lines += [f"| {r['model']} | {r['draft']} | {r['new_tokens']} | {r['forwards']} | {r['tokens_per_forward']:.2f} | "
               f"{r['seconds']:.2f} | {r['speedup']:.2f}x |" for r in speculative]
     return "\n".join(lines) + "\n"
+
+
+REACH_SPLITS = {"ratio_to_baseline_val": "val", "ratio_to_baseline_ref_val": "ref_val"}
+"""reach_rows metrics -> the validation split they are measured on."""
+
+
+def reach_markdown(rows: list[dict], baseline: str) -> str:
+    """Tokens-to-reach per variant as a fraction of the baseline's budget: mean ± std over seed runs, how many runs
+    reach it, and whether it is a finding (stages/evaluation/seeds.reach_rows); printed for one seed run too."""
+    cells = {(r["variant"], r["metric"]): r for r in rows if r["metric"] in REACH_SPLITS}
+    if not cells:
+        return ""
+    variants = list(dict.fromkeys(variant for variant, _ in cells))
+    splits = {metric: split for metric, split in REACH_SPLITS.items() if any(m == metric for _, m in cells)}
+    table = [{"variant": variant} | {split: _reach_cell(cells.get((variant, metric)), variant == baseline)
+                                     for metric, split in splits.items()} for variant in variants]
+    lines = ["", f"Tokens to reach {baseline}'s mean final loss, as a fraction of {baseline}'s budget (mean ± sample "
+             "std over the runs that reach it; (k/n) = k of n runs reach it). `not a finding`: the difference to "
+             f"{baseline}'s own crossing is within the spread of that crossing (its std over seeds, or with one "
+             "run how early it reaches its own final level; at least one evaluation interval):", ""]
+    lines += markdown_table(table, [("variant", "variant", "s")] + [(s, f"{s} (fraction)", "s")
+                                                                    for s in splits.values()])
+    return "\n".join(lines) + "\n"
+
+
+def _reach_cell(row: dict | None, is_baseline: bool) -> str:
+    """`0.91 ± 0.03 (2/3), finding` for one variant and split."""
+    if row is None or row["mean"] is None:
+        return "never" if row is not None and row["models"] else "-"
+    text = format(row["mean"], ".2f") + (f" ± {row['std']:.2f}" if row["std"] is not None else "")
+    text += f" ({row['runs']}/{row['models']})"
+    if is_baseline:
+        return text + (f", spread {row['diff_spread']:.2f}" if row["diff_spread"] is not None else "")
+    if row["within_spread"] is None:
+        return text
+    return text + (", not a finding" if row["within_spread"] else f", finding ({row['diff_to_baseline']:+.2f})")

@@ -5,6 +5,7 @@ For each variant and metric: runs (models with a value), mean, std (sample stand
 with one run), min and max. Against the baseline variant: diff = mean - baseline mean, and the spread of that
 difference between two single runs, sqrt(std^2 + std_baseline^2); `within_spread` flags a difference smaller
 than that spread (None when either side has a single run, so no spread is known).
+Tokens-to-reach (reach_rows) is judged against the spread of the baseline's own crossing instead.
 """
 
 import math
@@ -51,3 +52,34 @@ def seed_rows(per_model: dict[str, dict], baseline: str, metrics: tuple[str, ...
 
 def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+REACH_METRICS = ("ratio_to_baseline_val", "ratio_to_baseline_ref_val")
+"""Tokens-to-reach as a fraction of the baseline's budget, per validation split (comparison.parquet columns)."""
+
+
+def reach_rows(per_model: dict[str, dict], baseline: str, resolution: float = 0.0,
+               metrics: tuple[str, ...] = REACH_METRICS) -> list[dict]:
+    """SEED_SUMMARY rows of tokens-to-reach (the fraction of the budget at which a run's validation curve first
+    reached the baseline runs' mean final value): mean ± std over the runs that reach it (runs of models), and
+    whether the difference to the baseline's own crossing is a finding.
+
+    diff_to_baseline = mean - the baseline runs' mean crossing; diff_spread = the spread of the baseline's own
+    crossing: the sample std of its runs' crossings when two or more cross, else how early its one crossing
+    comes (1 - crossing: a single run reaches its own final level before its end by its end-of-run noise), and at
+    least `resolution` (the evaluation interval over the budget: finer differences are interpolation);
+    within_spread (= not a finding) = |diff| <= diff_spread. A variant none of whose runs reach it gets
+    within_spread None (`never` is its own statement)."""
+    rows = seed_rows(per_model, baseline, metrics)
+    for metric in metrics:
+        base = next((r for r in rows if r["metric"] == metric and r["variant"] == baseline), None)
+        if base is None or base["mean"] is None:
+            continue
+        spread = base["std"] if base["std"] is not None else 1.0 - base["mean"]
+        spread = max(spread, resolution)
+        base["diff_spread"] = spread
+        for row in rows:
+            if row["metric"] == metric and row["variant"] != baseline and row["mean"] is not None:
+                row["diff_spread"] = spread
+                row["within_spread"] = abs(row["diff_to_baseline"]) <= spread
+    return rows

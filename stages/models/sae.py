@@ -12,6 +12,7 @@ Training step order: `loss.backward(); sae.remove_parallel_grad_(); opt.step(); 
 Shapes: N rows (tokens), D d_model, L latents, K active latents per row, T top concepts per row.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -261,21 +262,64 @@ def top_concepts(scores_NK: torch.Tensor, idx_NK: torch.Tensor, top: int) -> tup
     return idx_NK.gather(-1, pos_NT), scores_NT
 
 
-def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, layer: int, top: int):
+ATTRIBUTIONS = ("window_mean", "token", "activation")
+"""Labelling rules of window_concepts (ExtractConfig.attribution)."""
+
+
+def token_loss_grads(model, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
+    """dl_t/dh_t at every position: the gradient of each position's OWN next-token loss (x_{t+1} only) at its own
+    residual after block `layer`, the earlier positions' keys and values held at their values and the later
+    positions' losses left out (the window-mean gradient sums dl_s/dh_t over s >= t, divided by T).
+
+    Exact, by causality: a KV cache of the window is filled once (no graph), then each position runs the blocks
+    after `layer` alone over a copy of the cache up to it (its own key and value carry the gradient): T small
+    passes costing about what one pass over the window does."""
+    from stages.models.gpt import KVCache  # here: gpt imports this module (its concept insert)
+
+    stop = model.num_trunk_layers + 1
+    base = KVCache(model, h_BTD.shape[0], h_BTD.device, h_BTD.dtype)
+    with torch.no_grad():
+        model.run_blocks(h_BTD, layer + 1, stop, cache=base)
+    grads = []
+    for t in range(h_BTD.shape[1]):
+        step = copy.copy(base)  # this position's cache: the window up to t, its slot t rewritten with a graph
+        step.keys = [k[:, :, :t + 1].clone() for k in base.keys]
+        step.values = [v[:, :, :t + 1].clone() for v in base.values]
+        h_B1D = h_BTD[:, t:t + 1].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out_B1D, _ = model.run_blocks(h_B1D, layer + 1, stop, token_start=t, cache=step)
+            loss = F.cross_entropy(model.logits(out_B1D).float().flatten(0, 1), targets_BT[:, t], reduction="sum")
+            grads.append(torch.autograd.grad(loss, h_B1D)[0])
+    return torch.cat(grads, dim=1)
+
+
+def window_concepts(model, sae, inputs_BT: torch.Tensor, targets_BT: torch.Tensor, layer: int, top: int,
+                    attribution: str = "window_mean"):
     """(concept_ids_NT, scores_NT, vals_NK, idx_NK) for the B*T positions of a batch of windows: the labelling
-    step of extract_concepts. `model` is a GPT (residual_after, loss_from); the SAE reads the residual after
-    block `layer`. Kept here, beside the attribution it composes, so it imports no stage machinery."""
+    step of extract_concepts. `model` is a GPT (residual_after, loss_from, run_blocks); the SAE reads the residual
+    after block `layer`. Kept here, beside the attribution it composes, so it imports no stage machinery.
+
+    `attribution` (ExtractConfig.attribution): `window_mean` scores a_i * dL/da_i with L each window's mean loss
+    (CoCoMix's code); `token` the same with L = the position's own next-token loss (token_loss_grads);
+    `activation` ranks the active latents by activation a_i (CoCoMix Fig. 6(a)'s control; scores = a_i)."""
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {ATTRIBUTIONS}, got {attribution!r}")
     with torch.no_grad():
         h_BTD = model.residual_after(inputs_BT, layer)
-    h_BTD = h_BTD.detach().requires_grad_(True)
-    with torch.enable_grad():
-        # sum over windows of each window's mean loss: the gradient at a window is that of its own mean loss,
-        # so scores do not depend on the extraction batch size (CoCoMix's batch mean only rescales them)
-        loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
-        (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
+    h_BTD = h_BTD.detach().requires_grad_(attribution == "window_mean")
+    grad_BTD = None
+    if attribution == "window_mean":
+        with torch.enable_grad():
+            # sum over windows of each window's mean loss: the gradient at a window is that of its own mean loss,
+            # so scores do not depend on the extraction batch size (CoCoMix's batch mean only rescales them)
+            loss = model.loss_from(h_BTD, layer, targets_BT) * inputs_BT.shape[0]
+            (grad_BTD,) = torch.autograd.grad(loss, h_BTD)
+    elif attribution == "token":
+        grad_BTD = token_loss_grads(model, h_BTD, layer, targets_BT)
     with torch.no_grad():
         xn_ND, _, _ = sae.normalize(h_BTD.detach().flatten(0, 1))
         vals_NK, idx_NK = sae.encode(xn_ND)
-        scores_NK = attribution_scores(grad_BTD.flatten(0, 1), vals_NK, idx_NK, sae.W_dec)
+        scores_NK = vals_NK if grad_BTD is None else attribution_scores(grad_BTD.flatten(0, 1), vals_NK, idx_NK,
+                                                                         sae.W_dec)
         ids_NT, top_scores_NT = top_concepts(scores_NK, idx_NK, top)
     return ids_NT, top_scores_NT, vals_NK, idx_NK

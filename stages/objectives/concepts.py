@@ -44,6 +44,8 @@ class Concepts(Part):
 
     def __init__(self, cfg: ConceptsConfig, variant: str):
         self.cfg, self.variant = cfg, variant
+        if cfg.attribution is not None:  # labels of another rule: the node extract_concepts.<rule>
+            self.needs = (TokenColumns("concepts", f"extract_concepts.{cfg.attribution}", (CONCEPT_IDS,)),)
 
     def inserts(self, model_cfg: ModelConfig, num_heads: int, upstream: dict[str, Manifest]) -> dict[int, dict]:
         """A `concepts` insert sized by the extract_concepts artifact (latents, the SAE's k)."""

@@ -187,3 +187,35 @@ def test_a_forced_extraction_stops_between_shards_and_keeps_the_finished_artifac
     monkeypatch.setattr(interrupt, "requested", lambda: False)
     again = node_builder.build_node(node, inputs, force=True, root=root)
     assert {f.path: f.sha256 for f in again.files} == {f.path: f.sha256 for f in first.files}
+
+
+def test_sae_dead_fraction_and_fvu_are_reported_and_queryable(built, tmp_path):
+    """A real tiny SAE's dead fraction, FVU, L0 and spliced-loss increase: in its summary (the report's SAE row),
+    and in SQL through the stage's `sae_metrics` table; a seeded node (train_sae.seed1) stays out of that
+    one-artifact table."""
+    from storage.artifacts import materialize
+    from storage.catalog import connect
+
+    tokens, reference = built[0], built[1]
+    summaries = {}
+
+    def trained(seed: int) -> Path:
+        def build(out: Path) -> None:
+            summaries[seed] = train_sae.run(SAE_CFG.model_copy(update={"seed": seed}),
+                                            {"tokens": tokens, "reference": reference}, out)
+        return Path(materialize("train_sae", "test", SAE_CFG.model_copy(update={"seed": seed}), {}, build,
+                                root=tmp_path).path)
+
+    current = {"train_sae": trained(0), "train_sae.seed1": trained(1)}
+    summary = summaries[0]
+    assert 0 <= summary["dead_fraction"] <= 1 and 0 <= summary["fvu"] < 1
+    assert {"l0", "spliced_loss_increase", "clean_loss", "spliced_loss"} <= set(summary)
+    con = connect({"sae_metrics": train_sae.STAGE.tables["sae_metrics"]}, {}, current, root=tmp_path)
+    rows = dict(con.execute("SELECT name, value FROM sae_metrics WHERE name LIKE 'eval/%' "
+                            "AND step = (SELECT max(step) FROM sae_metrics)").fetchall())
+    assert rows["eval/dead_fraction"] == pytest.approx(summary["dead_fraction"])
+    assert rows["eval/fvu"] == pytest.approx(summary["fvu"])
+    assert rows["eval/spliced_loss_increase"] == pytest.approx(summary["spliced_loss_increase"])
+    (count,) = con.execute("SELECT count(*) FROM sae_metrics").fetchone()
+    (every,) = con.execute("SELECT count(*) FROM sae_metrics_all").fetchone()
+    assert every == 2 * count  # both artifacts are built; the current table reads train_sae's alone

@@ -27,7 +27,8 @@ def test_teacher_trains_on_no_split_a_target_is_evaluated_on(name):
     # the concept source and the distillation teacher are the teacher, never the Rho-1 reference
     assert nodes["train_sae"].upstream["reference"] == "train_teacher"
     assert nodes["extract_concepts"].upstream["reference"] == "train_teacher"
-    assert nodes["train_target.kd"].upstream["teacher"] == "train_teacher"
+    if "train_target.kd" in nodes:  # kd runs in compare and full (and tiny), not in default
+        assert nodes["train_target.kd"].upstream["teacher"] == "train_teacher"
     assert nodes["evaluate"].upstream["teacher"] == "train_teacher"
 
 
@@ -35,7 +36,7 @@ def test_default_teacher_has_several_times_a_targets_training_flops():
     cfg = preset("default")
     ratio = cfg.teacher.train.max_tokens * _params(cfg.teacher.model) / (
         cfg.target.train.max_tokens * _params(cfg.target.model))
-    assert ratio >= 3
+    assert ratio >= 2  # 1.2M tokens against 600k: the default's ~18 minutes (docs/results.md) keep every control
 
 
 def test_matched_controls_equal_their_methods_parameter_counts_within_2_percent():
