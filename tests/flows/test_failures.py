@@ -56,7 +56,7 @@ def test_a_failed_shard_is_reported_as_its_own_error(prefect_harness, failing_st
     from flows.pipeline import pipeline
 
     monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match="(?i)no space left"):  # node_builder names the disk
         pipeline(config=tiny(), only=["disk_full"])
     assert not (tmp_path / "disk_full").exists()
 
@@ -66,7 +66,7 @@ def test_a_failed_shard_fails_its_dependants_at_once(prefect_harness, failing_st
 
     monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
     started = time.monotonic()
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match="(?i)no space left"):  # node_builder names the disk
         pipeline(config=tiny(), only=["disk_full", "after_disk_full"])
     assert time.monotonic() - started < FAST_S
     assert not (tmp_path / "after_disk_full").exists()
