@@ -75,7 +75,7 @@ def test_a_failed_shard_fails_its_dependants_at_once(prefect_harness, failing_st
 # The real stages, failing for a real reason: an upstream artifact corrupted after it was built, which every build
 # (and every shard) refuses when it re-hashes its inputs. Deterministic, and seen by Dask worker processes too.
 
-BUILT = ("tokenize_corpus", "train_reference", "score_reference", "train_sae")
+BUILT = ("tokenize_corpus", "train_reference", "score_reference", "train_teacher", "train_sae")
 
 
 def _config(variants=("ntp", "slm", "cocomix")):
