@@ -47,7 +47,8 @@ def test_another_machine_finds_it_cached_queryable_exportable_and_verified(built
     assert main(["run", "--preset", "tiny"]) == 0  # everything cached in the bucket: nothing runs
     assert capsys.readouterr().out.count("cached") >= len(plan(tiny()))
     assert main(["sql", "--preset", "tiny", "--json", "select split, count(*) as n from tokens group by 1"]) == 0
-    assert {row["split"] for row in json.loads(capsys.readouterr().out)} == {"train", "val", "ref_train", "ref_val"}
+    splits = {"train", "val", "ref_train", "ref_val", "general"}  # general: the tiny teacher's own split
+    assert {row["split"] for row in json.loads(capsys.readouterr().out)} == splits
     assert main(["status", "--preset", "tiny"]) == 0
     assert not (tmp_path / "second-machine" / "train_target").exists()  # nothing downloaded so far
     assert main(["export", "--preset", "tiny", "ntp", str(tmp_path / "hf")]) == 0  # fetches the model

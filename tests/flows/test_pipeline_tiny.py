@@ -81,7 +81,8 @@ def test_cli_sql_status_and_verify(first_run, root, capsys):
     query = "select split, count(*) as n from tokens group by 1 order by 1"
     assert main(["sql", "--preset", "tiny", "--json", query]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["split"] for r in rows} == {"train", "val", "ref_train", "ref_val"} and all(r["n"] > 0 for r in rows)
+    splits = {"train", "val", "ref_train", "ref_val", "general"}  # general: the tiny teacher's own split
+    assert {r["split"] for r in rows} == splits and all(r["n"] > 0 for r in rows)
     assert main(["status", "--preset", "tiny"]) == 0
     assert "True" in capsys.readouterr().out
     assert main(["verify"]) == 0
