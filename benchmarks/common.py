@@ -4,6 +4,7 @@ Scripts import it as `common` (`python benchmarks/<script>.py` puts benchmarks/ 
 the standard library: the plain-PyTorch reference rows of a benchmark must not import lmpipe.
 """
 
+import argparse
 import json
 import os
 import resource
@@ -118,6 +119,19 @@ def spawn_worker(script: str, spec: dict, *, env: dict | None = None, cwd: Path 
         raise RuntimeError(f"worker {spec} failed (exit {done.returncode})"
                            + ("" if show_stderr else f":\n{done.stderr[-4000:]}"))
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_args(parser: argparse.ArgumentParser, worker: Callable[[dict], dict] | None = None) -> argparse.Namespace:
+    """Add --json-out (and, with a `worker`, the hidden --worker of spawn_worker's protocol) and parse; a process
+    started by spawn_worker runs `worker(spec)`, prints its JSON as the last stdout line and exits here."""
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
+    if worker is not None:
+        parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if getattr(args, "worker", None) is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        sys.exit(0)
+    return args
 
 
 def emit(report: dict, table: str, json_out: Path | str | None) -> None:

@@ -20,7 +20,6 @@ On a 2-core CPU two processes share the cores (a correctness check, not a speed-
 """
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -29,7 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO_ROOT, emit, flops_per_token, load_average, matmul_peak_flops, pick_device, spawn_worker
+from common import (
+    REPO_ROOT,
+    emit,
+    flops_per_token,
+    load_average,
+    matmul_peak_flops,
+    parse_args,
+    pick_device,
+    spawn_worker,
+)
 
 VOCAB, SEQ_LEN = 4096, 128
 
@@ -83,12 +91,7 @@ def main() -> None:
     parser.add_argument("--parallelism", default="ddp,fsdp", help="comma list of ddp, fsdp (for counts > 1)")
     parser.add_argument("--tokens", type=int, default=65_536, help="training tokens per row (4,096 per step)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--json-out", type=Path, default=None)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker is not None:
-        print(json.dumps(run_row(json.loads(args.worker))))
-        return
+    args = parse_args(parser, run_row)
     device = pick_device(args.device)
     counts = sorted({int(n) for n in args.processes.split(",")} | {1})
     kinds = [k.strip() for k in args.parallelism.split(",") if k.strip()]

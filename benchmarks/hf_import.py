@@ -20,14 +20,13 @@ worker, not timed) compares one forward on 64 tokens with the transformers fp32 
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import MEMORY_METHOD, PeakMemory, emit, load_average, spawn_worker
+from common import MEMORY_METHOD, PeakMemory, emit, load_average, parse_args, spawn_worker
 
 SHAPES = {
     "smollm2_360m": {"hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
@@ -102,12 +101,7 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2_360m", choices=sorted(SHAPES))
     parser.add_argument("--dir", type=Path, default=None, help="write (and keep) the checkpoint here")
     parser.add_argument("--loaders", default=",".join(LOADERS), help=f"comma list of {list(LOADERS)}")
-    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker is not None:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return
+    args = parse_args(parser, run_worker)
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     if set(loaders) - set(LOADERS):
         parser.error(f"unknown loader(s) {sorted(set(loaders) - set(LOADERS))}; choose from {list(LOADERS)}")

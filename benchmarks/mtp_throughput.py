@@ -14,13 +14,12 @@ mtp2 / mtp4 models trained on a noisy successor walk; speed-up = greedy seconds 
 """
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from common import emit, peak_mib, pick_device, spawn_worker, step_seconds
+from common import emit, parse_args, peak_mib, pick_device, spawn_worker, step_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -131,12 +130,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="only the decoding rows")
-    parser.add_argument("--json-out")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(train_worker(json.loads(args.worker))))
-        return
+    args = parse_args(parser, train_worker)
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
     train = []
     for shape, sizes in ({} if args.decode_only else SHAPES).items():

@@ -30,10 +30,8 @@ Definitions:
 """
 
 import argparse
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +42,7 @@ from common import (
     best_seconds,
     emit,
     load_average,
+    parse_args,
     pick_device,
     spawn_worker,
     step_seconds,
@@ -219,12 +218,7 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"default {value}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--dead-fraction", type=float, default=0.5, help="share of dead latents in sparse_auxk")
-    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker is not None:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return
+    args = parse_args(parser, run_worker)
 
     device = pick_device(args.device)
     config = {name: getattr(args, name) or value for name, value in (QUICK if args.quick else FULL).items()}

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO_ROOT, emit, load_average, spawn_worker
+from common import REPO_ROOT, emit, load_average, parse_args, spawn_worker
 
 VOCAB_WORDS = 4000
 ZIPF_EXPONENT = 1.1
@@ -157,12 +157,7 @@ def main() -> None:
     parser.add_argument("--batch-mb", type=float, default=8.0, help="tokenize.batch_bytes in MiB")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="text per .jsonl shard in MB")
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and outputs go (default: a temp dir)")
-    parser.add_argument("--json-out", type=Path, default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(run_stage(json.loads(args.worker))))
-        return
+    args = parse_args(parser, run_stage)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tokenize-stream-"))
     try:
         rows = [measure(size, args, workdir) for size in args.sizes_gb]

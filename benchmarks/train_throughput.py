@@ -35,7 +35,6 @@ Definitions:
 
 import argparse
 import contextlib
-import json
 import math
 import statistics
 import sys
@@ -53,6 +52,7 @@ from common import (
     flops_per_token,
     load_average,
     matmul_peak_flops,
+    parse_args,
     pick_device,
     spawn_worker,
     step_seconds,
@@ -284,12 +284,7 @@ def main() -> None:
     parser.add_argument("--impls", default="ours,plain", help="comma list of ours, plain")
     parser.add_argument("--micro-batch", type=int, default=None, help="override every config's micro batch")
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
-    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON report here")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker is not None:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return
+    args = parse_args(parser, run_worker)
 
     device = pick_device(args.device)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
