@@ -108,3 +108,12 @@ def make_model(root: Path, name: str, vocab_size: int = VOCAB, seed: int = 0, co
     model = GPT(TINY, vocab_size, SEQ_LEN)
     save_model(root / name, model, {})
     return manifest("train_reference", root / name, config)
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = 280):
+    """A tiny byte-level BPE with <|endoftext|> from the project's trainer, saved as tokenizer.json at `path`."""
+    from stages.corpus.tokenizers import train_bpe
+
+    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, vocab_size)
+    tokenizer.save(str(path))
+    return tokenizer

@@ -10,7 +10,6 @@ import torch
 from schemas.configs import ExtractConfig, SAEConfig
 from schemas.tables import CONCEPTS, TOKEN_CONCEPTS
 from stages import extract_concepts, node_builder, train_sae
-from stages.corpus.tokenizers import train_bpe
 from stages.dag import Node
 from stages.models.saved import load_model, load_sae
 from stages.models.window_losses import token_losses
@@ -20,7 +19,7 @@ from storage.checkpoints import list_checkpoints
 from storage.parquet import write_table
 from storage.store import verify
 from storage.windows import TokenWindows
-from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest
+from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest, save_tiny_tokenizer
 
 VOCAB = 280
 SAE_CFG = SAEConfig(max_tokens=6 * 1024, batch_rows=1024, eval_every_steps=3, eval_windows=4, k=4, dead_tokens=2048,
@@ -32,8 +31,7 @@ SAE_CFG = SAEConfig(max_tokens=6 * 1024, batch_rows=1024, eval_every_steps=3, ev
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("concepts")
     tokens = make_tokens(root, vocab_size=VOCAB)
-    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, VOCAB)
-    tokenizer.save(str(Path(tokens.path) / "tokenizer.json"))
+    tokenizer = save_tiny_tokenizer(Path(tokens.path) / "tokenizer.json", VOCAB)
     import pyarrow as pa
 
     vocab = {"token_id": list(range(VOCAB)), "token": [tokenizer.id_to_token(i) or f"<{i}>" for i in range(VOCAB)],

@@ -12,14 +12,13 @@ import torch
 from schemas.configs import EvaluateConfig
 from schemas.tables import METRICS, PROBE_LOSSES, TOKEN_DYNAMICS
 from stages import evaluate
-from stages.corpus.tokenizers import train_bpe
 from stages.evaluate import unigram_entropy
 from stages.evaluation.curves import first_reach, tokens_to_reach
 from stages.models.losses import token_loss
 from stages.models.saved import load_model
 from storage.parquet import write_table
 from storage.windows import TokenWindows, spread_window_ids
-from tests.helpers import SEQ_LEN, make_model, make_tokens
+from tests.helpers import SEQ_LEN, make_model, make_tokens, save_tiny_tokenizer
 
 VAL_CURVES = {  # tokens_seen 0, 100, 200, 300 -> val/val/loss
     "ntp": [5.0, 4.0, 3.0, 2.0],   # baseline: final 2.0, reached at 300 tokens
@@ -68,10 +67,8 @@ def test_unigram_entropy_in_nats():
 
 
 def make_tokenizer(path: Path) -> int:
-    """A tiny byte-level BPE with <|endoftext|> from the project's trainer, saved as tokenizer.json."""
-    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, 280)
-    tokenizer.save(str(path))
-    return tokenizer.get_vocab_size()
+    """The tiny test tokenizer saved as tokenizer.json; its vocabulary size."""
+    return save_tiny_tokenizer(path).get_vocab_size()
 
 
 def run_evaluate(cfg, tokens, reference, targets, out):

@@ -11,12 +11,11 @@ import torch
 from schemas.configs import LatentDashboardConfig
 from schemas.presets import tiny
 from stages import latent_dashboards
-from stages.corpus.tokenizers import train_bpe
 from stages.latent_dashboards import TopActivations
 from stages.models.sae import TopKSAE
 from stages.models.saved import load_model, save_sae
 from storage.windows import TokenWindows
-from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest
+from tests.helpers import SEQ_LEN, make_model, make_tokens, manifest, save_tiny_tokenizer
 
 VOCAB = 280
 
@@ -37,8 +36,7 @@ def test_top_activations_keeps_the_n_highest_per_latent_earlier_position_first_o
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboards")
     tokens = make_tokens(root, vocab_size=VOCAB)
-    tokenizer = train_bpe(["the union is strong and the people are free"] * 20, VOCAB)
-    tokenizer.save(str(Path(tokens.path) / "tokenizer.json"))
+    save_tiny_tokenizer(Path(tokens.path) / "tokenizer.json", VOCAB)
     reference = make_model(root, "reference", VOCAB)
     sae = TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(0))
     (root / "sae").mkdir()
