@@ -11,6 +11,8 @@ import os
 import threading
 from pathlib import Path
 
+from storage.store import sha256_of
+
 READ_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "cfg.json")
 """Named files a folder contributes when present (the model or SAE config, tokenizer files)."""
@@ -42,13 +44,11 @@ def file_sha256(path: Path) -> str:
     with _LOCK:
         if stamp in _DIGESTS:
             return _DIGESTS[stamp]
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
+        digest = sha256_of(f, chunk_bytes=1 << 24)
     with _LOCK:
-        _DIGESTS[stamp] = digest.hexdigest()
-    return _DIGESTS[stamp]
+        _DIGESTS[stamp] = digest
+    return digest
 
 
 def folder_digest(path: str | Path, names: tuple[str, ...] | None = None) -> str:
