@@ -56,11 +56,6 @@ def sae_layer(cfg: SAEConfig, num_layers: int) -> int:
     return cfg.layer if cfg.layer is not None else max(0, num_layers // 2 - 1)
 
 
-def sae_shape(cfg: SAEConfig, d_model: int) -> tuple[int, int]:
-    """(num_latents, k): expansion * d_model latents; k = min(32, d_model // 8) unless set."""
-    return cfg.expansion * d_model, cfg.k if cfg.k is not None else max(1, min(32, d_model // 8))
-
-
 @torch.no_grad()
 def evaluate_sae(sae: TopKSAE, model: GPT, windows: TokenWindows, window_ids: np.ndarray, layer: int,
                  device: torch.device, batch_size: int = 16,
@@ -140,7 +135,7 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     layer = sae_layer(cfg, model.cfg.num_layers)
     if layer > model.num_trunk_layers:
         raise ValueError(f"sae.layer={layer} is outside the reference's blocks 0..{model.num_trunk_layers}")
-    num_latents, k = sae_shape(cfg, model.cfg.d_model)
+    num_latents, k = cfg.shape(model.cfg.d_model)
     train_windows, val_windows = (TokenWindows.from_manifest(tokens, s) for s in ("train", "val"))
     windows_per_step = max(1, cfg.batch_rows // train_windows.seq_len)
     total_steps = math.ceil(cfg.max_tokens / (windows_per_step * train_windows.seq_len))
