@@ -263,8 +263,11 @@ def assign_reference_training(sources: Iterable[str], candidates: np.ndarray, se
     `share` (salted apart from the val split), at least one; with share < 1 at least one candidate stays."""
     hashes = split_hashes(sources, seed, salt="reference:")
     chosen = candidates & (hashes < share)
-    if candidates.any() and not chosen.any():
-        chosen[np.flatnonzero(candidates)[np.argmin(hashes[candidates])]] = True
+    members = np.flatnonzero(candidates)
+    if len(members) and not chosen.any():
+        chosen[members[np.argmin(hashes[members])]] = True
+    if share < 1 and len(members) > 1 and chosen[members].all():
+        chosen[members[np.argmax(hashes[members])]] = False
     return chosen
 
 

@@ -16,7 +16,7 @@ from schemas.tables import SPLITS
 from stages import tokenize_corpus
 from stages.corpus.sources import SOTU_REFERENCE_WHERE
 from stages.corpus.tokenizers import EOT, load_gpt2
-from stages.tokenize_corpus import assign_splits, split_hash
+from stages.tokenize_corpus import assign_reference_training, assign_splits, split_hash
 from storage.token_stream import TokenStreamWriter, read_chunks
 from storage.windows import TokenWindows, stream_file
 
@@ -167,6 +167,18 @@ def test_split_assignment_deterministic_and_nonempty():
     assert tiny.sum() == 1 and tiny[np.argmin([split_hash(0, s) for s in "abc"])]
     with pytest.raises(ValueError, match="at least 2"):
         assign_splits(["only"], seed=0, val_fraction=0.1)
+
+
+def test_reference_training_leaves_the_targets_a_document_whatever_the_hashes():
+    """share < 1 never takes every candidate and share > 0 always takes one, on any source names (the
+    hf_dataset source names hold the dataset's path, so a test's hashes depend on its tmp dir)."""
+    for trial in range(200):
+        sources = [f"hf:/tmp/run{trial}/ds:{i}" for i in range(4)]
+        candidates = np.array([True, True, False, True])
+        chosen = assign_reference_training(sources, candidates, seed=0, share=0.9)
+        assert chosen[candidates].any() and not chosen[candidates].all() and not chosen[~candidates].any()
+    everything = assign_reference_training(["a", "b"], np.array([True, True]), seed=0, share=1.0)
+    assert everything.all()
 
 
 def test_reference_where_selects_docs(corpus_dir: Path, tmp_path: Path):
