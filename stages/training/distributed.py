@@ -12,13 +12,14 @@
 - Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_state` (additive objective state).
 """
 
+import contextlib
 import contextvars
 import logging
 import os
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from stages.runtime import interrupt
+from stages.runtime.devices import resolve_device
 from stages.training import node_sync
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,23 @@ def init_process_group(device_type: str) -> Ranks:
     return ranks
 
 
+@contextlib.contextmanager
+def worker_group(device_setting: str) -> Iterator[Ranks]:
+    """In a spawned worker of `launch`: die with the launching process, hear stop signals, join the group (left
+    at the end unless a torchrun script had made it) and log like the launching process (configure_worker)."""
+    interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
+    interrupt.install_handlers()
+    owns_group = not dist.is_initialized()  # a torchrun script may have made it already
+    device = resolve_device(device_setting)
+    ranks = init_process_group(device.type)
+    configure_worker(ranks, device)
+    try:
+        yield ranks
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def configure_worker(ranks: Ranks, device: torch.device) -> None:
     """A spawned worker: rank 0 logs progress like the parent process, the others only warnings; on the CPU the
     node's cores are split between its processes (torch would give each of them every core)."""
@@ -164,7 +183,8 @@ def launch(worker: Callable, args: tuple, cfg, run_id: str, stop_file: Path) -> 
     stop_file.unlink(missing_ok=True)
     done = threading.Event()
     watched = contextvars.copy_context()  # the task run's stop file (interrupt.watching) goes with the thread
-    threading.Thread(target=watched.run, args=(_forward_stop, stop_file, done), daemon=True).start()
+    forwarder = threading.Thread(target=watched.run, args=(_forward_stop, stop_file, done), daemon=True)
+    forwarder.start()
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError:
@@ -174,13 +194,14 @@ def launch(worker: Callable, args: tuple, cfg, run_id: str, stop_file: Path) -> 
         raise
     finally:
         done.set()
+        forwarder.join()  # it asks interrupt.requested() no more once the launch is over
         stop_file.unlink(missing_ok=True)
     return results[min(results)]
 
 
 def _forward_stop(stop_file: Path, done: threading.Event) -> None:
-    while not done.is_set():
-        if interrupt.STOP.wait(0.2) or interrupt.requested():
+    while not done.wait(0.2):
+        if interrupt.STOP.is_set() or interrupt.requested():
             stop_file.touch()
             return
 
