@@ -7,10 +7,13 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.base import StrictModel
+from schemas.configs.later_fields import LaterFields
 
 
-class SAEConfig(StrictModel):
+class SAEConfig(LaterFields):
     """TopK sparse autoencoder on the reference model's residual stream (Gao et al. 2024 recipe)."""
+
+    LATER = {"num_processes": 1}
 
     layer: int | None = Field(None, ge=0)
     """Residual stream after this reference block (0-based). None: the middle, reference num_layers // 2 - 1
@@ -40,6 +43,11 @@ class SAEConfig(StrictModel):
     """Seed for init and row order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward and SAE training."""
+    num_processes: int = Field(1, ge=1)
+    """Processes training the SAE on this node (data parallel over each step's activation rows; NCCL on CUDA, one
+    GPU each; gloo on CPU): the same SAE as one process to float tolerance, since each step's rows are split, not
+    multiplied (stages/training/sae_parallel.py). A step's windows, batch_rows // tokenize.seq_len, must divide by
+    it."""
 
     def shape(self, d_model: int) -> tuple[int, int]:
         """(num_latents, k) of the SAE on a d_model-wide residual stream: expansion * d_model latents, and k as
