@@ -70,7 +70,7 @@ class RunStore:
                 raise RuntimeError(f"node 0's lmpipe run is gone ({type(err).__name__}); this node stops") from None
             time.sleep(POLL_SECONDS)
 
-    def finish(self, outcome: str, wait_s: float = 15.0) -> None:
+    def finish(self, outcome: str, wait_s: float = 5.0) -> None:
         """Node 0: record how the run ended ("ok" or the error) and wait (up to wait_s) for every follower to
         read it before the store goes away with this process."""
         self.store.set("lmpipe/end", outcome)

@@ -58,6 +58,7 @@ def logs(log_dir: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(log_dir.glob("*.log")))
 
 
+@pytest.mark.timeout(600)
 def test_two_nodes_build_what_one_builds(root, tmp_path):
     nodes = start_nodes(root, TWO_NODES, tmp_path)
     codes = [node.wait(timeout=280) for node in nodes]
@@ -73,6 +74,7 @@ def test_two_nodes_build_what_one_builds(root, tmp_path):
                                **TOLERANCE)
 
 
+@pytest.mark.timeout(600)  # two runs of both nodes, each with Prefect's start-up
 def test_killing_node_1_mid_stage_ends_both_and_the_rerun_resumes(root, tmp_path):
     overrides = [*TWO_NODES, "reference.train.max_tokens=30720", "reference.train.checkpoint_every_steps=3"]
     node = reference_node(overrides)

@@ -1,6 +1,8 @@
 """A node's role from the launcher's environment (stages/training/launch_env.py): torchrun, SLURM, a job spec,
 LMPIPE_* variables and explicit flags, in the documented precedence."""
 
+import os
+
 import pytest
 
 from stages.training.launch_env import NodeRole, first_host, from_environment, nodes_spanned
@@ -66,3 +68,19 @@ def test_nodes_spanned_reads_train_num_nodes():
 
     assert nodes_spanned(ReferenceConfig(train=TrainConfig(num_nodes=3))) == 3
     assert nodes_spanned(SAEConfig()) == 1
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--set", "reference.train.num_nodes=4", "--set", "reference.train.micro_batch_size=2"],
+     "train_reference trains on train.num_nodes=4 nodes, but the run has 2"),
+    (["--task-runner", "dask"], "--task-runner dask cannot be combined with several nodes"),
+    (["--rdzv-endpoint", "head"], "need a rendezvous endpoint host:port"),
+])
+def test_lmpipe_run_refuses_a_multi_node_run_it_cannot_do(tmp_path, monkeypatch, capsys, extra, message):
+    from flows.cli import main
+
+    monkeypatch.setenv("LMPIPE_ROOT", str(tmp_path))
+    args = ["run", "--preset", "tiny", "--node-rank", "0", "--num-nodes", "2", "--rdzv-endpoint", "localhost:1"]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert "LMPIPE_NODE_RANK" not in os.environ  # nothing installed before the checks passed
