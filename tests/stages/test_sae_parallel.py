@@ -60,3 +60,18 @@ def test_two_processes_resume_a_one_process_checkpoint(one, tmp_path, monkeypatc
     monkeypatch.setattr(interrupt, "requested", lambda: False)
     assert train_sae.run(TWO, inputs, tmp_path)["resumed_from_step"] == 4
     assert_same_sae(single, tmp_path)
+
+
+def test_a_stop_signal_stops_both_processes_after_a_step_with_a_checkpoint(one, tmp_path):
+    """A stop requested in the launching process reaches the workers (its stop file): they checkpoint after the
+    first step and stop together; the re-run resumes there and ends as the uninterrupted run."""
+    inputs, _, single = one
+    interrupt.STOP.set()
+    try:
+        with pytest.raises(interrupt.Interrupted, match="train_sae's workers saved a checkpoint"):
+            train_sae.run(TWO, inputs, tmp_path)
+    finally:
+        interrupt.STOP.clear()
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    assert train_sae.run(TWO, inputs, tmp_path)["resumed_from_step"] == 1
+    assert_same_sae(single, tmp_path)
