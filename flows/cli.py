@@ -33,8 +33,7 @@ def _load(args):
 
 def cmd_run(args) -> int:
     """Build the pipeline (or --only some stages) through Prefect."""
-    from flows import env
-    from flows.last_run import remember
+    from flows import multinode
     from stages.byom import check_inputs
     from stages.run_plan import RunPlan
 
@@ -42,12 +41,24 @@ def cmd_run(args) -> int:
     check_inputs(cfg)  # checkpoint, tokenizer and SAE folders (stages/byom.py): one-line errors before any compute
     run = RunPlan.of(cfg, args.only, args.force)  # an unknown stage is an error now, not after Prefect's start-up
     _check_store()  # so are a missing bucket and corpus files that are not there
-    run.check_input_files()
-    nodes = run.nodes
     kind = args.task_runner or os.environ.get("LMPIPE_TASK_RUNNER")
+    role = multinode.node_role(args, run, kind)  # several nodes: node 0 builds, the others join (flows/multinode.py)
+    if not role.is_leader:
+        return multinode.follow(run, role)
+    run.check_input_files()
     if kind in RUNNER_PACKAGES and not importlib.util.find_spec(RUNNER_PACKAGES[kind][0]):
         package, extra = RUNNER_PACKAGES[kind]
         raise ValueError(f"--task-runner {kind} needs {package.replace('_', '-')}: pip install -e '.[{extra}]'")
+    with multinode.leading(role):
+        return _build(args, cfg, run)
+
+
+def _build(args, cfg, run) -> int:
+    """Node 0's (or the only node's) part of `lmpipe run`: build what the run selects and print the result."""
+    from flows import env
+    from flows.last_run import remember
+
+    nodes = run.nodes
     remember(args, cfg)
     before = run.finished_stamps()
     started = time.perf_counter()
@@ -301,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="task runs at once (thread pool size / local Dask workers / local Ray CPUs; default 2)")
     run.add_argument("--task-runner-address", metavar="URL",
                      help="an existing cluster: a Dask scheduler (tcp://host:8786) or Ray head (ray://host:10001)")
+    from flows.multinode import add_arguments
+
+    add_arguments(run)
     run.set_defaults(fn=cmd_run)
     for name, fn in (("status", cmd_status), ("config", cmd_config)):
         p = sub.add_parser(name, help=fn.__doc__.splitlines()[0])

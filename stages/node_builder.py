@@ -13,6 +13,7 @@ from schemas.manifest import Manifest
 from stages.dag import Node
 from stages.registry import stage
 from stages.runtime import interrupt
+from stages.training.node_sync import multi_node_build
 from storage.artifacts import (
     artifact_root,
     artifact_store,
@@ -48,7 +49,8 @@ def build_node(node: Node, inputs: dict[str, Manifest], *, force: bool = False, 
 
     def build(out: Path) -> dict:
         _build_missing_shards(node, inputs, out)
-        return run(node.config, inputs, out)
+        with multi_node_build(node.name, node.key, node.config):  # a multi-node run's other nodes join here
+            return run(node.config, inputs, out)
 
     interrupt.check(f"{node.name} was not started; run the same command again to go on")
     with _naming_a_full_disk(node, root):

@@ -31,7 +31,7 @@ from schemas.manifest import Manifest
 from schemas.tables import METRICS
 from stages.models.gpt import GPT
 from stages.models.init_rng import seeded_generator
-from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats, sae_loss
+from stages.models.sae import DeadLatentTracker, TopKSAE, layer_norm_stats
 from stages.models.sae_layouts import load_pretrained_sae, read_sae_folder
 from stages.models.saved import load_model, save_sae
 from stages.registry import NodeDecl, Stage
@@ -39,6 +39,7 @@ from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.runtime.progress import format_duration
 from stages.seeded_upstream import with_seeded
+from stages.training import sae_parallel
 from stages.training.data import WindowOrder
 from stages.training.rng import rng_state, set_rng_state
 from storage import checkpoints
@@ -125,13 +126,19 @@ class _Progress:
 
 
 def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
-    """Train the SAE on the reference's residual stream over `train` (resuming from the checkpoints in `out`);
-    returns its final metrics."""
+    """Train the SAE on the reference's residual stream over `train` (resuming from the checkpoints in `out`), on
+    sae.num_processes processes (stages/training/sae_parallel.py); returns its final metrics. With sae.init_from,
+    imports that SAE instead (one process: there is nothing to train)."""
+    if cfg.init_from is not None:
+        return import_sae(cfg, inputs, Path(out))
+    return sae_parallel.run(_train, cfg, inputs, Path(out))
+
+
+def _train(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path, hooks: sae_parallel.OneProcess) -> dict:
+    """The training loop of one process; `hooks` share each step with the other processes (if any)."""
     tokens, reference = inputs["tokens"], inputs["reference"]
     out, device = Path(out), resolve_device(cfg.device)
     model = load_model(Path(reference.path), device).requires_grad_(False)
-    if cfg.init_from is not None:
-        return import_sae(cfg, model, inputs, out, device)
     layer = sae_layer(cfg, model.cfg.num_layers)
     if layer > model.num_trunk_layers:
         raise ValueError(f"sae.layer={layer} is outside the reference's blocks 0..{model.num_trunk_layers}")
@@ -153,23 +160,24 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     rows_seen, started, interval, interval_rows = start_rows, time.perf_counter(), time.perf_counter(), start_rows
     final = {}
     for step in range(start_step + 1, total_steps + 1):
-        inputs_BT, _ = train_windows.batch(order.take(windows_per_step), device)
+        inputs_BT, _ = train_windows.batch(hooks.share(order.take(windows_per_step)), device)
         with torch.no_grad():
             xn_ND, _, _ = layer_norm_stats(model.residual_after(inputs_BT, layer).flatten(0, 1))
         if step == 1:
-            sae.init_pre_bias_(xn_ND)
+            sae.init_pre_bias_(hooks.gather_rows(xn_ND))
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, step / WARMUP_STEPS)
         dead_L = tracker.dead_mask(cfg.dead_tokens)
         out_sae = sae(xn_ND)
-        loss, stats = sae_loss(sae, xn_ND, dead_L, aux_k, cfg.aux_coef, out=out_sae)
+        loss, stats = hooks.loss(sae, xn_ND, dead_L, aux_k, cfg.aux_coef, out_sae)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        hooks.sync_grads(sae)
         sae.remove_parallel_grad_()
         optimizer.step()
         sae.normalize_decoder_()
-        tracker.update(out_sae.idx_NK.detach(), out_sae.vals_NK.detach(), xn_ND.shape[0])
-        rows_seen += xn_ND.shape[0]
+        hooks.track(tracker, out_sae, xn_ND.shape[0])
+        rows_seen += hooks.rows(xn_ND.shape[0])
         for name, value in stats.items():
             metrics.append((step, rows_seen, f"train/{name}", float(value)))
         if step % 10 == 0 or step == total_steps:
@@ -181,31 +189,37 @@ def run(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
                      float(stats["fvu"]), float(stats["l0"]), 100 * float(stats["dead_fraction"]),
                      f"{rows_per_s:,.0f}", format_duration(eta))
         evaluated = step % cfg.eval_every_steps == 0
-        if evaluated or step == total_steps:
+        if hooks.is_writer and (evaluated or step == total_steps):
             final = evaluate_sae(sae, model, val_windows, eval_ids, layer, device)
             final["dead_fraction"] = float(tracker.dead_mask(cfg.dead_tokens).float().mean())
             metrics += [(step, rows_seen, f"eval/{name}", value) for name, value in final.items()]
             log.info("train_sae eval step %d | %s", step, " | ".join(f"{n} {v:.4f}" for n, v in final.items()))
-        stop = interrupt.requested()
+        stop = hooks.stop_requested()
         if step < total_steps and (evaluated or stop):
             progress.step, progress.rows_seen, progress.order = step, rows_seen, order.state()
-            progress.save(sae, optimizer, tracker)
+            if hooks.is_writer:
+                progress.save(sae, optimizer, tracker)
+            hooks.barrier()
         if stop and step < total_steps:
             raise interrupt.Interrupted(f"stopped by a signal: train_sae saved a checkpoint at step {step}/"
                                         f"{total_steps}; run the same command again to resume from it")
-    save_sae(out, sae, {"layer": layer, "reference_key": reference.key})
-    write_table(out / "metrics.parquet", {"step": [m[0] for m in metrics], "tokens_seen": [m[1] for m in metrics],
-                                          "name": [m[2] for m in metrics], "value": [m[3] for m in metrics]}, METRICS)
-    checkpoints.remove_checkpoints(progress.directory)
+    if hooks.is_writer:
+        save_sae(out, sae, {"layer": layer, "reference_key": reference.key})
+        write_table(out / "metrics.parquet", {"step": [m[0] for m in metrics], "tokens_seen": [m[1] for m in metrics],
+                                              "name": [m[2] for m in metrics], "value": [m[3] for m in metrics]},
+                    METRICS)
+        checkpoints.remove_checkpoints(progress.directory)
     rows_per_s = (rows_seen - start_rows) / max(time.perf_counter() - started, 1e-9)
     return {"num_latents": num_latents, "k": k, "layer": layer, "rows": rows_seen, **final,
             "rows_per_s": round(rows_per_s, 1), "resumed_from_step": start_step}
 
 
-def import_sae(cfg: SAEConfig, model, inputs: dict[str, Manifest], out: Path, device: torch.device) -> dict:
+def import_sae(cfg: SAEConfig, inputs: dict[str, Manifest], out: Path) -> dict:
     """The pretrained SAE of cfg.init_from (stages/models/sae_layouts.py) instead of a trained one: its FVU, L0,
     dead fraction (latents that never fire on the evaluation windows) and spliced-in loss on this corpus's `val`,
     as metrics at step 0; saved like a trained SAE."""
+    device = resolve_device(cfg.device)
+    model = load_model(Path(inputs["reference"].path), device).requires_grad_(False)
     sae = load_pretrained_sae(cfg.init_from, cfg.k, layer_norm_model=getattr(model, "layer_norm_blocks", False))
     layer = read_sae_folder(cfg.init_from).layer
     windows = TokenWindows.from_manifest(inputs["tokens"], "val")

@@ -13,7 +13,7 @@ from schemas.configs.later_fields import LaterFields
 class SAEConfig(LaterFields):
     """TopK sparse autoencoder on the reference model's residual stream (Gao et al. 2024 recipe)."""
 
-    LATER = {"init_from": None, "init_digest": None}
+    LATER = {"init_from": None, "init_digest": None, "num_processes": 1}
 
     layer: int | None = Field(None, ge=0)
     """Residual stream after this reference block (0-based). None: the middle, reference num_layers // 2 - 1
@@ -53,6 +53,11 @@ class SAEConfig(LaterFields):
     token (default 128). See docs/byom.md."""
     init_digest: str | None = None
     """Set by the planner (stages/dag.py), not by hand: the sha256 of init_from's files (part of the artifact key)."""
+    num_processes: int = Field(1, ge=1)
+    """Processes training the SAE on this node (data parallel over each step's activation rows; NCCL on CUDA, one
+    GPU each; gloo on CPU): the same SAE as one process to float tolerance, since each step's rows are split, not
+    multiplied (stages/training/sae_parallel.py). A step's windows, batch_rows // tokenize.seq_len, must divide by
+    it."""
 
     def shape(self, d_model: int) -> tuple[int, int]:
         """(num_latents, k) of the SAE on a d_model-wide residual stream: expansion * d_model latents, and k as

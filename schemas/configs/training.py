@@ -59,18 +59,15 @@ class TrainConfig(StrictModel):
     (the step's micro-batches, batch_size_tokens / (micro_batch_size * seq_len), must divide by the number of
     processes)."""
     num_nodes: int = Field(1, ge=1)
-    """Nodes of a multi-node run: start the same stage on every node; they meet at rdzv_endpoint."""
+    """Nodes this run trains on: the same `lmpipe run` started on every node (nodes 0..num_nodes-1 of the run join;
+    docs/operations.md, Past one node), or `train` called from Python on every node with rdzv_endpoint set."""
     rdzv_endpoint: str | None = None
-    """host:port of the rendezvous (torch's c10d store) when num_nodes > 1; a free local port otherwise."""
+    """host:port of the rendezvous (torch's c10d store) for `train` called from Python on several nodes; a free
+    local port on one node. Under a multi-node `lmpipe run` the run's own endpoint is used (leave this unset: a
+    host name in the config would enter the artifact key)."""
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     """With several processes: `ddp` replicates the model and all-reduces gradients; `fsdp` shards parameters,
     gradients and optimizer state per block (FSDP2 fully_shard; bf16 parameters with fp32 reduction on CUDA)."""
-
-    @model_validator(mode="after")
-    def _check_distributed(self) -> "TrainConfig":
-        if self.num_nodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"train.num_nodes={self.num_nodes} needs train.rdzv_endpoint (host:port of node 0)")
-        return self
 
     @property
     def world_size(self) -> int:

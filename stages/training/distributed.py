@@ -12,13 +12,14 @@
 - Reductions across ranks: `Ranks.mean` (losses and metrics), `Ranks.sum_state` (additive objective state).
 """
 
+import contextlib
 import contextvars
 import logging
 import os
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from schemas.configs import TrainConfig
 from stages.runtime import interrupt
+from stages.runtime.devices import resolve_device
+from stages.training import node_sync
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,23 @@ def init_process_group(device_type: str) -> Ranks:
     return ranks
 
 
+@contextlib.contextmanager
+def worker_group(device_setting: str) -> Iterator[Ranks]:
+    """In a spawned worker of `launch`: die with the launching process, hear stop signals, join the group (left
+    at the end unless a torchrun script had made it) and log like the launching process (configure_worker)."""
+    interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
+    interrupt.install_handlers()
+    owns_group = not dist.is_initialized()  # a torchrun script may have made it already
+    device = resolve_device(device_setting)
+    ranks = init_process_group(device.type)
+    configure_worker(ranks, device)
+    try:
+        yield ranks
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def configure_worker(ranks: Ranks, device: torch.device) -> None:
     """A spawned worker: rank 0 logs progress like the parent process, the others only warnings; on the CPU the
     node's cores are split between its processes (torch would give each of them every core)."""
@@ -132,27 +151,40 @@ def device_for(ranks: Ranks, device: torch.device) -> torch.device:
     return torch.device("cuda", ranks.local_rank) if device.type == "cuda" else device
 
 
-def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_file: Path) -> object:
-    """Run worker(*args) in cfg.num_processes processes on this node (times num_nodes nodes meeting at
-    cfg.rdzv_endpoint) with torch's elastic launcher; returns the value of this node's lowest rank.
+def launch(worker: Callable, args: tuple, cfg, run_id: str, stop_file: Path) -> object:
+    """Run worker(*args) in cfg.num_processes processes on this node (times cfg.num_nodes nodes, if it has that
+    field: a TrainConfig) with torch's elastic launcher; returns the value of this node's lowest rank.
 
+    Where the nodes meet: inside a multi-node `lmpipe run` (node_sync.rendezvous set), at the build's endpoint
+    with a static rendezvous whose group rank is the node rank, so node 0 holds global rank 0 (the writer);
+    otherwise at cfg.rdzv_endpoint with torch's c10d rendezvous (ranks in arrival order), or a free local port.
     A stop signal to this process (interrupt.STOP) is passed on by creating `stop_file`, which the workers check
     at every step boundary (they save a checkpoint and stop together); the launch then raises Interrupted. A
     failed worker raises torch's ChildFailedError, which names the rank and its error."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    endpoint = cfg.rdzv_endpoint or f"localhost:{free_port()}"
+    num_nodes = getattr(cfg, "num_nodes", 1)
+    joined = node_sync.rendezvous() if num_nodes > 1 else None
+    if joined is not None:
+        endpoint, backend = joined[0], "static"
+        rdzv_configs = {"rank": joined[1], "timeout": int(node_sync.RENDEZVOUS_TIMEOUT.total_seconds())}
+    elif num_nodes > 1 and not getattr(cfg, "rdzv_endpoint", None):
+        raise ValueError(f"{run_id}: train.num_nodes={num_nodes} needs the nodes' meeting point: run it with "
+                         "`lmpipe run` on every node (docs/operations.md, Past one node) or set train.rdzv_endpoint")
+    else:
+        endpoint, backend, rdzv_configs = getattr(cfg, "rdzv_endpoint", None) or f"localhost:{free_port()}", "c10d", {}
     run_id = "lmpipe-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id)  # also names the launcher's log folder
-    config = LaunchConfig(min_nodes=cfg.num_nodes, max_nodes=cfg.num_nodes, nproc_per_node=cfg.num_processes,
-                          rdzv_backend="c10d", rdzv_endpoint=endpoint, run_id=run_id, max_restarts=0,
-                          monitor_interval=0.5, start_method="spawn")
+    config = LaunchConfig(min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=cfg.num_processes,
+                          rdzv_backend=backend, rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs, run_id=run_id,
+                          max_restarts=0, monitor_interval=0.5, start_method="spawn")
     log.info("%s: launching %d process(es) per node on %d node(s), rendezvous %s", run_id, cfg.num_processes,
-             cfg.num_nodes, endpoint)
+             num_nodes, endpoint)
     stop_file.unlink(missing_ok=True)
     done = threading.Event()
     watched = contextvars.copy_context()  # the task run's stop file (interrupt.watching) goes with the thread
-    threading.Thread(target=watched.run, args=(_forward_stop, stop_file, done), daemon=True).start()
+    forwarder = threading.Thread(target=watched.run, args=(_forward_stop, stop_file, done), daemon=True)
+    forwarder.start()
     try:
         results = elastic_launch(config, worker)(*args)
     except ChildFailedError:
@@ -162,13 +194,14 @@ def launch(worker: Callable, args: tuple, cfg: TrainConfig, run_id: str, stop_fi
         raise
     finally:
         done.set()
+        forwarder.join()  # it asks interrupt.requested() no more once the launch is over
         stop_file.unlink(missing_ok=True)
     return results[min(results)]
 
 
 def _forward_stop(stop_file: Path, done: threading.Event) -> None:
-    while not done.is_set():
-        if interrupt.STOP.wait(0.2) or interrupt.requested():
+    while not done.wait(0.2):
+        if interrupt.STOP.is_set() or interrupt.requested():
             stop_file.touch()
             return
 

@@ -102,17 +102,8 @@ def stop_file(work_dir: Path) -> Path:
 
 def _train_worker(run: TrainRun) -> dict:
     """One process of a distributed run: join the group, train, leave it. Only rank 0 logs progress."""
-    interrupt.die_with_parent()  # the launching process is gone: nobody waits for this rank any more
-    interrupt.install_handlers()
-    owns_group = not torch.distributed.is_initialized()  # a torchrun script may have made it already
-    device = resolve_device(run.cfg.device)
-    ranks = distributed.init_process_group(device.type)
-    distributed.configure_worker(ranks, device)
-    try:
+    with distributed.worker_group(run.cfg.device) as ranks:
         return _train(run, ranks=ranks)
-    finally:
-        if owns_group:
-            torch.distributed.destroy_process_group()
 
 
 def _start(run: TrainRun, device: torch.device, ranks: distributed.Ranks | None, checkpointer: Checkpointer,
