@@ -69,6 +69,11 @@ in `compare` (with 3 seeds) and `full`, mtp4 in `full`: the default's time (stag
 scaled by the 12.5-minute default of 2026-11 with ntp, slm, cocomix, kd and mtp2: ~18 minutes on 2 quiet cores)
 keeps every matched control instead."""
 
+PAUSE_TOKEN = TargetVariant(name="pause_token", pause=PauseConfig(readout="token"))
+"""`pause` read from the token's own slot: the same compute as cocomix and pause, without routing the token's state
+into a slot that starts as a constant vector (with the default's 2 blocks after the insert `pause` pays about a
+nat for that; docs/results.md)."""
+
 ATTRIBUTION_VARIANTS = [
     TargetVariant(name="cocomix_token", concepts=ConceptsConfig(attribution="token")),
     TargetVariant(name="cocomix_act", concepts=ConceptsConfig(attribution="activation")),
@@ -171,12 +176,12 @@ def gpt2_small() -> PipelineConfig:
 
 
 def compare() -> PipelineConfig:
-    """`default` with 3 seed runs per target variant, plus kd and the attribution ablations (cocomix_token,
-    cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own reference, teacher, scores,
+    """`default` with 3 seed runs per target variant, plus kd, pause_token and the attribution ablations
+    (cocomix_token, cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own reference, teacher, scores,
     SAE and labels trained with seed + r (seed_upstream), so the spread includes the upstream models' luck. Its
     seed-0 runs of the default's variants are the default run's artifacts (same keys)."""
     cfg = default()
-    variants = cfg.target.variants + [v for v in COCOMIX_VARIANTS if v.name == "kd"] + ATTRIBUTION_VARIANTS
+    variants = cfg.target.variants + [v for v in COCOMIX_VARIANTS if v.name == "kd"] + [PAUSE_TOKEN] + ATTRIBUTION_VARIANTS
     return cfg.model_copy(update={"seed_upstream": True,
                                   "target": cfg.target.model_copy(update={"seeds": 3, "variants": variants})})
 

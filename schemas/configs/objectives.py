@@ -62,11 +62,18 @@ class ConceptsConfig(LaterFields):
     pipeline's labels (node `extract_concepts`, rule concepts.attribution)."""
 
 
-class PauseConfig(StrictModel):
+class PauseConfig(LaterFields):
     """The pause-vector control: CoCoMix's interleaving with one learned vector instead of the concept."""
+
+    LATER = {"readout": "pause"}
 
     block: int | None = Field(None, ge=1)
     """The block whose input gets the pause slots. None: the middle, model.num_layers // 2."""
+    readout: Literal["pause", "token"] = "pause"
+    """The slot the next token is read from: `pause` (the pause slot, as cocomix reads its concept slot; its
+    stream starts as the constant vector, so the token's state reaches it only through attention in the blocks
+    after the insert) or `token` (the token's own slot; the pause slots add positions to attend to and the same
+    compute, no information)."""
 
 
 class DistillConfig(StrictModel):

@@ -6,7 +6,8 @@ Built for the methods that plug in later:
   blocks are trunk_blocks + head_blocks[0] (the layer order a Llama export uses);
 - `inserts[str(i)]` runs on the residual stream after block i (CoCoMix concept mixing, pause vectors); an
   interleaving insert doubles the stream after it (h_1, c_1, h_2, c_2, ...: each concept slot after its token,
-  sharing its rotary position) and next-token logits are read from the concept slots;
+  sharing its rotary position) and next-token logits are read from the concept slots (a pause insert may
+  name the token's own slot instead);
 - `trunk(..., capture_layers=...)` returns the hidden states of chosen blocks and what inserts produced, and
   `run_blocks(h, start, stop)` runs blocks on a given hidden state (attribution needs dL/dh at a layer);
 - `features(idx)` is what the unembedding reads (scoring fuses lm_head with the loss: stages.models.losses), and a
@@ -293,6 +294,11 @@ class GPT(nn.Module):
         """Positions per token in block `layer` (2 after an interleaving insert before it, else 1)."""
         return math.prod(int(m.slots) for i, m in self.inserts.items() if int(i) < layer)
 
+    @property
+    def readout_slot(self) -> int:
+        """Which of a token's slots the heads read after an interleaving insert (its `readout_slot`; 0 without)."""
+        return next((int(m.readout_slot) for m in self.inserts.values() if m.slots > 1), 0)
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (by default without the embedding, as in the 6N FLOPs estimate)."""
         total = sum(p.numel() for p in self.parameters())
@@ -342,14 +348,14 @@ class GPT(nn.Module):
 
     def head(self, trunk_out: TrunkOutput, index: int, cache: KVCache | None = None) -> torch.Tensor:
         """Head `index` (0 = next token, i = token t+1+i) on the trunk output; returns its (B, T, D) readout
-        (the last slot of each token: the concept slot after an interleaving insert)."""
+        (after an interleaving insert, the slot it names: the concept or pause slot, or the token's own)."""
         layer, slots = self.num_trunk_layers + index, trunk_out.slots
         h_BSD = trunk_out.h_BSD
         token_start = cache.pos if cache else 0
         cos_SK, sin_SK = self._rope(token_start, h_BSD.shape[1] // slots, slots)
         h_BSD = self.head_blocks[index](h_BSD, cos_SK, sin_SK, cache, layer, token_start * slots)
         B, S, D = h_BSD.shape
-        return h_BSD.view(B, S // slots, slots, D)[:, :, -1] if slots > 1 else h_BSD
+        return h_BSD.view(B, S // slots, slots, D)[:, :, self.readout_slot] if slots > 1 else h_BSD
 
     def logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
         """Shared final norm and unembedding."""

@@ -9,7 +9,11 @@ each token has after it (`slots`: 1 = added in place, 2 = interleaved as h_1, c_
   c_t = (W_comp TopK(z_t) + b_comp + pre_bias) * std_t + mu_t (TopK keeps the raw top-k logits, no ReLU;
   the compression touches only the k selected rows), mixed by interleaving (default) or addition.
   `steer` adds `scale * max_j |z_t,j|` to chosen concept logits before TopK (amplify > 0, suppress < 0).
-- `pause`: the same interleaving with one learned vector instead of c_t (the compute-matched control).
+- `pause`: the same interleaving with one learned vector instead of c_t (the compute-matched control); the
+  next token is read from the pause slot (`readout="pause"`, as CoCoMix reads its concept slot) or from the
+  token's own slot (`readout="token"`: the pause slots only add positions to attend to).
+Interleaving inserts say which of a token's slots the next-token head reads (`readout_slot`: 1 = the inserted
+slot, 0 = the token's own).
 Shapes: B batch, T tokens, D d_model, L latents (concepts), K kept concepts.
 """
 
@@ -40,6 +44,7 @@ class ConceptMixer(nn.Module):
             raise ValueError(f"num_active={num_active} must be in 1..num_latents ({num_latents})")
         self.d_model, self.num_latents, self.num_active, self.mixing = d_model, num_latents, num_active, mixing
         self.slots = 2 if mixing == "interleave" else 1
+        self.readout_slot = self.slots - 1
         self.pre_bias = nn.Parameter(torch.zeros(d_model))
         self.predictor = nn.Linear(d_model, num_latents)
         self.compress_LD = nn.Parameter(torch.empty(num_latents, d_model))
@@ -80,14 +85,20 @@ class ConceptMixer(nn.Module):
         return mixed, {"concept_logits_BTL": z_BTL}
 
 
+READOUTS = ("pause", "token")
+
+
 class PauseInsert(nn.Module):
     """Interleaves one learned vector after every token (a pause token; no concept information)."""
 
     slots = 2
 
-    def __init__(self, d_model: int, generator: torch.Generator | None = None):
+    def __init__(self, d_model: int, readout: str = "pause", generator: torch.Generator | None = None):
         super().__init__()
-        self.d_model = d_model
+        if readout not in READOUTS:
+            raise ValueError(f"pause readout {readout!r}: expected one of {READOUTS}")
+        self.d_model, self.readout = d_model, readout
+        self.readout_slot = 1 if readout == "pause" else 0
         self.vector_D = nn.Parameter(torch.empty(d_model))
         self.reset_parameters(generator=generator)
 
@@ -97,7 +108,7 @@ class PauseInsert(nn.Module):
 
     def spec(self) -> dict:
         """Constructor arguments (model.json)."""
-        return {"kind": "pause"}
+        return {"kind": "pause"} if self.readout == "pause" else {"kind": "pause", "readout": self.readout}
 
     def forward(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, 2T, D) stream with the pause vector in every second slot."""

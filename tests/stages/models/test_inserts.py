@@ -16,6 +16,7 @@ INSERTS = {
     "concepts": {1: {"kind": "concepts", "num_latents": 64, "num_active": 4, "mixing": "interleave"}},
     "concepts_add": {0: {"kind": "concepts", "num_latents": 64, "num_active": 4, "mixing": "add"}},
     "pause": {1: {"kind": "pause"}},
+    "pause_token": {1: {"kind": "pause", "readout": "token"}},
 }
 
 
@@ -96,6 +97,20 @@ def test_trunk_reports_insert_outputs_and_captures_the_right_block():
     h_after_1 = model.residual_after(idx, 1)
     assert h_after_1.shape == (2, 2 * T, CFG.d_model)  # residual_after includes the insert after block 1
     torch.testing.assert_close(h_after_1[:, 0::2], out.captured[1])  # h slots are the captured stream
+
+
+@pytest.mark.parametrize(("kind", "slot"), [("concepts", 1), ("pause", 1), ("pause_token", 0)])
+def test_the_head_reads_the_slot_the_insert_names(kind, slot):
+    """Logits come from the inserted slot (concept, pause) or the token's own slot (pause read from the token)."""
+    model = model_with(kind)
+    idx = torch.randint(0, V, (2, T))
+    stream, _ = model.run_blocks(model.embed(idx), 0, CFG.num_layers)  # every block, both slots of each token
+    torch.testing.assert_close(model(idx), model.logits(stream[:, slot::2]))
+
+
+def test_a_pause_readout_that_names_no_slot_is_a_clear_error():
+    with pytest.raises(ValueError, match="pause readout"):
+        GPT(CFG, V, T, inserts={1: {"kind": "pause", "readout": "last"}})
 
 
 def test_steering_changes_the_continuous_concept():
