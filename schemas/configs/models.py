@@ -8,13 +8,36 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from schemas.base import StrictModel
 from schemas.configs.later_fields import LaterFields
+
+
+class Llama3RopeScaling(StrictModel):
+    """Llama 3.1's rotary frequency scaling (config.json `rope_type: llama3`): wavelengths shorter than
+    original_max_position_embeddings / high_freq_factor keep their frequency, those longer than
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, and those between blend the two
+    linearly in original_max_position_embeddings / wavelength."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0)
+    """How much longer the extended context is than the original (8 for Llama 3.1, 32 for 3.2)."""
+    low_freq_factor: float = Field(gt=0)
+    high_freq_factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(ge=1)
+    """The context the model was pretrained with before the extension (8192 for Llama 3.1)."""
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "Llama3RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+        return self
 
 
 class ModelConfig(LaterFields):
     """Decoder-only transformer shape (vocab size and context come from the tokens artifact)."""
 
-    LATER = {"num_kv_heads": None, "mlp_hidden": None}
+    LATER = {"num_kv_heads": None, "mlp_hidden": None, "rope_scaling": None}
 
     num_layers: int = Field(4, ge=1)
     """Transformer blocks in total, prediction heads included (multi-token heads replace trunk layers)."""
@@ -35,6 +58,8 @@ class ModelConfig(LaterFields):
     """Share the input embedding and the output projection."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
+    rope_scaling: Llama3RopeScaling | None = None
+    """Frequency scaling of the rotary embedding (an imported Llama 3.1/3.2 checkpoint's); None: plain rotary."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02

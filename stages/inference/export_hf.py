@@ -2,7 +2,8 @@
 
 Writes into `out_dir`:
 - `config.json`: a `LlamaConfig` made by the installed transformers (model_type llama, `rope_parameters`
-  as transformers 5 reads it, plus a top-level `rope_theta` for transformers 4.x readers, dtype float32);
+  as transformers 5 reads it, plain or llama3-scaled, plus top-level `rope_theta` and `rope_scaling` for
+  transformers 4.x readers, dtype float32);
 - `model.safetensors`: fp32 weights under Llama names (`model.embed_tokens.weight`,
   `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
   `model.layers.{i}.input_layernorm.weight`, `model.layers.{i}.post_attention_layernorm.weight`,
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from schemas.configs import ModelConfig
 from stages.corpus.tokenizers import EOT
 from stages.models.gpt import GPT, mlp_hidden_size
 from stages.models.hf_import import layer_parameters, llama_parameters
@@ -58,7 +60,7 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
         hidden_act="silu",
         max_position_embeddings=model.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rope_parameters=_rope_parameters(cfg),
         tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
@@ -71,7 +73,15 @@ def llama_config_dict(model: GPT, bos_id: int | None, eos_id: int | None) -> dic
     )
     config = llama_cfg.to_dict()
     config["rope_theta"] = float(cfg.rope_theta)  # transformers 4.x reads this key, 5.x reads rope_parameters
+    if cfg.rope_scaling is not None:
+        config["rope_scaling"] = cfg.rope_scaling.model_dump()  # and this one
     return config
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's rope_parameters: plain rotary, or the model's llama3 frequency scaling."""
+    scaling = {} if cfg.rope_scaling is None else cfg.rope_scaling.model_dump()
+    return {"rope_type": "default", **scaling, "rope_theta": float(cfg.rope_theta)}
 
 
 def _standalone(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

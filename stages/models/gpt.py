@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from schemas.configs import ModelConfig
+from schemas.configs.models import Llama3RopeScaling
 from stages.models.inserts import build_insert
 
 
@@ -43,9 +44,22 @@ _SDPA_GQA = torch.__version__ >= (2, 5)
 """scaled_dot_product_attention takes fewer key/value heads than query heads (enable_gqa) from torch 2.5 on."""
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (max_len, head_dim), halves repeated (the rotate-half convention of Llama)."""
+def rotary_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None) -> torch.Tensor:
+    """The head_dim / 2 angular frequencies theta^(-2i / head_dim), Llama-3-scaled when `scaling` is given."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    context = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - scaling.low_freq_factor)
+             / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0.0, 1.0)  # 1: short, 0: long waves
+    return blend * inv_freq + (1 - blend) * inv_freq / scaling.factor
+
+
+def rotary_tables(head_dim: int, max_len: int, theta: float,
+                  scaling: Llama3RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (max_len, head_dim), halves repeated (the rotate-half convention of Llama)."""
+    inv_freq = rotary_frequencies(head_dim, theta, scaling)
     angles_LK2 = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     angles_LK = torch.cat([angles_LK2, angles_LK2], dim=-1)
     return angles_LK.cos(), angles_LK.sin()
@@ -264,7 +278,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rotary_tables(cfg.head_dim, max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights(generator)

@@ -4,7 +4,8 @@ stages/inference/export_hf.py).
 Our blocks are Llama decoder layers (see export_hf's docstring): layers 0..L-2 become the trunk, layer L-1 head 0,
 with the same names and shapes; HF's rotary already pairs (i, i + K/2) as ours does (the Meta -> HF conversion
 permuted q/k rows into that layout), so no weight is permuted. Grouped-query checkpoints keep their key/value heads
-(model.num_kv_heads); `intermediate_size` is kept exactly (model.mlp_hidden).
+(model.num_kv_heads); `intermediate_size` is kept exactly (model.mlp_hidden); Llama 3.1/3.2's `llama3` rotary
+scaling becomes model.rope_scaling (other scalings are refused).
 
 Memory: the model is built on the meta device, allocated once in its dtype, and the safetensors are streamed into
 it tensor by tensor (one shard open at a time, one tensor materialised at a time, cast on copy): peak is the model
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from torch import nn
 
 from schemas.configs import ModelConfig
+from schemas.configs.models import Llama3RopeScaling
 from stages.models.gpt import GPT, Block, rotary_tables
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -66,14 +68,25 @@ class LlamaCheckpoint:
     """tensor name -> safetensors file holding it."""
 
 
-def _rope_theta(config: dict, path: Path) -> float:
-    """rope_theta from either layout (transformers 5 `rope_parameters`, 4.x top-level keys); only unscaled rope."""
-    for rope in (config.get("rope_parameters") or {}, config.get("rope_scaling") or {}):
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"{path}: rope scaling {kind!r} is not supported (only plain rotary positions); "
-                             "use a checkpoint without rope_scaling")
-    return float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0)))
+def _rope(config: dict, path: Path) -> tuple[float, Llama3RopeScaling | None]:
+    """rope_theta and the frequency scaling from either layout (transformers 5 `rope_parameters`, 4.x top-level
+    `rope_theta` and `rope_scaling`): plain rotary or Llama 3.1's `llama3` scaling."""
+    layouts = [config.get("rope_parameters") or {}, config.get("rope_scaling") or {}]
+    rope = next((r for r in layouts if r.get("rope_type", r.get("type", "default")) != "default"), layouts[0])
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(layouts[0].get("rope_theta", config.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"{path}: rope scaling {kind!r} is not supported (plain rotary and 'llama3' are); "
+                         "use a checkpoint with either")
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    try:
+        return theta, Llama3RopeScaling(**{name: rope[name] for name in fields if name in rope})
+    except ValidationError as err:
+        raise ValueError(f"{path}: llama3 rope scaling: {err.errors()[0]['loc'][0]} "
+                         f"{err.errors()[0]['msg'].lower()}; give the checkpoint's complete rope scaling "
+                         f"({', '.join(fields)})") from None
 
 
 def llama_model_config(config: dict, path: Path) -> tuple[ModelConfig, int, int]:
@@ -93,13 +106,14 @@ def llama_model_config(config: dict, path: Path) -> tuple[ModelConfig, int, int]
         raise ValueError(f"{path}: head_dim {config.get('head_dim')} is not hidden_size / num_attention_heads "
                          f"({hidden} / {heads}); lmpipe needs heads * head_dim == hidden_size")
     kv_heads = int(config.get("num_key_value_heads") or heads)
+    theta, scaling = _rope(config, path)
     intermediate = int(config["intermediate_size"])
     try:
         model = ModelConfig(num_layers=int(config["num_hidden_layers"]), num_heads=heads,
                             num_kv_heads=None if kv_heads == heads else kv_heads, d_model=hidden, mlp="swiglu",
                             mlp_ratio=intermediate / hidden, mlp_hidden=intermediate,
                             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                            rope_theta=_rope_theta(config, path), norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                            rope_theta=theta, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                             init_std=float(config.get("initializer_range", 0.02)))
     except ValidationError as err:
         raise ValueError(f"{path}: not an lmpipe shape: {err.errors()[0]['msg']}") from None
@@ -192,7 +206,7 @@ def import_llama(directory: str | Path, *, max_seq_len: int | None = None, num_f
     model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    cos, sin = rotary_tables(cfg.head_dim, model.max_seq_len, cfg.rope_theta)  # non-persistent: not in the file
+    cos, sin = rotary_tables(cfg.head_dim, model.max_seq_len, cfg.rope_theta, cfg.rope_scaling)  # non-persistent: not in the file
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     load_llama_weights(model, checkpoint)

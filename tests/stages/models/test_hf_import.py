@@ -21,11 +21,16 @@ from storage.checkpoints import save_model
 from tests.helpers import make_token_artifact, tiny_run
 
 GQA = ModelConfig(num_layers=2, num_heads=4, num_kv_heads=2, d_model=32)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 0.5,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+"""Llama 3.1's scaling with a context this small that head_dim 16's frequencies fall in all three bands (wavelength
+6.3 < 32/4 kept, 32.5 between 32/4 and 32/0.5 blended, the rest divided by 8)."""
 CHECKPOINTS = {  # name: (num_key_value_heads, tie_word_embeddings, save_pretrained options)
     "mha_tied": (4, True, {}),
     "gqa_untied": (2, False, {}),
     "mqa_tied_sharded": (1, True, {"max_shard_size": "20KB"}),
     "gqa_untied_bf16": (2, False, {"dtype": torch.bfloat16}),
+    "gqa_llama3_rope": (2, True, {"rope_parameters": LLAMA3_ROPE}),
 }
 
 
@@ -46,7 +51,7 @@ def save_llama(directory, kv_heads: int, tie: bool, vocab_size: int = 300, dtype
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=100, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                          rms_norm_eps=1e-5, max_position_embeddings=64, initializer_range=0.1,
-                         rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **overrides)
+                         **({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}} | overrides))
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -61,8 +66,7 @@ def save_llama(directory, kv_heads: int, tie: bool, vocab_size: int = 300, dtype
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {name: save_llama(root / name, kv, tie, dtype=opts.get("dtype"), max_shard_size=opts.get("max_shard_size"))
-            for name, (kv, tie, opts) in CHECKPOINTS.items()}
+    return {name: save_llama(root / name, kv, tie, **opts) for name, (kv, tie, opts) in CHECKPOINTS.items()}
 
 
 def hf_logits(directory, idx_BT):
@@ -90,11 +94,23 @@ def test_imported_logits_equal_transformers(checkpoints, name):
         torch.testing.assert_close(model(IDX), hf_logits(checkpoints[name], IDX), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gqa_untied", "mqa_tied_sharded", "gqa_untied_bf16"])
+@pytest.mark.parametrize("name", ["gqa_untied", "mqa_tied_sharded", "gqa_untied_bf16", "gqa_llama3_rope"])
 def test_import_export_round_trip_is_exact(checkpoints, tokenizer_path, tmp_path, name):
     out = export_llama(import_llama(checkpoints[name]), tokenizer_path, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == CHECKPOINTS[name][0]
     assert torch.equal(hf_logits(out, IDX), hf_logits(checkpoints[name], IDX))
+
+
+def test_llama3_rope_scaling_keeps_short_waves_divides_long_ones_and_blends_between(checkpoints):
+    from stages.models.gpt import rotary_frequencies
+
+    scaling = import_llama(checkpoints["gqa_llama3_rope"]).cfg.rope_scaling
+    assert scaling is not None and scaling.model_dump() == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    plain, scaled = rotary_frequencies(16, 5e5), rotary_frequencies(16, 5e5, scaling)
+    blend = (32 / (2 * torch.pi / plain[1]) - 0.5) / (4.0 - 0.5)  # 32 / wavelength between the two factors
+    assert scaled[0] == plain[0] and torch.equal(scaled[2:], plain[2:] / 8)
+    torch.testing.assert_close(scaled[1], blend * plain[1] + (1 - blend) * plain[1] / 8)
+    assert import_llama(checkpoints["gqa_untied"]).cfg.rope_scaling is None
 
 
 def test_extra_heads_start_as_copies_of_the_last_layer(checkpoints):
@@ -169,11 +185,12 @@ def test_bad_checkpoints_are_one_line_errors(checkpoints, tmp_path):
     model = import_llama(checkpoints["gqa_untied"])
     assert "model.safetensors" in _one_line_error(r"model.embed_tokens.weight has shape \[200, 64\]",
                                                   lambda: load_llama_weights(model, other))
-    for field, value, match in [("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope scaling 'llama3'"),
+    for field, value, match in [("rope_parameters", {"rope_type": "llama3", "factor": 8.0},
+                                 "llama3 rope scaling: low_freq_factor field required"),
                                 ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope scaling 'yarn'"),
                                 ("attention_bias", True, "attention_bias is true"),
                                 ("hidden_act", "gelu", "hidden_act 'gelu'")]:
-        edited = shutil.copytree(checkpoints["mha_tied"], tmp_path / field)
+        edited = shutil.copytree(checkpoints["mha_tied"], tmp_path / f"{field}-{match[:8]}")
         config = json.loads((edited / "config.json").read_text()) | {field: value}
         (edited / "config.json").write_text(json.dumps(config))
         assert "config.json" in _one_line_error(match, lambda d=edited: import_llama(d))
