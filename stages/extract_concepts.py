@@ -16,9 +16,13 @@ Files written into `out` (one shard = a contiguous window range of a split, its 
     peaks-<split>-<shard:03d>.parquet    per latent: its highest activations (token_index, activation)
     concepts.parquet                     schemas.tables.CONCEPTS: per latent, firing frequency on `train`, times
                                          chosen as a label, most frequent tokens, top-activating contexts
+With concepts.num_processes > 1 a shard's windows are shared by that many processes of the node
+(stages/training/shard_processes.py; one per GPU on CUDA) and their labels concatenated in window order.
 """
 
+import functools
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from schemas.configs import ExtractConfig, PipelineConfig
 from schemas.manifest import Manifest
@@ -46,6 +51,7 @@ from stages.registry import (
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.seeded_upstream import with_seeded
+from stages.training.shard_processes import run_shard
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import read_table, write_table
 from storage.windows import TokenWindows
@@ -62,35 +68,22 @@ def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, w
     path = Path(work_dir) / part_file(shard)
     if path.exists():
         return path
-    device = resolve_device(cfg.device)
-    model = load_model(Path(inputs["reference"].path), device).requires_grad_(False)
-    sae, meta = load_sae(Path(inputs["sae"].path), device)
-    layer = int(meta["layer"])
     windows = TokenWindows.from_manifest(inputs["tokens"], split)
     start, stop = shard_ranges(len(windows), cfg.num_shards)[index]
     started = time.perf_counter()
-    ids, scores, index_rows, active_pairs, peak_vals, peak_index = [], [], [], [], [], []
-    for batch_start in range(start, stop, cfg.batch_size):
-        interrupt.check(f"extract_concepts stopped in shard {shard} (nothing of it is kept); finished shards are "
-                        "kept, run again to go on")  # a shard can take minutes: stop within a batch
-        window_ids = np.arange(batch_start, min(batch_start + cfg.batch_size, stop))
-        inputs_BT, targets_BT = windows.batch(window_ids, device)
-        ids_NT, scores_NT, vals_NK, idx_NK = window_concepts(model, sae, inputs_BT, targets_BT, layer, cfg.top,
-                                                             cfg.attribution)
-        token_index_N = windows.target_index(window_ids).reshape(-1)
-        input_ids_N = inputs_BT.reshape(-1).cpu().numpy()
-        ids.append(ids_NT.cpu().numpy().astype(np.int32))
-        scores.append(scores_NT.float().cpu().numpy())
-        index_rows.append(token_index_N)
-        fired = (vals_NK > 0).cpu().numpy()
-        idx = idx_NK.cpu().numpy()
-        input_ids_NK = np.broadcast_to(input_ids_N[:, None], idx.shape)
-        active_pairs.append(idx[fired].astype(np.int64) * (1 << 32) + input_ids_NK[fired])
-        peak_vals.append(vals_NK.cpu().numpy()[fired])
-        peak_index.append(np.stack([idx[fired], np.broadcast_to(token_index_N[:, None] - 1, idx.shape)[fired]], 1))
-    ids_NT, scores_NT, token_index = np.concatenate(ids), np.concatenate(scores), np.concatenate(index_rows)
-    _write_sidecars(Path(work_dir), shard, np.concatenate(active_pairs), np.concatenate(peak_vals),
-                    np.concatenate(peak_index), split)
+    if cfg.num_processes > 1:  # the ranks' labels, concatenated in window order
+        part_dir = Path(work_dir) / f"_ranks-{shard}"
+        try:
+            rank_dirs = run_shard(functools.partial(_label_range, cfg, inputs, split), start, stop, cfg,
+                                  f"extract_concepts-{shard}", part_dir)
+            parts = [dict(np.load(d / "labels.npz")) for d in rank_dirs]
+        finally:
+            shutil.rmtree(part_dir, ignore_errors=True)
+        labels = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    else:
+        labels = label_windows(cfg, inputs, split, start, stop, resolve_device(cfg.device))
+    _write_sidecars(Path(work_dir), shard, labels["active_pairs"], labels["peak_vals"], labels["peak_index"], split)
+    token_index, ids_NT, scores_NT = labels["token_index"], labels["ids_NT"], labels["scores_NT"]
     K = ids_NT.shape[1]
     write_table(path, pa.table({
         "split": pa.array([split] * len(token_index), pa.string()),
@@ -103,6 +96,45 @@ def extract_shard(cfg: ExtractConfig, inputs: dict[str, Manifest], shard: str, w
     log.info("extract_concepts %s: %d tokens in %.1fs (%.0f tokens/s)", shard, len(token_index), seconds,
              len(token_index) / max(seconds, 1e-9))
     return path
+
+
+def label_windows(cfg: ExtractConfig, inputs: dict[str, Manifest], split: str, start: int, stop: int,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    """Labels of windows start..stop-1 of a split (rows in token_index order) and what the sidecars count."""
+    model = load_model(Path(inputs["reference"].path), device).requires_grad_(False)
+    sae, meta = load_sae(Path(inputs["sae"].path), device)
+    layer = int(meta["layer"])
+    windows = TokenWindows.from_manifest(inputs["tokens"], split)
+    found = {name: [] for name in ("ids_NT", "scores_NT", "token_index", "active_pairs", "peak_vals", "peak_index")}
+    for batch_start in range(start, stop, cfg.batch_size):
+        interrupt.check(f"extract_concepts stopped in a shard of {split} (nothing of it is kept); finished shards "
+                        "are kept, run again to go on")  # a shard can take minutes: stop within a batch
+        window_ids = np.arange(batch_start, min(batch_start + cfg.batch_size, stop))
+        inputs_BT, targets_BT = windows.batch(window_ids, device)
+        ids_NT, scores_NT, vals_NK, idx_NK = window_concepts(model, sae, inputs_BT, targets_BT, layer, cfg.top,
+                                                             cfg.attribution)
+        token_index_N = windows.target_index(window_ids).reshape(-1)
+        input_ids_N = inputs_BT.reshape(-1).cpu().numpy()
+        found["ids_NT"].append(ids_NT.cpu().numpy().astype(np.int32))
+        found["scores_NT"].append(scores_NT.float().cpu().numpy())
+        found["token_index"].append(token_index_N)
+        fired = (vals_NK > 0).cpu().numpy()
+        idx = idx_NK.cpu().numpy()
+        input_ids_NK = np.broadcast_to(input_ids_N[:, None], idx.shape)
+        found["active_pairs"].append(idx[fired].astype(np.int64) * (1 << 32) + input_ids_NK[fired])
+        found["peak_vals"].append(vals_NK.cpu().numpy()[fired])
+        found["peak_index"].append(
+            np.stack([idx[fired], np.broadcast_to(token_index_N[:, None] - 1, idx.shape)[fired]], 1))
+    empty = {"ids_NT": np.zeros((0, cfg.top), np.int32), "scores_NT": np.zeros((0, cfg.top), np.float32),
+             "token_index": np.zeros(0, np.int64), "active_pairs": np.zeros(0, np.int64),
+             "peak_vals": np.zeros(0, np.float32), "peak_index": np.zeros((0, 2), np.int64)}
+    return {name: np.concatenate(parts) if parts else empty[name] for name, parts in found.items()}
+
+
+def _label_range(cfg: ExtractConfig, inputs: dict[str, Manifest], split: str, lo: int, hi: int,
+                 device: torch.device, rank_dir: Path) -> None:
+    """One process's share of a shard (shard_processes): its labels into rank_dir/labels.npz."""
+    np.savez(rank_dir / "labels.npz", **label_windows(cfg, inputs, split, lo, hi, device))
 
 
 def _write_sidecars(work_dir: Path, shard: str, pairs: np.ndarray, vals: np.ndarray, peaks: np.ndarray,

@@ -8,10 +8,14 @@ Scores are computed on exactly the windows training uses (storage.windows.TokenW
 targets token_index w*T+1 .. w*T+T with inputs w*T .. w*T+T-1 as context, so ref_loss lines up with the target
 model's per-token loss (Rho-1 sec 2.2). Token 0 and the tail after the last full window get no row.
 Each shard is written atomically and skipped when present, so an interrupted run redoes only unfinished shards.
+With score.num_processes > 1 a shard's windows are shared by that many processes of the node
+(stages/training/shard_processes.py; one per GPU on CUDA) and their files merged in window order.
 """
 
+import functools
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +44,7 @@ from stages.registry import (
 from stages.runtime import interrupt
 from stages.runtime.devices import resolve_device
 from stages.seeded_upstream import with_seeded
+from stages.training.shard_processes import run_shard
 from storage.atomic import write_text_atomic
 from storage.catalog import JoinView, TableSpec
 from storage.parquet import ROW_GROUP_ROWS, read_table, write_batches
@@ -108,18 +113,44 @@ def score_shard(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: 
         raise ValueError(f"shard {shard} is outside 0..{cfg.num_shards - 1} (score.num_shards={cfg.num_shards})")
     path.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model = model if model is not None else load_reference(reference, device)
     windows = TokenWindows.from_manifest(tokens, split)
     start, stop = shard_ranges(len(windows), cfg.num_shards)[shard]
     started = time.perf_counter()
-    batches = _shard_batches(model, windows, tokens, split, start, stop, cfg.batch_size, device)
-    num_rows = write_batches(path, batches, TOKEN_SCORES)
+    if cfg.num_processes > 1:
+        num_rows = _score_on_processes(cfg, tokens, reference, split, start, stop, path)
+    else:
+        model = model if model is not None else load_reference(reference, device)
+        batches = _shard_batches(model, windows, tokens, split, start, stop, cfg.batch_size, device)
+        num_rows = write_batches(path, batches, TOKEN_SCORES)
     seconds = time.perf_counter() - started
     write_text_atomic(path.with_suffix(".json"),
                       json.dumps({"rows": num_rows, "seconds": round(seconds, 4), "device": device.type}))
     log.info("scored %s shard %d/%d: %d tokens in %.1fs (%.0f tokens/s)", split, shard + 1, cfg.num_shards,
              num_rows, seconds, num_rows / max(seconds, 1e-9))
     return path
+
+
+def _score_range(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: str, lo: int, hi: int,
+                 device: torch.device, rank_dir: Path) -> None:
+    """One process's share of a shard (shard_processes): windows lo..hi-1 into rank_dir/scores.parquet."""
+    model = load_reference(reference, device)
+    windows = TokenWindows.from_manifest(tokens, split)
+    write_batches(rank_dir / "scores.parquet",
+                  _shard_batches(model, windows, tokens, split, lo, hi, cfg.batch_size, device), TOKEN_SCORES)
+
+
+def _score_on_processes(cfg: ScoreConfig, tokens: Manifest, reference: Manifest, split: str, start: int,
+                        stop: int, path: Path) -> int:
+    """Score windows start..stop-1 on cfg.num_processes processes and merge their files into `path` in window
+    order; returns the row count."""
+    part_dir = path.with_name(f"_ranks-{path.stem}")
+    compute = functools.partial(_score_range, cfg, tokens, reference, split)
+    try:
+        rank_dirs = run_shard(compute, start, stop, cfg, f"score_reference-{path.stem}", part_dir)
+        files = [pq.ParquetFile(d / "scores.parquet") for d in rank_dirs]
+        return write_batches(path, (b for f in files for b in f.iter_batches(ROW_GROUP_ROWS)), TOKEN_SCORES)
+    finally:
+        shutil.rmtree(part_dir, ignore_errors=True)
 
 
 def run(cfg: ScoreConfig, inputs: dict[str, Manifest], out: Path) -> dict:

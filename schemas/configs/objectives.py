@@ -130,8 +130,10 @@ class TargetVariant(LaterFields):
 
 
 
-class ScoreConfig(StrictModel):
+class ScoreConfig(LaterFields):
     """Per-token reference scoring."""
+
+    LATER = {"num_processes": 1}
 
     batch_size: int = Field(32, ge=1)
     """Windows per forward pass."""
@@ -140,3 +142,6 @@ class ScoreConfig(StrictModel):
     shards."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the forward passes."""
+    num_processes: int = Field(1, ge=1)
+    """Processes of this node that share each shard's windows (one per GPU on CUDA; on the CPU they split its
+    cores); the scores are the one-process scores to float tolerance."""

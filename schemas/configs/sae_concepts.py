@@ -72,7 +72,7 @@ Attribution = Literal["window_mean", "token", "activation"]
 class ExtractConfig(LaterFields):
     """Attribution-selected concept labels for every target token (CoCoMix Sec. 3.1), computed once offline."""
 
-    LATER = {"attribution": "window_mean"}
+    LATER = {"attribution": "window_mean", "num_processes": 1}
 
     top: int = Field(4, ge=1)
     """Concepts kept per token (K): the top-K active latents by attribution score a_i * dL/da_i."""
@@ -88,6 +88,9 @@ class ExtractConfig(LaterFields):
     """Tokens shown on each side of the peak token in a context."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device for the reference forward/backward."""
+    num_processes: int = Field(1, ge=1)
+    """Processes of this node that share each shard's windows (one per GPU on CUDA; on the CPU they split its
+    cores); the labels are the one-process labels (to float tolerance in the scores)."""
     attribution: Attribution = "window_mean"
     """The labelling rule: `window_mean` a_i * dL/da_i with L the window's mean next-token loss (CoCoMix's code;
     signed score); `token` the same with L the position's own next-token loss (x_{t+1} only); `activation` the
