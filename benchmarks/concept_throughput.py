@@ -4,7 +4,7 @@ and training tokens/s of the cocomix, pause and kd targets as a ratio to ntp tra
 Usage: python benchmarks/concept_throughput.py [--steps 8] [--warmup 2] [--quick] [--json-out PATH]
 
 - model: the default preset's shape (4 x 128, 4 heads, vocab 4096, context 128, micro batch 16), random init;
-  SAE: 2048 latents (16 x 128), k 16, on the residual after block 1 (the default preset's choice);
+  SAE: 1024 latents (8 x 128), k 16, on the residual after block 1 (the default preset's SAE);
 - `forward`: reference model(inputs) under inference_mode (the floor of any per-token pass);
 - `extract`: window_concepts, extract_concepts' labelling step (forward to the SAE site, forward + backward of
   the remaining blocks for dL/dh, SAE encode, attribution over the active latents, top-4), batch 32 windows;
@@ -46,7 +46,7 @@ from stages.training.optim import BatchSchedule, build_optimizer  # noqa: E402
 from storage.windows import TokenWindows  # noqa: E402
 
 MODEL = ModelConfig(num_layers=4, num_heads=4, d_model=128)
-VOCAB, SEQ_LEN, MICRO, LATENTS, K, TOP, LAYER = 4096, 128, 16, 2048, 16, 4, 1
+VOCAB, SEQ_LEN, MICRO, LATENTS, K, TOP, LAYER = 4096, 128, 16, 1024, 16, 4, 1
 NUM_WINDOWS = 256
 
 

@@ -5,7 +5,7 @@ Cross-field checks run at construction, so a bad config fails before any compute
 Artifact keys hash a config's data (its JSON dump), never its class or module, so where a class lives is free.
 
     corpus        TokenizeConfig (tokenize_corpus), TextUnit, PACKAGED_DATASET_BUILDERS
-    models        ModelConfig (the transformer shape)
+    models        ModelConfig (the transformer shape), Llama3RopeScaling
     objectives    TargetVariant and its parts: SelectionConfig, ConceptsConfig, PauseConfig, DistillConfig;
                   ScoreConfig (score_reference, the scores selection ranks by)
     training      TrainConfig, CheckpointRole (init_from), BaseConfig, TeacherConfig, ReferenceConfig, DynamicsConfig,
@@ -19,7 +19,7 @@ Artifact keys hash a config's data (its JSON dump), never its class or module, s
 from schemas.configs.corpus import PACKAGED_DATASET_BUILDERS, TextUnit, TokenizeConfig
 from schemas.configs.evaluation import EvaluateConfig
 from schemas.configs.later_fields import LaterFields
-from schemas.configs.models import ModelConfig
+from schemas.configs.models import Llama3RopeScaling, ModelConfig
 from schemas.configs.objectives import (
     ConceptsConfig,
     DistillConfig,
@@ -45,7 +45,8 @@ from schemas.configs.training import (
 
 __all__ = [
     "PACKAGED_DATASET_BUILDERS", "BaseConfig", "CheckpointRole", "ConceptsConfig", "DistillConfig", "DynamicsConfig",
-    "EvaluateConfig", "ExtractConfig", "LatentDashboardConfig", "LaterFields", "ModelConfig", "PauseConfig",
+    "EvaluateConfig", "ExtractConfig", "LatentDashboardConfig", "LaterFields", "Llama3RopeScaling", "ModelConfig",
+    "PauseConfig",
     "PipelineConfig", "ReferenceConfig", "SAEConfig", "ScoreConfig", "SelectionConfig", "TargetConfig", "TargetRun",
     "TargetVariant", "TeacherConfig", "TextUnit", "TokenizeConfig", "TrainConfig", "replica_name", "variant_of",
 ]

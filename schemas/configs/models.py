@@ -19,10 +19,13 @@ class Llama3RopeScaling(StrictModel):
     linearly in original_max_position_embeddings / wavelength."""
 
     rope_type: Literal["llama3"] = "llama3"
+    """The scaling's name in config.json (the only one lmpipe implements)."""
     factor: float = Field(gt=0)
     """How much longer the extended context is than the original (8 for Llama 3.1, 32 for 3.2)."""
     low_freq_factor: float = Field(gt=0)
+    """Wavelengths over original_max_position_embeddings / low_freq_factor are divided by `factor` (1 in Llama 3)."""
     high_freq_factor: float = Field(gt=0)
+    """Wavelengths under original_max_position_embeddings / high_freq_factor keep their frequency (4 in Llama 3)."""
     original_max_position_embeddings: int = Field(ge=1)
     """The context the model was pretrained with before the extension (8192 for Llama 3.1)."""
 

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from schemas.configs import ModelConfig
-from schemas.configs.models import Llama3RopeScaling
+from schemas.configs import Llama3RopeScaling, ModelConfig
 from stages.models.inserts import build_insert
 
 

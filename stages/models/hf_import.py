@@ -23,8 +23,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from torch import nn
 
-from schemas.configs import ModelConfig
-from schemas.configs.models import Llama3RopeScaling
+from schemas.configs import Llama3RopeScaling, ModelConfig
 from stages.models.gpt import GPT, Block, rotary_tables
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
