@@ -223,6 +223,7 @@ and top-1 accuracy over `tokens` targets (the same windows as eval_losses)."""
 SPECULATIVE = pa.schema([
     pa.field("model", pa.string(), nullable=False),
     pa.field("draft", pa.int32(), nullable=False),
+    pa.field("adaptive", pa.bool_(), nullable=False),
     pa.field("new_tokens", pa.int64(), nullable=False),
     pa.field("forwards", pa.int64(), nullable=False),
     pa.field("tokens_per_forward", pa.float64(), nullable=False),
@@ -230,8 +231,8 @@ SPECULATIVE = pa.schema([
     pa.field("speedup", pa.float64(), nullable=False),
 ])
 """evaluate, per multi-token model: greedy decoding (draft 0) and self-speculative decoding with `draft` drafted
-tokens per forward on the same validation prompts in the same process (outputs checked identical); speedup =
-greedy seconds / these seconds."""
+tokens per forward (`adaptive`: the default adaptive draft length, at most `draft`) on the same validation
+prompts in the same process (outputs checked identical); speedup = greedy seconds / these seconds."""
 
 LATENTS = pa.schema([
     pa.field("concept_id", pa.int32(), nullable=False),

@@ -41,24 +41,27 @@ def head_metrics(model: GPT, windows: TokenWindows, window_ids: np.ndarray, batc
 
 
 def speculative_rows(model: GPT, prompts: list[list[int]], new_tokens: int) -> list[dict]:
-    """Plain greedy (draft 0 row) and self-speculative decoding with each draft count on the same prompts."""
+    """Plain greedy (draft 0 row), self-speculative decoding with each fixed draft count, and with the adaptive
+    draft length (generate_speculative's default, up to every extra head) on the same prompts."""
     generate(model, prompts[0], new_tokens)  # warm-up: one-time allocations and kernel selection are not timed
     generate_speculative(model, prompts[0], new_tokens)
     start = time.perf_counter()
     expected = [generate(model, prompt, new_tokens) for prompt in prompts]
     plain_seconds = time.perf_counter() - start
     total = sum(len(ids) for ids in expected)
-    rows = [{"draft": 0, "new_tokens": total, "forwards": total, "tokens_per_forward": 1.0,
+    rows = [{"draft": 0, "adaptive": False, "new_tokens": total, "forwards": total, "tokens_per_forward": 1.0,
              "seconds": plain_seconds, "speedup": 1.0}]
-    for draft in range(1, model.num_future_tokens):
+    most = model.num_future_tokens - 1
+    for draft, adaptive in [(d, False) for d in range(1, most + 1)] + ([(most, True)] if most else []):
         start, forwards, produced = time.perf_counter(), 0, 0
         for prompt, reference in zip(prompts, expected, strict=True):
-            ids, stats = generate_speculative(model, prompt, new_tokens, draft=draft)
+            ids, stats = generate_speculative(model, prompt, new_tokens, draft=None if adaptive else draft)
             if ids != reference:
-                raise AssertionError(f"speculative decoding (draft {draft}) diverged from greedy decoding")
+                raise AssertionError(f"speculative decoding ({'adaptive' if adaptive else f'draft {draft}'}) "
+                                     "diverged from greedy decoding")
             forwards, produced = forwards + stats.forwards + 1, produced + stats.new_tokens  # + the prompt pass
         seconds = time.perf_counter() - start
-        rows.append({"draft": draft, "new_tokens": produced, "forwards": forwards,
+        rows.append({"draft": draft, "adaptive": adaptive, "new_tokens": produced, "forwards": forwards,
                      "tokens_per_forward": produced / max(forwards, 1), "seconds": seconds,
                      "speedup": plain_seconds / max(seconds, 1e-9)})
     return rows

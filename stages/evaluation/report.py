@@ -235,11 +235,14 @@ def heads_markdown(head_rows: list[dict], speculative: list[dict]) -> str:
              "| model | head | loss | top-1 accuracy |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['head']} | {r['loss']:.4f} | {r['accuracy']:.1%} |"
               for r in head_rows if r["split"] == "val"]
-    lines += ["", "Self-speculative greedy decoding (identical output; draft 0 = plain greedy; speculative.parquet):",
+    lines += ["", "Self-speculative greedy decoding (identical output; draft 0 = plain greedy, adaptive = the default "
+              "draft length; speculative.parquet):",
               "", "| model | drafts | new tokens | forwards | tokens/forward | seconds | speed-up |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['draft']} | {r['new_tokens']} | {r['forwards']} | {r['tokens_per_forward']:.2f} | "
-              f"{r['seconds']:.2f} | {r['speedup']:.2f}x |" for r in speculative]
+    for r in speculative:
+        drafts = f"adaptive (<= {r['draft']})" if r.get("adaptive") else r["draft"]
+        lines.append(f"| {r['model']} | {drafts} | {r['new_tokens']} | {r['forwards']} | "
+                     f"{r['tokens_per_forward']:.2f} | {r['seconds']:.2f} | {r['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

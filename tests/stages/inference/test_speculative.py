@@ -135,3 +135,15 @@ def test_draft_policy_adapts():
     assert policy.cap == 2 and policy.next_draft(2, 2) == 2
     fixed = DraftPolicy(2, adaptive=False)
     assert fixed.first() == 2 and fixed.next_draft(2, 0) == 2 and fixed.next_draft(0, 0) == 2
+
+
+def test_the_evaluation_times_greedy_every_fixed_draft_and_the_adaptive_default():
+    from stages.evaluation.heads import speculative_rows
+
+    prompts = [[1, 2, 3], [7, 7], [5]]
+    rows = speculative_rows(mtp_model(3, seed=3, copy_heads=True), prompts, 12)
+    assert [(r["draft"], r["adaptive"]) for r in rows] == [(0, False), (1, False), (2, False), (2, True)]
+    assert all(r["new_tokens"] == rows[0]["new_tokens"] for r in rows)  # each produced greedy's tokens
+    assert rows[0]["forwards"] == rows[0]["new_tokens"] and rows[0]["speedup"] == 1.0
+    assert all(1.0 <= r["tokens_per_forward"] <= r["draft"] + 1 for r in rows)
+    assert [r["draft"] for r in speculative_rows(mtp_model(1, seed=0), prompts, 4)] == [0]  # one head: greedy only
