@@ -78,23 +78,6 @@ def train_walk_model(heads: int, steps: int, noise: float) -> torch.nn.Module:
     return model.eval()
 
 
-def adaptive_row(model, prompts: list[list[int]], new_tokens: int, greedy_seconds: float) -> dict:
-    """The adaptive draft length (generate_speculative's default) on the same prompts, as a speculative_rows row."""
-    import time
-
-    from stages.inference.speculative import generate_speculative
-
-    start, forwards, produced, drafted, accepted = time.perf_counter(), 0, 0, 0, 0
-    for prompt in prompts:
-        _, stats = generate_speculative(model, prompt, new_tokens)
-        forwards, produced = forwards + stats.forwards + 1, produced + stats.new_tokens  # + the prompt pass
-        drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
-    seconds = time.perf_counter() - start
-    return {"draft": "adaptive", "new_tokens": produced, "forwards": forwards,
-            "tokens_per_forward": produced / forwards, "seconds": seconds, "speedup": greedy_seconds / seconds,
-            "acceptance": accepted / max(drafted, 1)}
-
-
 def decoding_rows(quick: bool) -> list[dict]:
     """Greedy vs fixed-draft vs adaptive self-speculative decoding, same prompts, one process: a 6 x 128 4-head
     model whose extra heads copy head 1 (drafts often right on its repetitive greedy text) and a random one, and
@@ -119,9 +102,9 @@ def decoding_rows(quick: bool) -> list[dict]:
         models[f"trained mtp{heads} (walk)"] = (model, prompts, 24 if quick else 56)
     rows = []
     for kind, (model, prompts, new_tokens) in models.items():
-        fixed = speculative_rows(model, prompts, new_tokens)
-        for row in [*fixed, adaptive_row(model, prompts, new_tokens, fixed[0]["seconds"])]:
-            rows.append({"model": kind, **row, "tokens_per_s": row["new_tokens"] / row["seconds"]})
+        for row in speculative_rows(model, prompts, new_tokens):  # greedy, each fixed draft, adaptive
+            rows.append({"model": kind, **row, "draft": "adaptive" if row["adaptive"] else row["draft"],
+                         "tokens_per_s": row["new_tokens"] / row["seconds"]})
     return rows
 
 
