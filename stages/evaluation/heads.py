@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from stages.inference.generate import generate
-from stages.inference.speculative import generate_speculative
+from stages.inference.speculative import forget, generate_speculative
 from stages.models.gpt import GPT
 from stages.runtime.devices import autocast
 from storage.windows import TokenWindows
@@ -45,6 +45,7 @@ def speculative_rows(model: GPT, prompts: list[list[int]], new_tokens: int) -> l
     draft length (generate_speculative's default, up to every extra head) on the same prompts."""
     generate(model, prompts[0], new_tokens)  # warm-up: one-time allocations and kernel selection are not timed
     generate_speculative(model, prompts[0], new_tokens)
+    forget(model)  # the warm-up's timings carry one-time costs: the adaptive policy must not learn from them
     start = time.perf_counter()
     expected = [generate(model, prompt, new_tokens) for prompt in prompts]
     plain_seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ number of assistant tokens. Draft 0 is a plain greedy step.
 """
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ CALIBRATION_STEPS = 2
 """Greedy steps an adaptive generation starts with: the wall-clock drafting has to beat."""
 RATE_EMA = 0.25
 """Weight of the newest forward in the tokens/s averages."""
+_LEARNT: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
+"""model -> what its last adaptive generation measured (DraftPolicy.learnt): the next one starts from it, as
+transformers' assisted generation keeps its number of assistant tokens across calls."""
 
 
 class DraftPolicy:
@@ -41,7 +45,8 @@ class DraftPolicy:
     accepted. At 0 drafts the decoder steps greedily and, after `backoff` steps, probes with one draft (the
     backoff doubling after each failure, to MAX_BACKOFF). The cost check: once drafting forwards (3 or more)
     produce fewer tokens/s than greedy steps (an exponential average each), `cap` drops by one, so a
-    model whose heads are right but expensive drafts less or not at all. The output never depends on it.
+    model whose heads are right but expensive drafts less, and at cap 0 not at all (no more probes). The next
+    generation on the same model resumes the cap and averages (no calibration). The output never depends on it.
     """
 
     def __init__(self, max_draft: int, adaptive: bool):
@@ -60,8 +65,8 @@ class DraftPolicy:
         if not self.adaptive:
             return self.max_draft
         if verified == 0:  # a greedy step: wait, or probe (the first probe after calibration drafts them all)
-            if self.wait > 0:
-                self.wait -= 1
+            if self.wait > 0 or self.cap == 0:  # cap 0: the clock said drafting is slower than greedy
+                self.wait = max(0, self.wait - 1)
                 return 0
             first, self.calibrated = not self.calibrated, True
             return max(1, self.cap) if first else 1
@@ -73,6 +78,17 @@ class DraftPolicy:
         if draft == 0:
             self.wait, self.backoff = self.backoff, min(2 * self.backoff, MAX_BACKOFF)
         return draft
+
+    def learnt(self) -> dict:
+        """What this generation measured, for the next one on the same model (resume)."""
+        return {"cap": self.cap, "rates": {kind: list(rate) for kind, rate in self.rates.items()}}
+
+    def resume(self, learnt: dict | None) -> None:
+        """Start from an earlier generation's measurements: its cap and tokens/s averages, no calibration steps
+        (a model whose drafting was slower than greedy then decodes greedily from the start)."""
+        if self.adaptive and learnt is not None:
+            self.cap, self.rates = learnt["cap"], {kind: list(rate) for kind, rate in learnt["rates"].items()}
+            self.wait = 0  # the first draft (at the learnt cap) comes right after the prompt's greedy step
 
     def record(self, verified: int, proposed: int, tokens: int, seconds: float) -> None:
         """Account a forward's wall-clock; lower the cap when drafting produces fewer tokens/s than greedy."""
@@ -151,6 +167,11 @@ class _Decoder:
 
 
 @torch.inference_mode()
+def forget(model: GPT) -> None:
+    """Drop what the adaptive policy learnt on `model` (e.g. from a warm-up whose timings carry one-time costs)."""
+    _LEARNT.pop(model, None)
+
+
 def generate_speculative(model: GPT, prompt_ids: list[int], max_new_tokens: int, *, draft: int | None = None,
                          eos_id: int | None = None) -> tuple[list[int], SpeculativeStats]:
     """Greedy continuation of `prompt_ids`, drafting `draft` tokens per forward, or (draft=None, the default)
@@ -160,6 +181,7 @@ def generate_speculative(model: GPT, prompt_ids: list[int], max_new_tokens: int,
         raise ValueError(f"draft={draft}: this model has {model.num_future_tokens} heads, so 0..{max_draft} "
                          "tokens can be drafted per forward (train a variant with num_future_tokens > 1)")
     policy = DraftPolicy(max_draft if draft is None else draft, adaptive=draft is None)
+    policy.resume(_LEARNT.get(model))
     stats = SpeculativeStats(0, 0, policy.max_draft, adaptive=policy.adaptive)
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: give at least one token (e.g. the end-of-text id)")
@@ -196,5 +218,7 @@ def generate_speculative(model: GPT, prompt_ids: list[int], max_new_tokens: int,
             policy.record(verified_drafts, len(drafts), accepted + 1, time.perf_counter() - tick)
     finally:
         model.train(was_training)
+    if policy.adaptive:
+        _LEARNT[model] = policy.learnt()
     stats.new_tokens = len(new_ids)
     return new_ids, stats

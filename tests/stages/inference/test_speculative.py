@@ -7,7 +7,7 @@ import torch
 
 from schemas.configs import ModelConfig, TargetVariant
 from stages.inference.generate import generate
-from stages.inference.speculative import INITIAL_BACKOFF, DraftPolicy, generate_speculative
+from stages.inference.speculative import INITIAL_BACKOFF, MAX_BACKOFF, DraftPolicy, generate_speculative
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch
 from stages.objectives.factory import build_objective
@@ -147,3 +147,25 @@ def test_the_evaluation_times_greedy_every_fixed_draft_and_the_adaptive_default(
     assert rows[0]["forwards"] == rows[0]["new_tokens"] and rows[0]["speedup"] == 1.0
     assert all(1.0 <= r["tokens_per_forward"] <= r["draft"] + 1 for r in rows)
     assert [r["draft"] for r in speculative_rows(mtp_model(1, seed=0), prompts, 4)] == [0]  # one head: greedy only
+
+
+def test_a_policy_capped_at_zero_stops_probing_and_the_next_generation_resumes_it():
+    """Once the clock lowered the cap to 0, greedy steps only; a resumed policy keeps cap and averages and skips
+    calibration; a fixed policy ignores what was learnt."""
+    policy = DraftPolicy(1, adaptive=True)
+    assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 1]
+    for _ in range(2):
+        policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
+    for _ in range(3):
+        policy.record(1, 1, 2, 0.05)  # drafting: 40 tokens/s
+    assert policy.cap == 0 and policy.next_draft(1, 1) == 0
+    assert [policy.next_draft(0, 0) for _ in range(MAX_BACKOFF + 2)] == [0] * (MAX_BACKOFF + 2)
+    resumed = DraftPolicy(1, adaptive=True)
+    resumed.resume(policy.learnt())
+    assert resumed.cap == 0 and resumed.rates == policy.rates and resumed.next_draft(0, 0) == 0
+    fast = DraftPolicy(3, adaptive=True)
+    fast.resume({"cap": 2, "rates": {"greedy": [100.0, 2], "draft": [150.0, 3]}})
+    assert fast.first() == 0 and fast.next_draft(0, 0) == 2  # straight to drafting at the learnt cap
+    fixed = DraftPolicy(2, adaptive=False)
+    fixed.resume(policy.learnt())
+    assert fixed.cap == 2 and fixed.next_draft(0, 0) == 2
