@@ -15,6 +15,7 @@ the policy watches both the acceptance and the wall-clock, as assisted generatio
 number of assistant tokens. Draft 0 is a plain greedy step.
 """
 
+import copy
 import time
 import weakref
 from dataclasses import dataclass
@@ -29,32 +30,47 @@ INITIAL_BACKOFF = 4
 MAX_BACKOFF = 64
 CALIBRATION_STEPS = 2
 """Greedy steps an adaptive generation starts with: the wall-clock drafting has to beat."""
-RATE_EMA = 0.25
-"""Weight of the newest forward in the tokens/s averages."""
+JUDGE_AFTER = 6
+"""Steady drafting forwards at one cap before the clock judges it against greedy steps."""
+RETRY_AFTER = 128
+"""Forwards after the clock lowered the cap before the cap one higher is tried again (doubling after each
+failed retry, to MAX_RETRY): text and load change, so a cap the clock refused once is not refused for good."""
+MAX_RETRY = 1024
+DECAY = 0.9
+"""Weight kept by the older forwards in each kind's (tokens, seconds) sums."""
 _LEARNT: "weakref.WeakKeyDictionary[GPT, dict]" = weakref.WeakKeyDictionary()
 """model -> what its last adaptive generation measured (DraftPolicy.learnt): the next one starts from it, as
 transformers' assisted generation keeps its number of assistant tokens across calls."""
+_LEARNT_FIELDS = ("cap", "clock", "judged", "trial", "retry_in", "retry_every")
 
 
 class DraftPolicy:
     """How many tokens to draft in the next forward: `max_draft` always when fixed; when adaptive, from the
-    acceptance and the wall-clock seen so far in this generation.
+    acceptance and the wall-clock seen so far.
 
-    Adaptive: CALIBRATION_STEPS greedy steps (which time greedy decoding), then every head drafts; a forward
-    whose drafts were all accepted drafts one more next time (up to `cap`), a rejection drafts as many as were
+    Acceptance: CALIBRATION_STEPS greedy steps (which time greedy decoding), then `cap` drafts; a forward whose
+    drafts were all accepted drafts one more next time (up to `cap`), a rejection drafts as many as were
     accepted. At 0 drafts the decoder steps greedily and, after `backoff` steps, probes with one draft (the
-    backoff doubling after each failure, to MAX_BACKOFF). The cost check: once drafting forwards (3 or more)
-    produce fewer tokens/s than greedy steps (an exponential average each), `cap` drops by one, so a
-    model whose heads are right but expensive drafts less, and at cap 0 not at all (no more probes). The next
-    generation on the same model resumes the cap and averages (no calibration). The output never depends on it.
+    backoff doubling after each failure, to MAX_BACKOFF).
+    Clock: each kind of forward keeps decayed sums of the tokens it produced and the seconds it took. After
+    JUDGE_AFTER steady drafting forwards at a cap, drafting's tokens/s (tokens over seconds) is judged against
+    greedy's: slower lowers the cap by one (at 0 the decoder steps greedily, no probes), and RETRY_AFTER forwards
+    later the cap one higher is tried again (the wait doubling after each failed retry). A forward that switches
+    from greedy to drafting is not timed: its heads catch up on the tokens they sat out, a cost the backoff
+    bounds, not the cost of drafting. The next generation on the same model resumes the cap and the clock (no
+    calibration). The output never depends on any of it.
     """
 
     def __init__(self, max_draft: int, adaptive: bool):
         self.max_draft, self.adaptive = max_draft, adaptive and max_draft > 0
         self.cap, self.backoff, self.wait = max_draft, INITIAL_BACKOFF, CALIBRATION_STEPS
         self.calibrated = False
-        self.rates = {"greedy": [0.0, 0], "draft": [0.0, 0]}
-        """kind -> [EMA of tokens/s, forwards seen]."""
+        self.clock = {"greedy": [0.0, 0.0], "draft": [0.0, 0.0]}
+        """kind -> decayed sums of [tokens, seconds]."""
+        self.judged, self.trial = 0, False
+        """Drafting forwards timed at this cap; whether this cap is a retry."""
+        self.retry_in, self.retry_every = None, RETRY_AFTER
+        """Forwards until the cap one higher is tried (None: no retry pending); the wait after the next drop."""
 
     def first(self) -> int:
         """Drafts to propose after the prompt."""
@@ -69,7 +85,7 @@ class DraftPolicy:
                 self.wait = max(0, self.wait - 1)
                 return 0
             first, self.calibrated = not self.calibrated, True
-            return max(1, self.cap) if first else 1
+            return self.cap if first else 1
         if accepted == verified:
             self.backoff = INITIAL_BACKOFF
             draft = min(self.cap, verified + 1)
@@ -81,28 +97,49 @@ class DraftPolicy:
 
     def learnt(self) -> dict:
         """What this generation measured, for the next one on the same model (resume)."""
-        return {"cap": self.cap, "rates": {kind: list(rate) for kind, rate in self.rates.items()}}
+        return copy.deepcopy({field: getattr(self, field) for field in _LEARNT_FIELDS})
 
     def resume(self, learnt: dict | None) -> None:
-        """Start from an earlier generation's measurements: its cap and tokens/s averages, no calibration steps
+        """Start from an earlier generation's measurements: its cap, clock and retry, no calibration steps
         (a model whose drafting was slower than greedy then decodes greedily from the start)."""
         if self.adaptive and learnt is not None:
-            self.cap, self.rates = learnt["cap"], {kind: list(rate) for kind, rate in learnt["rates"].items()}
+            for field, value in copy.deepcopy(learnt).items():
+                setattr(self, field, value)
             self.wait = 0  # the first draft (at the learnt cap) comes right after the prompt's greedy step
 
     def record(self, verified: int, proposed: int, tokens: int, seconds: float) -> None:
-        """Account a forward's wall-clock; lower the cap when drafting produces fewer tokens/s than greedy."""
+        """Time a forward; judge the cap after JUDGE_AFTER drafting forwards; count down to a retry."""
         if not self.adaptive:
             return
-        kind = "greedy" if verified == 0 and proposed == 0 else "draft"
-        rate = self.rates[kind]
-        sample = tokens / max(seconds, 1e-9)
-        rate[0] = sample if rate[1] == 0 else (1 - RATE_EMA) * rate[0] + RATE_EMA * sample
-        rate[1] += 1
-        greedy, drafting = self.rates["greedy"], self.rates["draft"]
-        if greedy[1] >= CALIBRATION_STEPS and drafting[1] >= 3 and drafting[0] < greedy[0] and self.cap > 0:
-            self.cap -= 1
-            drafting[1] = 1  # judge the lower cap on its own forwards (keep the average as its prior)
+        if self.retry_in is not None:
+            self.retry_in -= 1
+            if self.retry_in <= 0:
+                self._set_cap(self.cap + 1, trial=True)
+                self.retry_in, self.wait = None, 0
+        if verified == 0 and proposed > 0:
+            return  # a switch to drafting: the heads' catch-up, not steady drafting
+        kind = "greedy" if verified == 0 else "draft"
+        sums = self.clock[kind]
+        sums[0], sums[1] = DECAY * sums[0] + tokens, DECAY * sums[1] + seconds
+        self.judged += kind == "draft"
+        greedy, drafting = self.clock["greedy"], self.clock["draft"]
+        if self.judged < JUDGE_AFTER or greedy[1] == 0:
+            return
+        slower = drafting[0] * greedy[1] < greedy[0] * drafting[1]  # tokens/s, cross-multiplied
+        if slower:
+            self.retry_every = min(2 * self.retry_every, MAX_RETRY) if self.trial else self.retry_every
+            self._set_cap(self.cap - 1, trial=False)
+            self.retry_in = self.retry_every
+        else:
+            if self.trial:
+                self.retry_every = RETRY_AFTER
+                self.retry_in = RETRY_AFTER if self.cap < self.max_draft else None
+            self._set_cap(self.cap, trial=False)
+
+    def _set_cap(self, cap: int, trial: bool) -> None:
+        """A new cap (or the same one, judged again), timed afresh."""
+        self.cap, self.trial, self.judged = cap, trial, 0
+        self.clock["draft"] = [0.0, 0.0]
 
 
 @dataclass
@@ -166,12 +203,12 @@ class _Decoder:
         self.filled = [min(f, num_tokens) for f in self.filled]
 
 
-@torch.inference_mode()
 def forget(model: GPT) -> None:
     """Drop what the adaptive policy learnt on `model` (e.g. from a warm-up whose timings carry one-time costs)."""
     _LEARNT.pop(model, None)
 
 
+@torch.inference_mode()
 def generate_speculative(model: GPT, prompt_ids: list[int], max_new_tokens: int, *, draft: int | None = None,
                          eos_id: int | None = None) -> tuple[list[int], SpeculativeStats]:
     """Greedy continuation of `prompt_ids`, drafting `draft` tokens per forward, or (draft=None, the default)

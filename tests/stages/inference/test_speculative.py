@@ -7,7 +7,8 @@ import torch
 
 from schemas.configs import ModelConfig, TargetVariant
 from stages.inference.generate import generate
-from stages.inference.speculative import INITIAL_BACKOFF, MAX_BACKOFF, DraftPolicy, generate_speculative
+from stages.inference.speculative import (INITIAL_BACKOFF, JUDGE_AFTER, MAX_BACKOFF, RETRY_AFTER, DraftPolicy,
+                                         generate_speculative)
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch
 from stages.objectives.factory import build_objective
@@ -41,6 +42,18 @@ def test_speculative_equals_greedy(heads, copy_heads):
             accepted_somewhere |= stats.tokens_per_forward > 1.0 + 1e-9
     if copy_heads:
         assert accepted_somewhere
+
+
+def test_decoding_builds_no_autograd_graph():
+    """Greedy and speculative decoding run under inference mode (an autograd graph per token once cost
+    speculative decoding a third of its speed on CPU)."""
+    model = mtp_model(3, seed=0, copy_heads=True)
+    modes = []
+    model.lm_head.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    generate(model, [1, 2, 3], 6)
+    for draft in (None, 0, 2):
+        generate_speculative(model, [1, 2, 3], 6, draft=draft)
+    assert modes and all(modes)
 
 
 def test_end_of_text_and_context_limit():
@@ -130,8 +143,11 @@ def test_draft_policy_adapts():
     assert [policy.next_draft(0, 0) for _ in range(2 * INITIAL_BACKOFF + 1)] == [0] * 2 * INITIAL_BACKOFF + [1]
     for _ in range(2):
         policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
-    for _ in range(3):
+    policy.record(0, 3, 1, 1.0)  # a switch to drafting (the heads' catch-up): not timed
+    for _ in range(JUDGE_AFTER - 1):
         policy.record(3, 3, 2, 0.05)  # drafting: 40 tokens/s
+    assert policy.cap == 3  # not judged before JUDGE_AFTER drafting forwards
+    policy.record(3, 3, 2, 0.05)
     assert policy.cap == 2 and policy.next_draft(2, 2) == 2
     fixed = DraftPolicy(2, adaptive=False)
     assert fixed.first() == 2 and fixed.next_draft(2, 0) == 2 and fixed.next_draft(0, 0) == 2
@@ -149,23 +165,39 @@ def test_the_evaluation_times_greedy_every_fixed_draft_and_the_adaptive_default(
     assert [r["draft"] for r in speculative_rows(mtp_model(1, seed=0), prompts, 4)] == [0]  # one head: greedy only
 
 
-def test_a_policy_capped_at_zero_stops_probing_and_the_next_generation_resumes_it():
-    """Once the clock lowered the cap to 0, greedy steps only; a resumed policy keeps cap and averages and skips
-    calibration; a fixed policy ignores what was learnt."""
+def slow_drafting(policy: DraftPolicy, draft: int) -> None:
+    """Time greedy steps at 100 tokens/s and JUDGE_AFTER drafting forwards at 40 tokens/s."""
+    for _ in range(2):
+        policy.record(0, 0, 1, 0.01)
+    for _ in range(JUDGE_AFTER):
+        policy.record(draft, draft, 2, 0.05)
+
+
+def test_a_cap_the_clock_lowered_to_zero_steps_greedily_then_retries_one_draft():
+    """At cap 0 no probes; RETRY_AFTER forwards later one draft is tried again, kept if it beats greedy, dropped
+    with a doubled wait if not; a resumed policy keeps cap, clock and retry and skips calibration; a fixed policy
+    ignores what was learnt."""
     policy = DraftPolicy(1, adaptive=True)
     assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 1]
-    for _ in range(2):
-        policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
-    for _ in range(3):
-        policy.record(1, 1, 2, 0.05)  # drafting: 40 tokens/s
-    assert policy.cap == 0 and policy.next_draft(1, 1) == 0
-    assert [policy.next_draft(0, 0) for _ in range(MAX_BACKOFF + 2)] == [0] * (MAX_BACKOFF + 2)
+    slow_drafting(policy, 1)
+    assert policy.cap == 0 and policy.next_draft(1, 1) == 0 and policy.retry_in == RETRY_AFTER
     resumed = DraftPolicy(1, adaptive=True)
     resumed.resume(policy.learnt())
-    assert resumed.cap == 0 and resumed.rates == policy.rates and resumed.next_draft(0, 0) == 0
+    assert resumed.cap == 0 and resumed.clock == policy.clock and resumed.next_draft(0, 0) == 0
+    for _ in range(RETRY_AFTER - 1):
+        assert policy.next_draft(0, 0) == 0
+        policy.record(0, 0, 1, 0.01)
+    assert policy.cap == 0
+    policy.record(0, 0, 1, 0.01)
+    assert policy.cap == 1 and policy.trial and policy.next_draft(0, 0) == 1  # the retry probes at once
+    slow_drafting(policy, 1)  # still slower: back to 0, the next retry twice as far
+    assert policy.cap == 0 and policy.retry_in == 2 * RETRY_AFTER
     fast = DraftPolicy(3, adaptive=True)
-    fast.resume({"cap": 2, "rates": {"greedy": [100.0, 2], "draft": [150.0, 3]}})
+    fast.resume({**policy.learnt(), "cap": 2})
     assert fast.first() == 0 and fast.next_draft(0, 0) == 2  # straight to drafting at the learnt cap
+    for _ in range(JUDGE_AFTER):
+        fast.record(2, 2, 3, 0.01)  # 300 tokens/s: faster than greedy, the cap stays
+    assert fast.cap == 2
     fixed = DraftPolicy(2, adaptive=False)
     fixed.resume(policy.learnt())
     assert fixed.cap == 2 and fixed.next_draft(0, 0) == 2
