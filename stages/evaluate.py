@@ -326,7 +326,7 @@ def nodes(cfg: PipelineConfig) -> list[NodeDecl]:
 
 
 STAGE = Stage(
-    name="evaluate", code_version="4", config_type=EvaluateConfig, nodes=nodes, run=run,
+    name="evaluate", code_version="5", config_type=EvaluateConfig, nodes=nodes, run=run,
     tables={"eval_losses": TableSpec("evaluate", "eval_losses.parquet"),
             "comparison": TableSpec("evaluate", "comparison.parquet"),
             "compute": TableSpec("evaluate", "compute.parquet"),

@@ -7,7 +7,7 @@ import torch
 
 from schemas.configs import ModelConfig, TargetVariant
 from stages.inference.generate import generate
-from stages.inference.speculative import (INITIAL_BACKOFF, JUDGE_AFTER, MAX_BACKOFF, RETRY_AFTER, DraftPolicy,
+from stages.inference.speculative import (INITIAL_BACKOFF, JUDGE_AFTER, JUDGE_EARLY, MAX_BACKOFF, RETRY_AFTER, DraftPolicy,
                                          generate_speculative)
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch
@@ -130,27 +130,48 @@ def test_adaptive_equals_greedy_on_trained_and_random_heads(trained, heads):
         assert generate_speculative(random_model, prompt, T - 3)[0] == expected
 
 
-def test_draft_policy_adapts():
-    """Calibration greedy steps, then every head; grow after full acceptance, shrink to what was accepted, back
-    off at 0 with a doubling wait, probe with one draft; the cost check lowers the cap."""
+def test_draft_policy_follows_the_acceptance():
+    """Calibration greedy steps, then one draft; grow after full acceptance (up to the cap), shrink to what was
+    accepted, back off at 0 with a doubling wait, probe with one draft."""
     policy = DraftPolicy(3, adaptive=True)
-    assert policy.first() == 0
-    assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 3]
-    assert policy.next_draft(3, 1) == 1 and policy.next_draft(1, 1) == 2 and policy.next_draft(2, 2) == 3
-    assert policy.next_draft(3, 0) == 0
+    assert policy.first() == 0 and policy.cap == 1
+    assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 1]
+    assert policy.next_draft(1, 1) == 1  # the cap (1) holds the growth
+    policy.cap = 3  # as the clock climbs it
+    assert policy.next_draft(1, 1) == 2 and policy.next_draft(2, 2) == 3 and policy.next_draft(3, 3) == 3
+    assert policy.next_draft(3, 1) == 1
+    assert policy.next_draft(1, 0) == 0
     assert [policy.next_draft(0, 0) for _ in range(INITIAL_BACKOFF + 1)] == [0] * INITIAL_BACKOFF + [1]
     assert policy.next_draft(1, 0) == 0  # failed probe: twice the wait
     assert [policy.next_draft(0, 0) for _ in range(2 * INITIAL_BACKOFF + 1)] == [0] * 2 * INITIAL_BACKOFF + [1]
-    for _ in range(2):
-        policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
-    policy.record(0, 3, 1, 1.0)  # a switch to drafting (the heads' catch-up): not timed
-    for _ in range(JUDGE_AFTER - 1):
-        policy.record(3, 3, 2, 0.05)  # drafting: 40 tokens/s
-    assert policy.cap == 3  # not judged before JUDGE_AFTER drafting forwards
-    policy.record(3, 3, 2, 0.05)
-    assert policy.cap == 2 and policy.next_draft(2, 2) == 2
     fixed = DraftPolicy(2, adaptive=False)
     assert fixed.first() == 2 and fixed.next_draft(2, 0) == 2 and fixed.next_draft(0, 0) == 2
+
+
+def test_the_clock_climbs_while_drafting_is_faster_and_steps_down_when_slower():
+    """The cap starts at 1 and climbs after each faster judgement; a slower one lowers it and ends the climb, after
+    JUDGE_AFTER drafting forwards, or JUDGE_EARLY when clearly slower; switches to drafting are not timed."""
+    policy = DraftPolicy(3, adaptive=True)
+    for _ in range(2):
+        policy.record(0, 0, 1, 0.01)  # greedy: 100 tokens/s
+    policy.record(0, 1, 1, 1.0)  # a switch to drafting (the heads' catch-up): not timed
+    for _ in range(JUDGE_AFTER - 1):
+        policy.record(1, 1, 2, 0.01)  # 200 tokens/s
+    assert policy.cap == 1  # not judged before JUDGE_AFTER drafting forwards
+    policy.record(1, 1, 2, 0.01)
+    assert policy.cap == 2 and policy.trial
+    for _ in range(JUDGE_AFTER):
+        policy.record(2, 2, 3, 0.02)  # 150 tokens/s
+    assert policy.cap == 3
+    for _ in range(JUDGE_AFTER):
+        policy.record(3, 3, 3, 0.033)  # 91 tokens/s: slower but not clearly, judged at JUDGE_AFTER
+    assert policy.cap == 2 and not policy.climbing and policy.retry_in == 2 * RETRY_AFTER  # a failed climb
+    for _ in range(JUDGE_AFTER):
+        policy.record(2, 2, 3, 0.02)
+    assert policy.cap == 2  # faster, but the climb ended: the cap one higher waits for its retry
+    for _ in range(JUDGE_EARLY):
+        policy.record(2, 2, 2, 0.05)  # 40 tokens/s: clearly slower, judged early
+    assert policy.cap == 1
 
 
 def test_the_evaluation_times_greedy_every_fixed_draft_and_the_adaptive_default():
@@ -166,10 +187,10 @@ def test_the_evaluation_times_greedy_every_fixed_draft_and_the_adaptive_default(
 
 
 def slow_drafting(policy: DraftPolicy, draft: int) -> None:
-    """Time greedy steps at 100 tokens/s and JUDGE_AFTER drafting forwards at 40 tokens/s."""
+    """Time greedy steps at 100 tokens/s and drafting forwards at 40 tokens/s until the clock judges (early)."""
     for _ in range(2):
         policy.record(0, 0, 1, 0.01)
-    for _ in range(JUDGE_AFTER):
+    for _ in range(JUDGE_EARLY):
         policy.record(draft, draft, 2, 0.05)
 
 
@@ -179,7 +200,7 @@ def test_a_cap_the_clock_lowered_to_zero_steps_greedily_then_retries_one_draft()
     ignores what was learnt."""
     policy = DraftPolicy(1, adaptive=True)
     assert [policy.next_draft(0, 0) for _ in range(3)] == [0, 0, 1]
-    slow_drafting(policy, 1)
+    slow_drafting(policy, 1)  # cap 1 is not a retry: the first retry comes RETRY_AFTER forwards later
     assert policy.cap == 0 and policy.next_draft(1, 1) == 0 and policy.retry_in == RETRY_AFTER
     resumed = DraftPolicy(1, adaptive=True)
     resumed.resume(policy.learnt())
@@ -194,9 +215,9 @@ def test_a_cap_the_clock_lowered_to_zero_steps_greedily_then_retries_one_draft()
     assert policy.cap == 0 and policy.retry_in == 2 * RETRY_AFTER
     fast = DraftPolicy(3, adaptive=True)
     fast.resume({**policy.learnt(), "cap": 2})
-    assert fast.first() == 0 and fast.next_draft(0, 0) == 2  # straight to drafting at the learnt cap
+    assert fast.first() == 0 and fast.next_draft(0, 0) == 1 and fast.next_draft(1, 1) == 2  # the learnt cap
     for _ in range(JUDGE_AFTER):
-        fast.record(2, 2, 3, 0.01)  # 300 tokens/s: faster than greedy, the cap stays
+        fast.record(2, 2, 3, 0.01)  # 300 tokens/s: faster than greedy; a retry pending, no climb
     assert fast.cap == 2
     fixed = DraftPolicy(2, adaptive=False)
     fixed.resume(policy.learnt())
