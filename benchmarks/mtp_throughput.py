@@ -2,7 +2,8 @@
 sequential per-head backward, and greedy vs self-speculative decoding tokens/s per draft count (same prompts,
 same run).
 
-Usage: python benchmarks/mtp_throughput.py [--steps 6] [--quick] [--decode-only] [--json-out PATH]
+Usage: python benchmarks/mtp_throughput.py [--steps 6] [--quick] [--decode-only] [--repeats N] [--root DIR]
+                                          [--json-out PATH]
 
 Training rows run in their own subprocess each (CPU peak memory = that process's ru_maxrss high-water mark;
 on CUDA torch.cuda.max_memory_allocated), with the default preset's model shape (4 x 128, vocab 4096, context
@@ -11,6 +12,9 @@ Decoding rows compare plain greedy (draft 0), every fixed draft count and the ad
 default of generate_speculative and `lmpipe generate --speculative`) on the same prompts in one process, for a
 model whose extra heads copy head 1 (drafts often right on its repetitive greedy text), a random one, and tiny
 mtp2 / mtp4 models trained on a noisy successor walk; speed-up = greedy seconds / seconds (wall-clock).
+--root DIR adds every trained multi-token target of that run root (evaluate's prompts: 8 windows of `val`, 48
+new tokens). --repeats N measures each model N times (greedy re-timed each time) and reports the median
+speed-up with its range: a decoding row lasts well under a second here, so one measurement is noise-dominated.
 """
 
 import argparse
@@ -78,7 +82,7 @@ def train_walk_model(heads: int, steps: int, noise: float) -> torch.nn.Module:
     return model.eval()
 
 
-def decoding_rows(quick: bool) -> list[dict]:
+def decoding_rows(quick: bool, repeats: int = 1, root: Path | None = None) -> list[dict]:
     """Greedy vs fixed-draft vs adaptive self-speculative decoding, same prompts, one process: a 6 x 128 4-head
     model whose extra heads copy head 1 (drafts often right on its repetitive greedy text) and a random one, and
     tiny mtp2 / mtp4 models trained on a noisy successor walk (prompts from the walk)."""
@@ -100,12 +104,43 @@ def decoding_rows(quick: bool) -> list[dict]:
         model = train_walk_model(heads, 20 if quick else 150, noise=0.1)
         prompts = [[(3 ** j * i + (3 ** j - 1) // 2) % 512 for j in range(4)] for i in range(2 if quick else 6)]
         models[f"trained mtp{heads} (walk)"] = (model, prompts, 24 if quick else 56)
+    models.update(run_root_models(root) if root else {})
     rows = []
     for kind, (model, prompts, new_tokens) in models.items():
-        for row in speculative_rows(model, prompts, new_tokens):  # greedy, each fixed draft, adaptive
+        measured = [speculative_rows(model, prompts, new_tokens) for _ in range(repeats)]  # greedy, drafts, adaptive
+        for row, *again in zip(*measured, strict=True):
+            speedups = sorted(r["speedup"] for r in (row, *again))
             rows.append({"model": kind, **row, "draft": "adaptive" if row["adaptive"] else row["draft"],
-                         "tokens_per_s": row["new_tokens"] / row["seconds"]})
+                         "tokens_per_forward": statistics.median(r["tokens_per_forward"] for r in (row, *again)),
+                         "tokens_per_s": statistics.median(r["new_tokens"] / r["seconds"] for r in (row, *again)),
+                         "speedup": statistics.median(speedups), "speedup_min": speedups[0],
+                         "speedup_max": speedups[-1], "repeats": repeats})
     return rows
+
+
+def run_root_models(root: Path) -> dict:
+    """The finished multi-token targets of a run root, with evaluate's default prompts from their token split."""
+    import json
+
+    import numpy as np
+
+    from stages.evaluate import speculative_prompts
+    from stages.models.saved import load_model
+    from storage.windows import stream_file
+
+    models = {}
+    for directory in sorted(Path(root, "train_target").glob("*/")):
+        if not (directory / "_SUCCESS").exists():
+            continue
+        manifest = json.loads((directory / "manifest.json").read_text())
+        model = load_model(directory)
+        if model.num_future_tokens < 2:
+            continue
+        tokens = Path(root, "tokenize_corpus", manifest["upstream"]["tokens"])
+        stream = np.load(tokens / stream_file("val"), mmap_mode="r")
+        name = json.loads((directory / "model.json").read_text())["variant"]["name"]
+        models[f"{name} {directory.name[:6]}"] = (model, speculative_prompts(stream, model.max_seq_len, 8), 48)
+    return models
 
 
 def main() -> None:
@@ -113,6 +148,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--decode-only", action="store_true", help="only the decoding rows")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each decoding model this many times")
+    parser.add_argument("--root", type=Path, help="also decode with the multi-token targets of this run root")
     args = parse_args(parser, train_worker)
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
     train = []
@@ -122,7 +159,7 @@ def main() -> None:
                 spec = {"shape": shape, **sizes, "heads": heads, "backward": backward, "steps": steps,
                         "warmup": warmup}
                 train.append(spawn_worker(__file__, spec))
-    decode = decoding_rows(args.quick)
+    decode = decoding_rows(args.quick, args.repeats, args.root)
     emit({"train": train, "decode": decode}, markdown(train, decode), args.json_out)
 
 
@@ -131,9 +168,10 @@ def markdown(train: list[dict], decode: list[dict]) -> str:
     lines = ["| shape | heads | backward | tokens/s | peak MiB |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['heads']} | {r['backward']} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} |"
               for r in train]
-    lines += ["", "| model | drafts | tokens/forward | tokens/s | speed-up vs greedy |", "|---|---|---|---|---|"]
+    lines += ["", "| model | drafts | tokens/forward | tokens/s | speed-up vs greedy (median, range) |",
+              "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['draft']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['speedup']:.2f}x |" for r in decode]
+              f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |" for r in decode]
     return "\n".join(lines)
 
 

@@ -42,27 +42,31 @@ def head_metrics(model: GPT, windows: TokenWindows, window_ids: np.ndarray, batc
 
 def speculative_rows(model: GPT, prompts: list[list[int]], new_tokens: int) -> list[dict]:
     """Plain greedy (draft 0 row), self-speculative decoding with each fixed draft count, and with the adaptive
-    draft length (generate_speculative's default, up to every extra head) on the same prompts."""
+    draft length (generate_speculative's default, up to every extra head) on the same prompts. Every way runs on
+    a prompt back to back before the next prompt, so a slow spell of the machine hits them alike."""
     generate(model, prompts[0], new_tokens)  # warm-up: one-time allocations and kernel selection are not timed
     generate_speculative(model, prompts[0], new_tokens)
     forget(model)  # the warm-up's timings carry one-time costs: the adaptive policy must not learn from them
-    start = time.perf_counter()
-    expected = [generate(model, prompt, new_tokens) for prompt in prompts]
-    plain_seconds = time.perf_counter() - start
-    total = sum(len(ids) for ids in expected)
-    rows = [{"draft": 0, "adaptive": False, "new_tokens": total, "forwards": total, "tokens_per_forward": 1.0,
-             "seconds": plain_seconds, "speedup": 1.0}]
     most = model.num_future_tokens - 1
-    for draft, adaptive in [(d, False) for d in range(1, most + 1)] + ([(most, True)] if most else []):
-        start, forwards, produced = time.perf_counter(), 0, 0
-        for prompt, reference in zip(prompts, expected, strict=True):
+    ways = [(0, False)] + [(d, False) for d in range(1, most + 1)] + ([(most, True)] if most else [])
+    seconds, forwards, produced = (dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0), dict.fromkeys(ways, 0))
+    for prompt in prompts:
+        start = time.perf_counter()
+        expected = generate(model, prompt, new_tokens)
+        seconds[0, False] += time.perf_counter() - start
+        forwards[0, False] += len(expected)
+        produced[0, False] += len(expected)
+        for draft, adaptive in ways[1:]:
+            start = time.perf_counter()
             ids, stats = generate_speculative(model, prompt, new_tokens, draft=None if adaptive else draft)
-            if ids != reference:
+            seconds[draft, adaptive] += time.perf_counter() - start
+            if ids != expected:
                 raise AssertionError(f"speculative decoding ({'adaptive' if adaptive else f'draft {draft}'}) "
                                      "diverged from greedy decoding")
-            forwards, produced = forwards + stats.forwards + 1, produced + stats.new_tokens  # + the prompt pass
-        seconds = time.perf_counter() - start
-        rows.append({"draft": draft, "adaptive": adaptive, "new_tokens": produced, "forwards": forwards,
-                     "tokens_per_forward": produced / max(forwards, 1), "seconds": seconds,
-                     "speedup": plain_seconds / max(seconds, 1e-9)})
-    return rows
+            forwards[draft, adaptive] += stats.forwards + 1  # + the prompt pass
+            produced[draft, adaptive] += stats.new_tokens
+    return [{"draft": draft, "adaptive": adaptive, "new_tokens": produced[draft, adaptive],
+             "forwards": forwards[draft, adaptive],
+             "tokens_per_forward": produced[draft, adaptive] / max(forwards[draft, adaptive], 1),
+             "seconds": seconds[draft, adaptive],
+             "speedup": seconds[0, False] / max(seconds[draft, adaptive], 1e-9)} for draft, adaptive in ways]
