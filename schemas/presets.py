@@ -177,11 +177,13 @@ def gpt2_small() -> PipelineConfig:
 
 def compare() -> PipelineConfig:
     """`default` with 3 seed runs per target variant, plus kd, pause_token and the attribution ablations
-    (cocomix_token, cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own reference, teacher, scores,
-    SAE and labels trained with seed + r (seed_upstream), so the spread includes the upstream models' luck. Its
-    seed-0 runs of the default's variants are the default run's artifacts (same keys)."""
+    (cocomix_token, cocomix_act): the README's comparison with its spread. Seed run r > 0 reads its own
+    reference, teacher, scores, SAE and labels trained with seed + r (seed_upstream), so the spread includes the
+    upstream models' luck. Its seed-0 runs of the default's variants are the default run's artifacts (same
+    keys)."""
     cfg = default()
-    variants = cfg.target.variants + [v for v in COCOMIX_VARIANTS if v.name == "kd"] + [PAUSE_TOKEN] + ATTRIBUTION_VARIANTS
+    kd = [v for v in COCOMIX_VARIANTS if v.name == "kd"]
+    variants = cfg.target.variants + kd + [PAUSE_TOKEN] + ATTRIBUTION_VARIANTS
     return cfg.model_copy(update={"seed_upstream": True,
                                   "target": cfg.target.model_copy(update={"seeds": 3, "variants": variants})})
 

@@ -205,7 +205,8 @@ def import_llama(directory: str | Path, *, max_seq_len: int | None = None, num_f
     model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
-    cos, sin = rotary_tables(cfg.head_dim, model.max_seq_len, cfg.rope_theta, cfg.rope_scaling)  # non-persistent: not in the file
+    # non-persistent buffers: not in the file
+    cos, sin = rotary_tables(cfg.head_dim, model.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     load_llama_weights(model, checkpoint)
