@@ -30,6 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from schemas.configs import Llama3RopeScaling, ModelConfig
 from stages.models.inserts import build_insert
+from stages.models.losses import token_loss
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -392,9 +393,10 @@ class GPT(nn.Module):
 
     def loss_from(self, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss (fp32) when the residual after block `layer` is h_BTD (runs the remaining blocks
-        and head 0; a model without interleaving inserts after `layer`)."""
+        and head 0; a model without interleaving inserts after `layer`). The chunked token_loss: F.cross_entropy's
+        value, with a backward that writes softmax - onehot in one pass (extraction's dL/dh runs through it)."""
         out_BTD, _ = self.run_blocks(h_BTD, layer + 1, self.num_trunk_layers + 1)
-        return F.cross_entropy(self.logits(out_BTD).float().flatten(0, 1), targets_BT.flatten())
+        return token_loss(self.logits(out_BTD), targets_BT).mean()
 
     def forward_heads(self, idx_BT: torch.Tensor, cache: KVCache | None = None,
                       num_heads: int | None = None) -> tuple[list[torch.Tensor], TrunkOutput]:

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTRIBUTION_CHUNK_ELEMS = 1 << 24  # attribution_scores gathers at most this many W_dec entries at a time (64 MiB fp32)
+DENSE_LATENTS_PER_ACTIVE = 64
+"""attribution_scores takes the dense (N, L) product when L <= this many latents per active one: one matmul
+then beats gathering K decoder rows per token (CPU, N 4096, D 128, L 1,024, K 16: 7 ms against 21 ms); at
+32k latents and k 32 the gather is far cheaper."""
 
 def layer_norm_stats(x_ND: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row (x - mean) / (unbiased std + eps), differentiable; returns (xn, mean, std) with std excluding eps."""
@@ -234,17 +238,24 @@ def attribution_scores(grad_ND: torch.Tensor, vals_NK: torch.Tensor, idx_NK: tor
     """CoCoMix attribution at the active latents (no autograd graph): vals[n, k] * (grad[n] . W_dec[idx[n, k]]).
 
     With xhat = sum_k vals_k W_dec[idx_k] + b and grad = dLoss/dxhat, this is a_i * dLoss/da_i per active latent:
-    ((grad @ W_dec.T) * a) of the CoCoMix code gathered at idx, without the dense (N, L) matmul. If grad is taken
+    ((grad @ W_dec.T) * a) of the CoCoMix code gathered at idx: that dense product when the SAE has few latents
+    per active one (DENSE_LATENTS_PER_ACTIVE), else a gather of the K active decoder rows per token. If grad is taken
     w.r.t. the raw residual h = xhat * std + mu, the exact chain rule has an extra per-row factor std > 0, which
     does not change the ranking within a row.
     """
     if grad_ND.shape[0] != idx_NK.shape[0] or vals_NK.shape != idx_NK.shape:
         raise ValueError(f"shape mismatch: grad {tuple(grad_ND.shape)}, vals {tuple(vals_NK.shape)}, "
                          f"idx {tuple(idx_NK.shape)}")
-    K, D = idx_NK.shape[1], grad_ND.shape[1]
-    rows = max(1, ATTRIBUTION_CHUNK_ELEMS // max(1, K * D))  # rows per chunk of the gathered (rows, K, D) block
-    dots = [torch.einsum("nkd,nd->nk", W_dec_LD[idx_NK[i:i + rows]], grad_ND[i:i + rows].to(W_dec_LD.dtype))
-            for i in range(0, idx_NK.shape[0], rows)]
+    (L, D), K = W_dec_LD.shape, idx_NK.shape[1]
+    grad_ND = grad_ND.to(W_dec_LD.dtype)
+    if L <= DENSE_LATENTS_PER_ACTIVE * K:  # rows per chunk of the (rows, L) product
+        rows = max(1, ATTRIBUTION_CHUNK_ELEMS // L)
+        dots = [(grad_ND[i:i + rows] @ W_dec_LD.T).gather(1, idx_NK[i:i + rows])
+                for i in range(0, idx_NK.shape[0], rows)]
+    else:  # rows per chunk of the gathered (rows, K, D) block
+        rows = max(1, ATTRIBUTION_CHUNK_ELEMS // max(1, K * D))
+        dots = [torch.einsum("nkd,nd->nk", W_dec_LD[idx_NK[i:i + rows]], grad_ND[i:i + rows])
+                for i in range(0, idx_NK.shape[0], rows)]
     return vals_NK * torch.cat(dots).to(vals_NK.dtype)
 
 

@@ -7,8 +7,14 @@ import torch
 
 from schemas.configs import ModelConfig, TargetVariant
 from stages.inference.generate import generate
-from stages.inference.speculative import (INITIAL_BACKOFF, JUDGE_AFTER, JUDGE_EARLY, MAX_BACKOFF, RETRY_AFTER, DraftPolicy,
-                                         generate_speculative)
+from stages.inference.speculative import (
+    INITIAL_BACKOFF,
+    JUDGE_AFTER,
+    JUDGE_EARLY,
+    RETRY_AFTER,
+    DraftPolicy,
+    generate_speculative,
+)
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch
 from stages.objectives.factory import build_objective
