@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 
 from schemas.configs import Llama3RopeScaling, ModelConfig
 from stages.models.inserts import build_insert
-from stages.models.losses import token_loss
+from stages.models.losses import frozen_unembed_loss, token_loss
 
 
 def mlp_hidden_size(cfg: ModelConfig) -> int:
@@ -393,9 +393,13 @@ class GPT(nn.Module):
 
     def loss_from(self, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss (fp32) when the residual after block `layer` is h_BTD (runs the remaining blocks
-        and head 0; a model without interleaving inserts after `layer`). The chunked token_loss: F.cross_entropy's
-        value, with a backward that writes softmax - onehot in one pass (extraction's dL/dh runs through it)."""
+        and head 0; a model without interleaving inserts after `layer`). Extraction's dL/dh runs through it: with
+        a frozen fp32 unembedding, frozen_unembed_loss (loss and gradient in one pass, no (N, V) logits kept);
+        otherwise the chunked token_loss on the logits. Both give F.cross_entropy's value."""
         out_BTD, _ = self.run_blocks(h_BTD, layer + 1, self.num_trunk_layers + 1)
+        unembed_VD = self.lm_head.weight
+        if not unembed_VD.requires_grad and out_BTD.dtype == unembed_VD.dtype == torch.float32:
+            return frozen_unembed_loss(self.norm(out_BTD), unembed_VD, targets_BT).mean()
         return token_loss(self.logits(out_BTD), targets_BT).mean()
 
     def forward_heads(self, idx_BT: torch.Tensor, cache: KVCache | None = None,

@@ -11,6 +11,9 @@
 - `token_loss`: unreduced cross-entropy (0 at ignored targets), differentiable: the same chunking in an autograd
   Function that keeps two floats per row for backward (F.cross_entropy keeps the whole fp32 log-softmax) and
   writes the gradient (softmax - onehot) * grad in one chunked pass.
+- `frozen_unembed_loss`: unreduced cross-entropy from the final hidden states through a frozen unembedding,
+  differentiable in the hidden states: each block of rows yields its loss and its gradient in one pass, so the
+  logits are never materialized nor recomputed (what extraction's dL/dh needs).
 
 Shapes: B batch, T time, V vocab, N = B * T rows.
 """
@@ -147,6 +150,64 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_NV[start:stop] = p
         grad_NV.scatter_add_(1, safe_N1, -grad_N1.to(grad_NV.dtype))
         return grad_NV, None, None, None
+
+
+class _FrozenUnembedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of h @ W.T in fp32, blocks of rows at a time, W frozen. When h needs a gradient, forward
+    also writes each row's (softmax - onehot) @ W while the block's logits are at hand, and backward scales those
+    rows by their incoming gradients (exact: a row's loss depends on that row of h alone)."""
+
+    @staticmethod
+    def forward(ctx, h_ND, unembed_VD, targets_N, rows: int):
+        N, V = h_ND.shape[0], unembed_VD.shape[0]
+        loss_N = torch.empty(N, dtype=torch.float32, device=h_ND.device)
+        grad_ND = torch.empty_like(h_ND) if ctx.needs_input_grad[0] else None
+        logits_RV = torch.empty(min(rows, N), V, dtype=torch.float32, device=h_ND.device)
+        for start in range(0, N, rows):
+            stop = min(start + rows, N)
+            x = torch.matmul(h_ND[start:stop], unembed_VD.t(), out=logits_RV[: stop - start])
+            target_R1 = targets_N[start:stop].unsqueeze(1)
+            x.sub_(x.amax(-1, keepdim=True))
+            shifted_target_R1 = x.gather(1, target_R1)
+            sumexp_R1 = x.exp_().sum(-1, keepdim=True)
+            loss_N[start:stop] = (sumexp_R1.log() - shifted_target_R1).squeeze(1)
+            if grad_ND is not None:
+                x.div_(sumexp_R1).scatter_add_(1, target_R1, torch.full_like(shifted_target_R1, -1.0))
+                torch.matmul(x, unembed_VD, out=grad_ND[start:stop])
+        ctx.save_for_backward(grad_ND)
+        return loss_N
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_N):
+        (grad_ND,) = ctx.saved_tensors
+        return grad_ND * grad_N.unsqueeze(1), None, None, None
+
+
+FROZEN_BLOCK_ELEMENTS = 1 << 21
+"""Logits per block of frozen_unembed_loss (8 MiB fp32). CPU, N 4,096, D 128, V 4,096, loss and dL/dh: 32 rows
+128 ms, 128 rows 101 ms, 512 rows 87 ms, 1,024 rows 88 ms, all rows at once 104 ms (F.cross_entropy on
+materialized logits with autograd: 178 ms)."""
+
+
+def frozen_unembed_loss(h_BTD: torch.Tensor, unembed_VD: torch.Tensor, targets_BT: torch.Tensor,
+                        block_elements: int = FROZEN_BLOCK_ELEMENTS) -> torch.Tensor:
+    """Unreduced cross-entropy of `h_BTD @ unembed_VD.T` (fp32, shape (B, T)), differentiable in h_BTD only.
+
+    For a frozen unembedding (it gets no gradient: an error if it asks for one): the loss and dLoss/dh of each
+    block of about `block_elements` logits come out of one pass over them, so the (N, V) logits are neither
+    kept nor recomputed. Its use: extraction's dL/dh (GPT.loss_from)."""
+    if unembed_VD.requires_grad and torch.is_grad_enabled():
+        raise ValueError("frozen_unembed_loss gives the unembedding no gradient: freeze it "
+                         "(requires_grad_(False)) or use token_loss on the logits")
+    if h_BTD.dtype != torch.float32 or unembed_VD.dtype != torch.float32:
+        raise ValueError(f"frozen_unembed_loss computes in fp32: got {h_BTD.dtype} and {unembed_VD.dtype}")
+    *lead, D = h_BTD.shape
+    if targets_BT.shape != tuple(lead):
+        raise ValueError(f"targets of shape {tuple(targets_BT.shape)} do not match hidden {tuple(h_BTD.shape)}")
+    loss_N = _FrozenUnembedCrossEntropy.apply(h_BTD.reshape(-1, D), unembed_VD, targets_BT.reshape(-1),
+                                              max(1, block_elements // unembed_VD.shape[0]))
+    return loss_N.view(lead)
 
 
 def token_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100,

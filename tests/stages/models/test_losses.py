@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.models.losses import hidden_loss_and_entropy, token_loss, token_loss_and_entropy
+from stages.models.losses import frozen_unembed_loss, hidden_loss_and_entropy, token_loss, token_loss_and_entropy
 
 V = 37  # odd, so chunks of whole rows never line up with powers of two
 
@@ -148,3 +148,55 @@ def test_hidden_loss_and_entropy_equals_logits_path(block_elements):
     assert got[0].dtype == torch.float32 and got[0].shape == targets.shape
     empty = hidden_loss_and_entropy(h_BTD[:, :0], unembed_VD, targets[:, :0])
     assert empty[0].shape == empty[1].shape == (3, 0)
+
+
+@pytest.mark.parametrize("block_elements", [V, 4 * V, 10_000 * V])  # one row, 4 rows, everything in one block
+def test_frozen_unembed_loss_values_and_gradient_match_cross_entropy(block_elements):
+    """Loss equal to F.cross_entropy on the materialized logits; dLoss/dh equal to autograd's for a loss that
+    weighs the rows unequally (backward scales each row's kept gradient); the unembedding gets none."""
+    generator = torch.Generator().manual_seed(4)
+    h_BTD = (torch.randn(3, 11, 8, generator=generator) * 3).requires_grad_(True)
+    unembed_VD = torch.randn(V, 8, generator=generator)
+    targets = random_targets()
+    weights_BT = torch.rand(3, 11, generator=generator)
+    loss_BT = frozen_unembed_loss(h_BTD, unembed_VD, targets, block_elements=block_elements)
+    (grad,) = torch.autograd.grad((loss_BT * weights_BT).sum(), h_BTD)
+    h_ref = h_BTD.detach().double().requires_grad_(True)
+    expected_BT = F.cross_entropy(F.linear(h_ref, unembed_VD.double()).flatten(0, 1), targets.flatten(),
+                                  reduction="none").view(3, 11)
+    (expected_grad,) = torch.autograd.grad((expected_BT * weights_BT.double()).sum(), h_ref)
+    torch.testing.assert_close(loss_BT, expected_BT.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # no gradient wanted: the loss alone
+        torch.testing.assert_close(frozen_unembed_loss(h_BTD, unembed_VD, targets), loss_BT.detach())
+
+
+def test_frozen_unembed_loss_refuses_a_trainable_unembedding_and_other_dtypes():
+    h_BTD, targets = torch.randn(2, 3, 8), random_targets((2, 3))
+    with pytest.raises(ValueError, match="requires_grad_"):
+        frozen_unembed_loss(h_BTD, torch.randn(V, 8, requires_grad=True), targets)
+    with pytest.raises(ValueError, match="fp32"):
+        frozen_unembed_loss(h_BTD.bfloat16(), torch.randn(V, 8).bfloat16(), targets)
+    with pytest.raises(ValueError, match="do not match"):
+        frozen_unembed_loss(h_BTD, torch.randn(V, 8), targets[:, :2])
+
+
+def test_loss_from_gives_cross_entropy_and_its_gradient_with_a_frozen_or_trainable_unembedding():
+    """GPT.loss_from: F.cross_entropy's value and dL/dh whether the unembedding is frozen (frozen_unembed_loss)
+    or trainable (token_loss, whose weight gradient flows)."""
+    from schemas.configs import ModelConfig
+    from stages.models.gpt import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(num_layers=2, num_heads=2, d_model=16), V, 8).eval()
+    inputs, targets = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
+    h = model.residual_after(inputs, 0).detach()
+    grads = []
+    for frozen in (True, False):
+        model.requires_grad_(not frozen)
+        h_req = h.clone().requires_grad_(True)
+        loss = model.loss_from(h_req, 0, targets)
+        expected = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        grads.append(torch.autograd.grad(loss, h_req)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
