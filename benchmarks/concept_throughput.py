@@ -12,8 +12,9 @@ Usage: python benchmarks/concept_throughput.py [--steps 8] [--warmup 2] [--quick
   for cocomix; the reference as the kd teacher); ratio = variant tokens/s / ntp tokens/s. The official CoCoMix
   code runs its teacher forward+backward every step (a ratio of ~0.3 per research/cocomix.md); lmpipe reads
   offline labels instead.
-Each timing is the median of `--steps` runs after `--warmup`; the 1-minute load average is printed because the
-development machines are shared (a second torch process on 2 cores distorts everything: measure alone).
+Each timing is the median of `--steps` runs after `--warmup` (forward and extract: 2 x `--steps`, alternating);
+the 1-minute load average is printed because the development machines are shared (a second torch process on 2
+cores distorts everything: measure alone).
 """
 
 import argparse
@@ -83,9 +84,14 @@ def main() -> None:
     def extract():
         window_concepts(reference, sae, inputs_BT, targets_BT, LAYER, TOP)
 
-    for name, fn in (("forward", forward), ("extract", extract)):
-        seconds = median_seconds(fn, steps, warmup)
-        rows.append({"measurement": name, "tokens_per_s": batch * SEQ_LEN / seconds})
+    for _ in range(warmup):
+        forward(), extract()
+    timed = {"forward": [], "extract": []}
+    for _ in range(2 * steps):  # alternating, so a slow spell of the shared machine hits both alike
+        timed["forward"] += step_seconds(forward, 1)
+        timed["extract"] += step_seconds(extract, 1)
+    for name, seconds in timed.items():
+        rows.append({"measurement": name, "tokens_per_s": batch * SEQ_LEN / statistics.median(seconds)})
 
     labels = np.random.default_rng(1).integers(0, LATENTS, (len(stream), TOP)).astype(np.int32)
     concepts = Manifest(stage="extract_concepts", key="bench", path=str(tmp), code_version="bench", config={},
