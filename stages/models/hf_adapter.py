@@ -19,10 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stages.models.checkpoint_files import folder_files
+from stages.models.losses import frozen_unembed_loss
 from storage.atomic import write_text_atomic
 
 HF_DIR = "hf"
@@ -125,16 +125,19 @@ class HFModel(nn.Module):
     def loss_from(self, h_BTD: torch.Tensor, layer: int, targets_BT: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss (fp32) when the residual after layer `layer` is h_BTD: a forward whose hook swaps
         h_BTD in for that layer's output (the layers before it run on placeholder tokens and are discarded;
-        positions depend only on the length), so the loss is differentiable w.r.t. h_BTD."""
+        positions depend only on the length), so the loss is differentiable w.r.t. h_BTD. The supported
+        architectures' logits are the base model's last hidden state (after the final norm) times the unembedding
+        (no bias, no soft-cap), so the loss goes through frozen_unembed_loss: with a 50k vocabulary the (N, V)
+        logits are never materialized."""
         def swap(module, args, output):
             return (h_BTD, *output[1:]) if isinstance(output, tuple) else h_BTD
 
         handle = self._hook(layer, swap)
         try:
-            logits_BTV = self.hf(input_ids=torch.zeros_like(targets_BT), use_cache=False).logits
+            hidden_BTD = self.hf.base_model(input_ids=torch.zeros_like(targets_BT), use_cache=False).last_hidden_state
         finally:
             handle.remove()
-        return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten())
+        return frozen_unembed_loss(hidden_BTD.float(), self.lm_head.weight.float(), targets_BT).mean()
 
 
 def load_hf_model(directory: str | Path, max_seq_len: int | None = None,
