@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from schemas.configs import ModelConfig, TargetVariant
-from stages.inference.generate import generate
-from stages.inference.speculative import (
+from stages.inference.draft_policy import (
     INITIAL_BACKOFF,
     JUDGE_AFTER,
     JUDGE_EARLY,
     RETRY_AFTER,
     DraftPolicy,
-    generate_speculative,
 )
+from stages.inference.generate import generate
+from stages.inference.speculative import generate_speculative
 from stages.models.gpt import GPT
 from stages.objectives.base import Batch
 from stages.objectives.factory import build_objective
