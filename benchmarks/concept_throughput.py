@@ -85,7 +85,8 @@ def main() -> None:
         window_concepts(reference, sae, inputs_BT, targets_BT, LAYER, TOP)
 
     for _ in range(warmup):
-        forward(), extract()
+        forward()
+        extract()
     timed = {"forward": [], "extract": []}
     for _ in range(2 * steps):  # alternating, so a slow spell of the shared machine hits both alike
         timed["forward"] += step_seconds(forward, 1)

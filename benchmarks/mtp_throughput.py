@@ -120,25 +120,24 @@ def decoding_rows(quick: bool, repeats: int = 1, root: Path | None = None) -> li
 
 def run_root_models(root: Path) -> dict:
     """The finished multi-token targets of a run root, with evaluate's default prompts from their token split."""
-    import json
-
     import numpy as np
 
     from stages.evaluate import speculative_prompts
     from stages.models.saved import load_model
+    from storage.artifacts import is_built, load_manifest
+    from storage.checkpoints import read_model_meta
     from storage.windows import stream_file
 
     models = {}
     for directory in sorted(Path(root, "train_target").glob("*/")):
-        if not (directory / "_SUCCESS").exists():
+        if not is_built("train_target", directory.name, Path(root)):
             continue
-        manifest = json.loads((directory / "manifest.json").read_text())
         model = load_model(directory)
         if model.num_future_tokens < 2:
             continue
-        tokens = Path(root, "tokenize_corpus", manifest["upstream"]["tokens"])
-        stream = np.load(tokens / stream_file("val"), mmap_mode="r")
-        name = json.loads((directory / "model.json").read_text())["variant"]["name"]
+        tokens = load_manifest(Path(root, "tokenize_corpus", load_manifest(directory).upstream["tokens"]))
+        stream = np.load(Path(tokens.path) / stream_file("val"), mmap_mode="r")
+        name = read_model_meta(directory)["variant"]["name"]
         models[f"{name} {directory.name[:6]}"] = (model, speculative_prompts(stream, model.max_seq_len, 8), 48)
     return models
 

@@ -109,7 +109,8 @@ class DraftPolicy:
         if self.judged < JUDGE_AFTER and speed >= CLEARLY_SLOWER:
             return
         if speed < 1.0:
-            self.retry_every = min(2 * self.retry_every, MAX_RETRY) if self.trial else self.retry_every
+            if self.trial:  # a failed retry or climb: the next retry waits twice as long
+                self.retry_every = min(2 * self.retry_every, MAX_RETRY)
             self._set_cap(self.cap - 1, trial=False)
             self.retry_in, self.climbing = self.retry_every, False
         else:
